@@ -1,0 +1,56 @@
+//! The library's typed error. Binaries wrap it in `anyhow` with context.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the library. Messages are one line and say what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum CordaError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A model directory or model config that cannot be used.
+    #[error("{0}")]
+    Model(String),
+    #[error("tensor `{name}` is missing from {location}; is this the right model directory?")]
+    MissingTensor { name: String, location: String },
+    #[error("tensor `{name}` has shape {found:?} in the checkpoint but the config implies {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{path}: cannot read safetensors ({reason}); the file may be truncated or not safetensors, re-download or re-save it")]
+    Safetensors { path: PathBuf, reason: String },
+    /// Bad or insufficient data (datasets, templates, splits).
+    #[error("{0}")]
+    Data(String),
+    /// Adapter files that are malformed or do not belong together.
+    #[error("{0}")]
+    Adapter(String),
+    /// A numerical failure (NaN, divergence) with advice.
+    #[error("{0}")]
+    Numerics(String),
+    /// Invalid arguments or options.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = CordaError> = std::result::Result<T, E>;
+
+impl CordaError {
+    /// An I/O error tagged with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        CordaError::Io { path: path.into(), source }
+    }
+}

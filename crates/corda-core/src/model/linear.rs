@@ -1,0 +1,73 @@
+//! The target linear layers of a decoder (`q_proj` … `down_proj`): a frozen base weight,
+//! optionally with trainable LoRA factors, `y = x Wᵀ + b + s · (x Aᵀ) Bᵀ`.
+
+use candle_core::{DType, Tensor, Var};
+
+use crate::Result;
+
+/// The seven projections CorDA and PEFT target by default, in layer order.
+pub const TARGET_PROJECTIONS: [&str; 7] =
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// Trainable low-rank factors: A is (r, d_in), B is (d_out, r), both float32.
+#[derive(Clone)]
+pub struct Lora {
+    pub a: Var,
+    pub b: Var,
+    pub scaling: f64,
+}
+
+/// A frozen linear layer with an optional LoRA branch.
+#[derive(Clone)]
+pub struct TargetLinear {
+    /// Hugging Face module path, e.g. `model.layers.3.self_attn.q_proj`.
+    pub name: String,
+    /// (d_out, d_in), in the storage dtype.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
+}
+
+impl TargetLinear {
+    pub fn new(name: String, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { name, weight, bias, lora: None }
+    }
+
+    /// The short projection name (`q_proj`).
+    pub fn proj(&self) -> &str {
+        self.name.rsplit('.').next().unwrap_or(&self.name)
+    }
+
+    /// (d_out, d_in).
+    pub fn dims(&self) -> (usize, usize) {
+        let d = self.weight.dims();
+        (d[0], d[1])
+    }
+
+    /// Apply to `x` of shape (..., d_in); the result is float32.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let d_in = *dims.last().expect("rank >= 1");
+        let rows = x.elem_count() / d_in;
+        let x2 = x.reshape((rows, d_in))?;
+        let mut y = frozen_matmul(&x2, &self.weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;
+        }
+        if let Some(l) = &self.lora {
+            let xa = x2.to_dtype(DType::F32)?.matmul(&l.a.as_tensor().t()?)?;
+            let delta = xa.matmul(&l.b.as_tensor().t()?)?;
+            y = (y + (delta * l.scaling)?)?;
+        }
+        let mut out = dims;
+        *out.last_mut().expect("rank >= 1") = self.dims().0;
+        Ok(y.reshape(out)?)
+    }
+}
+
+/// `x Wᵀ` for a frozen weight, computed in the weight's dtype and returned as float32.
+///
+/// The weight never needs a gradient; see [`crate::model::frozen`] for the op that skips it.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    crate::model::frozen::frozen_matmul_t(x, w)
+}

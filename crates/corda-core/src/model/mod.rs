@@ -1,0 +1,28 @@
+//! Hugging Face model directories and the Llama-family decoder.
+//!
+//! - [`config`]: `config.json` in both transformers layouts.
+//! - [`hub`]: `--model_id` as a directory or a cached hub id.
+//! - [`weights`]: memory-mapped (sharded) safetensors, and a streaming shard writer.
+//! - [`tokenizer`]: `tokenizer.json` with BOS/EOS/pad.
+//! - [`linear`], [`frozen`]: target linears with optional LoRA; frozen-weight matmul.
+//! - [`decoder`]: one decoder layer with observable linear inputs.
+//! - [`causal_lm`]: the whole model.
+//! - [`save`]: writing a model directory.
+
+pub mod causal_lm;
+pub mod config;
+pub mod decoder;
+pub mod frozen;
+pub mod hub;
+pub mod linear;
+pub mod save;
+pub mod tokenizer;
+pub mod weights;
+
+pub use causal_lm::{embed, load_embeddings, resolve_dtype, CausalLM, LoadOptions};
+pub use config::{dtype_name, parse_dtype, Architecture, ModelConfig, RopeScaling};
+pub use decoder::{module_name, AttnContext, DecoderLayer, InputSite, Observer};
+pub use hub::{hub_cache_root, resolve_model_dir};
+pub use linear::{Lora, TargetLinear, TARGET_PROJECTIONS};
+pub use tokenizer::TokenizerInfo;
+pub use weights::{ShardWriter, Weights};

@@ -1,0 +1,7 @@
+//! Small shared pieces: atomic output directories, phase reports, progress bars.
+
+pub mod atomic;
+pub mod report;
+
+pub use atomic::AtomicDir;
+pub use report::{peak_rss_bytes, progress_bar, PhaseReport};
