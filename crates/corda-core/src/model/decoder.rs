@@ -92,20 +92,22 @@ impl AttnContext {
         }
         let cos = Tensor::from_vec(cos, (seq, half), device)?;
         let sin = Tensor::from_vec(sin, (seq, half), device)?;
-        let mut m = vec![0u8; batch * seq * seq];
-        for b in 0..batch {
-            let keys = attention_mask.map(|am| &am[b]);
-            for i in 0..seq {
-                for j in 0..=i {
-                    let in_window = cfg.sliding_window.is_none_or(|w| i - j < w);
-                    let real = keys.is_none_or(|k| k.get(j).copied().unwrap_or(0) != 0);
-                    if in_window && real {
-                        m[(b * seq + i) * seq + j] = 1;
-                    }
-                }
-            }
+        // mask[b, 0, i, j] = (j <= i) && (i - j < window) && key j of sample b is real
+        let pos = Tensor::arange(0u32, seq as u32, device)?;
+        let (qi, kj) = (pos.reshape((seq, 1))?, pos.reshape((1, seq))?);
+        let mut allowed = kj.broadcast_le(&qi)?;
+        if let Some(w) = cfg.sliding_window {
+            let within = (kj + (w as f64))?.broadcast_gt(&qi)?;
+            allowed = (allowed * within)?;
         }
-        let mask = Tensor::from_vec(m, (batch, 1, seq, seq), device)?;
+        let keys = match attention_mask {
+            Some(rows) => {
+                let flat: Vec<u8> = rows.iter().flat_map(|r| (0..seq).map(|j| u8::from(r.get(j).copied().unwrap_or(0) != 0))).collect();
+                Tensor::from_vec(flat, (batch, 1, 1, seq), device)?
+            }
+            None => Tensor::ones((batch, 1, 1, seq), DType::U8, device)?,
+        };
+        let mask = allowed.reshape((1, 1, seq, seq))?.broadcast_mul(&keys)?;
         Ok(Self { cos, sin, mask })
     }
 }
