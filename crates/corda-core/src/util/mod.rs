@@ -1,6 +1,7 @@
-//! Small shared pieces: atomic output directories, phase reports, progress bars.
+//! Small shared pieces: atomic output directories, phase reports, progress bars, CLI helpers.
 
 pub mod atomic;
+pub mod cli;
 pub mod report;
 
 pub use atomic::AtomicDir;

@@ -64,12 +64,12 @@ impl PhaseReport {
     /// A small table for the end of a run.
     pub fn render(&self) -> String {
         let total: f64 = self.phases.iter().map(|(_, d, _)| d.as_secs_f64()).sum();
-        let mut s = format!("{:<28} {:>10} {:>14}\n", "phase", "time (s)", "peak RSS (MiB)");
+        let mut s = format!("{:<40} {:>10} {:>14}\n", "phase", "time (s)", "peak RSS (MiB)");
         for (name, secs, rss) in self.entries() {
-            s.push_str(&format!("{:<28} {:>10.2} {:>14.1}\n", name, secs, rss as f64 / 1048576.0));
+            s.push_str(&format!("{:<40} {:>10.2} {:>14.1}\n", name, secs, rss as f64 / 1048576.0));
         }
         s.push_str(&format!(
-            "{:<28} {:>10.2} {:>14.1}\n",
+            "{:<40} {:>10.2} {:>14.1}\n",
             "total",
             total,
             peak_rss_bytes() as f64 / 1048576.0

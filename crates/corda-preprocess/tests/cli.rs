@@ -1,0 +1,190 @@
+//! `corda-preprocess` end to end: outputs PEFT can load, config files, and clear errors with
+//! nothing half-written.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use corda_core::adapter::Adapter;
+use corda_core::model::{CausalLM, LoadOptions, ShardWriter, Weights};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_corda-preprocess"));
+    c.arg("--quiet");
+    c
+}
+
+fn base_args(out: &Path) -> Vec<String> {
+    let f = fixtures();
+    [
+        "--model_id",
+        f.join("base-model").to_str().unwrap(),
+        "--r",
+        "8",
+        "--lora_alpha",
+        "16",
+        "--save_model",
+        "--save_path",
+        out.to_str().unwrap(),
+        "--calib_dataset",
+        f.join("data/qa.jsonl").to_str().unwrap(),
+        "--calib_template",
+        "{question}",
+        "--calib_loader_size",
+        "16",
+        "--calib_max_length",
+        "64",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn run(args: &[String]) -> (bool, String) {
+    let o = bin().args(args).output().unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn probe_logits(dir: &Path, adapter: Option<&Path>) -> (Tensor, Tensor) {
+    let mut m = CausalLM::load(dir, &LoadOptions::default()).unwrap();
+    if let Some(a) = adapter {
+        m.attach_adapter(&Adapter::load(a).unwrap()).unwrap();
+    }
+    let t = candle_core::safetensors::load(fixtures().join("base_logits.safetensors"), &Device::Cpu).unwrap();
+    let ids = t["input_ids"].to_dtype(DType::U32).unwrap().unsqueeze(0).unwrap();
+    (m.forward(&ids, None).unwrap().squeeze(0).unwrap(), t["logits"].clone())
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Nothing but `keep` in `dir`: no temporary directories left behind.
+fn only(dir: &Path, keep: &[&str]) {
+    let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, keep, "unexpected files in {}", dir.display());
+}
+
+#[test]
+fn kpm_run_writes_a_peft_loadable_model_and_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let mut args = base_args(&out);
+    args.extend(["--calib_batch_size".into(), "3".into()]);
+    let (ok, err) = run(&args);
+    assert!(ok, "{err}");
+    assert!(err.contains("identity check"), "{err}");
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "corda_init/adapter_config.json", "corda_init/adapter_model.safetensors"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("corda_init/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["init_lora_weights"], true);
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["lora_alpha"], 16);
+    assert_eq!(cfg["corda_config"]["corda_method"], "kpm");
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
+    let (got, base) = probe_logits(&out, Some(&out.join("corda_init")));
+    assert!(max_abs_diff(&got, &base) < 1e-4);
+    let (residual_only, _) = probe_logits(&out, None);
+    assert!(max_abs_diff(&residual_only, &base) > 1e-3, "the residual alone must differ from the base");
+    only(tmp.path(), &["out"]);
+
+    // Same inputs and seed: the same bytes.
+    let out2 = tmp.path().join("out2");
+    let mut args2 = base_args(&out2);
+    args2.extend(["--calib_batch_size".into(), "3".into()]);
+    assert!(run(&args2).0);
+    for f in ["model.safetensors", "corda_init/adapter_model.safetensors", "corda_init/adapter_config.json"] {
+        assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(out2.join(f)).unwrap(), "{f}");
+    }
+}
+
+#[test]
+fn ipm_from_a_yaml_config_with_parquet_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ipm");
+    let cfg = tmp.path().join("run.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model_id: {}\nr: 8\nlora_alpha: 16\nfirst_eigen: true\nsave_model: true\nsave_path: {}\ncalib_dataset: {}\ncalib_template: \"{{query}} {{response}}\"\ncalib_loader_size: 16\ncalib_max_length: 64\nrank_pattern: down_proj=4\nmax_shard_size: 200KB\n",
+            fixtures().join("base-model").display(),
+            out.display(),
+            fixtures().join("data/math.parquet").display()
+        ),
+    )
+    .unwrap();
+    let o = bin().arg("--config").arg(&cfg).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("model.safetensors.index.json").is_file(), "200KB shards expected");
+    let ad = Adapter::load(&out.join("corda_init")).unwrap();
+    assert_eq!(ad.config.extra["corda_config"]["corda_method"], "ipm");
+    assert_eq!(ad.modules["model.layers.0.mlp.down_proj"].a.dim(0).unwrap(), 4);
+    let (got, base) = probe_logits(&out, Some(&out.join("corda_init")));
+    assert!(max_abs_diff(&got, &base) < 1e-4);
+}
+
+#[test]
+fn bad_inputs_fail_clearly_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let case = |mutate: &dyn Fn(&mut Vec<String>), expect: &str| {
+        let mut args = base_args(&out);
+        mutate(&mut args);
+        let (ok, err) = run(&args);
+        assert!(!ok, "expected failure for {expect}");
+        assert!(err.contains(expect), "expected `{expect}` in: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!out.exists(), "{expect}: output was written");
+        only(tmp.path(), &["data"]);
+    };
+    std::fs::create_dir(tmp.path().join("data")).unwrap();
+    case(&|a| a[3] = "65".into(), "lower --r");
+    case(&|a| *a.iter_mut().find(|s| *s == "{question}").unwrap() = "{nope}".into(), "nope");
+    let empty = tmp.path().join("data/empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    case(&|a| a[10] = empty.to_str().unwrap().into(), "no rows");
+    case(&|a| a[1] = "/no/such/model".into(), "does not exist");
+    case(&|a| a.push("--bogus".into()), "--bogus");
+
+    // A NaN in the model.
+    let nan_model = tmp.path().join("data/nan-model");
+    std::fs::create_dir(&nan_model).unwrap();
+    let src = fixtures().join("base-model");
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), nan_model.join(f)).unwrap();
+    }
+    let w = Weights::open(&src).unwrap();
+    let mut wr = ShardWriter::new(&nan_model, u64::MAX);
+    for name in w.names() {
+        let mut t = w.get(&name, None, &Device::Cpu).unwrap();
+        if name == "model.layers.0.self_attn.v_proj.weight" {
+            t = (t * f64::NAN).unwrap();
+        }
+        wr.push(name, t).unwrap();
+    }
+    wr.finish().unwrap();
+    case(&|a| a[1] = nan_model.to_str().unwrap().into(), "NaN");
+
+    // An existing non-empty output is refused unless --overwrite.
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "x").unwrap();
+    let (ok, err) = run(&base_args(&out));
+    assert!(!ok && err.contains("--overwrite"), "{err}");
+    assert!(out.join("keep.txt").exists());
+    let mut args = base_args(&out);
+    args.push("--overwrite".into());
+    let (ok, err) = run(&args);
+    assert!(ok, "{err}");
+    assert!(!out.join("keep.txt").exists() && out.join("corda_init").is_dir());
+
+    // An unwritable path.
+    let (ok, err) = run(&base_args(Path::new("/proc/corda-out")));
+    assert!(!ok && !err.contains("panicked"), "{err}");
+}
