@@ -194,7 +194,7 @@ mod tests {
         let d = damp_covariance(c.as_ref(), "m").unwrap();
         assert!(d.damp >= 0.01 && d.inverse_error < 0.05);
         let nan = Mat::from_fn(3, 3, |_, _| f32::NAN);
-        assert!(damp_covariance(nan.as_ref(), "m").unwrap_err().to_string().contains("NaN"));
+        assert!(damp_covariance(nan.as_ref(), "m").err().unwrap().to_string().contains("NaN"));
         let zero = Mat::<f32>::zeros(3, 3);
         assert!(damp_covariance(zero.as_ref(), "m").is_err());
     }

@@ -65,7 +65,8 @@ impl RmsNorm {
 pub struct AttnContext {
     cos: Tensor,
     sin: Tensor,
-    /// (batch, 1, seq, seq), 1 where a query may attend to a key.
+    /// (batch, 1, seq, seq) float32 added to the attention scores: 0 where a query may attend
+    /// to a key, the most negative float elsewhere (finite, so no row can become NaN).
     mask: Tensor,
 }
 
@@ -107,7 +108,8 @@ impl AttnContext {
             }
             None => Tensor::ones((batch, 1, 1, seq), DType::U8, device)?,
         };
-        let mask = allowed.reshape((1, 1, seq, seq))?.broadcast_mul(&keys)?;
+        let allowed = allowed.reshape((1, 1, seq, seq))?.broadcast_mul(&keys)?;
+        let mask = ((allowed.to_dtype(DType::F32)? - 1.0)? * -(f32::MIN as f64))?;
         Ok(Self { cos, sin, mask })
     }
 }
@@ -149,9 +151,7 @@ impl Attention {
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
         let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let mask = ctx.mask.broadcast_as(scores.shape())?;
-        let neg = Tensor::full(f32::MIN, scores.shape(), scores.device())?;
-        let scores = mask.where_cond(&scores, &neg)?;
+        let scores = scores.broadcast_add(&ctx.mask)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
         if let Some(o) = obs.as_deref_mut() {
@@ -254,5 +254,37 @@ impl DecoderLayer {
     pub fn targets_mut(&mut self) -> [&mut TargetLinear; 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
         [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(ctx: &AttnContext) -> Vec<Vec<Vec<u8>>> {
+        let m = ctx.mask.squeeze(1).unwrap().to_vec3::<f32>().unwrap();
+        m.into_iter().map(|b| b.into_iter().map(|r| r.into_iter().map(|v| u8::from(v == 0.0)).collect()).collect()).collect()
+    }
+
+    fn cfg(window: Option<usize>) -> ModelConfig {
+        let mut c = ModelConfig::from_value(
+            serde_json::json!({"model_type": "mistral", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+                               "num_hidden_layers": 1, "num_attention_heads": 2}),
+            "t",
+        )
+        .unwrap();
+        c.sliding_window = window;
+        c
+    }
+
+    #[test]
+    fn causal_padding_and_sliding_window_masks() {
+        let rows = vec![vec![1, 1, 1, 0], vec![1, 1, 1, 1]];
+        let ctx = AttnContext::new(&cfg(None), 2, 4, Some(&rows), &Device::Cpu).unwrap();
+        let m = allowed(&ctx);
+        assert_eq!(m[0], vec![vec![1, 0, 0, 0], vec![1, 1, 0, 0], vec![1, 1, 1, 0], vec![1, 1, 1, 0]]);
+        assert_eq!(m[1][3], vec![1, 1, 1, 1]);
+        let ctx = AttnContext::new(&cfg(Some(2)), 1, 4, None, &Device::Cpu).unwrap();
+        assert_eq!(allowed(&ctx)[0], vec![vec![1, 0, 0, 0], vec![1, 1, 0, 0], vec![0, 1, 1, 0], vec![0, 0, 1, 1]]);
     }
 }
