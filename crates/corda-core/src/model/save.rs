@@ -28,6 +28,7 @@ pub fn copy_support_files(src: &Path, dst: &Path) -> Result<()> {
         if from.is_file() {
             let to = dst.join(f);
             std::fs::copy(&from, &to).map_err(|e| CordaError::io(&to, e))?;
+            crate::util::atomic::make_readable(&to)?;
         }
     }
     Ok(())

@@ -219,6 +219,7 @@ impl ShardWriter {
         let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
         safetensors::serialize_to_file(items.iter().map(|(k, v)| (k.as_str(), v)), Some(meta), &path)
             .map_err(|e| CordaError::Safetensors { path: path.clone(), reason: e.to_string() })?;
+        crate::util::atomic::make_readable(&path)?;
         self.written.push((path, items.into_iter().map(|(k, _)| k).collect()));
         self.pending_bytes = 0;
         Ok(())
