@@ -46,7 +46,7 @@ impl StreamingSafetensors {
             order.push((name.clone(), bytes));
         }
         let mut text = serde_json::to_string(&header).expect("json");
-        while text.len() % 8 != 0 {
+        while !text.len().is_multiple_of(8) {
             text.push(' ');
         }
         let tmp = path.with_extension("safetensors.partial");
@@ -121,9 +121,12 @@ pub fn mat_to_tensor(m: &Mat<f32>, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(mat_data(m), (m.nrows(), m.ncols()), device)?)
 }
 
+/// Tensors by name and the file's string metadata.
+pub type SavedTensors = (HashMap<String, Tensor>, HashMap<String, String>);
+
 /// A previously saved file of tensors, loaded on the CPU; `None` when absent or empty (PEFT's
 /// "exists and has size > 0").
-pub fn load_existing(path: &Path, what: &str) -> Result<Option<(HashMap<String, Tensor>, HashMap<String, String>)>> {
+pub fn load_existing(path: &Path, what: &str) -> Result<Option<SavedTensors>> {
     match std::fs::metadata(path) {
         Ok(m) if m.len() > 0 => {}
         _ => return Ok(None),

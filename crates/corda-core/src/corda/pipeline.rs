@@ -355,11 +355,10 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
     let mut modules = vec![];
     let mut layer_deviation = vec![];
     let pb = opts.progress.then(|| progress_bar(cfg.num_hidden_layers as u64, "layers"));
-    for l in 0..cfg.num_hidden_layers {
+    for (l, layer_t) in targets.iter().enumerate() {
         let t = Instant::now();
         let layer = DecoderLayer::load(&weights, &cfg, l, dtype, device)?;
         phases.add("load layer", t.elapsed());
-        let layer_t = &targets[l];
         let sites: BTreeSet<InputSite> = layer_t.iter().filter_map(|(p, _)| InputSite::of(p)).collect();
 
         // 1. Covariances of this layer's inputs, while advancing the hidden states.
@@ -389,9 +388,8 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
             phases.add("calibration forward + covariance", t.elapsed());
         } else if let Some(c) = &covs_in {
             for (p, name) in layer_t {
-                let site = InputSite::of(p).expect("site");
-                if !covs.contains_key(&site) {
-                    covs.insert(site, tensor_to_mat(&c[name])?);
+                if let std::collections::hash_map::Entry::Vacant(e) = covs.entry(InputSite::of(p).expect("site")) {
+                    e.insert(tensor_to_mat(&c[name])?);
                 }
             }
         }

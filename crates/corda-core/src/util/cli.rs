@@ -101,6 +101,26 @@ fn scalar(v: &Value) -> String {
     }
 }
 
+/// `--device cpu|cuda|cuda:N`. CUDA needs a build with the `cuda` cargo feature.
+pub fn parse_device(s: &str) -> Result<candle_core::Device> {
+    let s = s.trim().to_ascii_lowercase();
+    if s == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    let ordinal = match s.as_str() {
+        "cuda" | "gpu" => Some(0),
+        other => other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()),
+    };
+    match ordinal {
+        Some(n) if cfg!(feature = "cuda") => candle_core::Device::new_cuda(n)
+            .map_err(|e| CordaError::Invalid(format!("cannot open CUDA device {n}: {e}"))),
+        Some(_) => Err(CordaError::Invalid(
+            "this build has no CUDA support; rebuild with `cargo build --release --features cuda` or use --device cpu".into(),
+        )),
+        None => Err(CordaError::Invalid(format!("unknown device `{s}`; use cpu, cuda or cuda:N"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,25 +145,5 @@ mod tests {
         assert_eq!(parse_bool("True"), Ok(true));
         assert_eq!(parse_bool("false"), Ok(false));
         assert!(parse_bool("maybe").is_err());
-    }
-}
-
-/// `--device cpu|cuda|cuda:N`. CUDA needs a build with the `cuda` cargo feature.
-pub fn parse_device(s: &str) -> Result<candle_core::Device> {
-    let s = s.trim().to_ascii_lowercase();
-    if s == "cpu" {
-        return Ok(candle_core::Device::Cpu);
-    }
-    let ordinal = match s.as_str() {
-        "cuda" | "gpu" => Some(0),
-        other => other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()),
-    };
-    match ordinal {
-        Some(n) if cfg!(feature = "cuda") => candle_core::Device::new_cuda(n)
-            .map_err(|e| CordaError::Invalid(format!("cannot open CUDA device {n}: {e}"))),
-        Some(_) => Err(CordaError::Invalid(
-            "this build has no CUDA support; rebuild with `cargo build --release --features cuda` or use --device cpu".into(),
-        )),
-        None => Err(CordaError::Invalid(format!("unknown device `{s}`; use cpu, cuda or cuda:N"))),
     }
 }
