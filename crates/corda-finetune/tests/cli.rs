@@ -1,0 +1,291 @@
+//! The `corda-finetune` binary on the tiny fixture: a CorDA run and a plain-LoRA run write the
+//! expected outputs, and bad input fails with a clear message before any training.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
+}
+
+/// A corda-preprocess-like output directory: residual model + corda_init (+ tokenizer).
+fn corda_out(root: &Path) -> PathBuf {
+    let out = root.join("OUT");
+    std::fs::create_dir_all(out.join("corda_init")).unwrap();
+    let kpm = fixtures().join("kpm");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(kpm.join("residual-model").join(f), out.join(f)).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixtures().join("base-model").join(f), out.join(f)).unwrap();
+    }
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(
+            kpm.join("corda_init").join(f),
+            out.join("corda_init").join(f),
+        )
+        .unwrap();
+    }
+    out
+}
+
+fn finetune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_corda-finetune"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn math() -> String {
+    fixtures().join("data/math.jsonl").display().to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A command line that works, with `extra` appended (later flags win).
+fn base_args<'a>(model: &'a str, out: &'a str, data: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "--model_name_or_path",
+        model,
+        "--output_dir",
+        out,
+        "--data_path",
+        data,
+        "--dataset_split",
+        "train",
+        "--dataset_field",
+        "query",
+        "response",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--model_max_length",
+        "192",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+fn assert_nothing_trained(out: &Path) {
+    if out.exists() {
+        let names: Vec<String> = std::fs::read_dir(out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.is_empty(),
+            "output written before the error: {names:?}"
+        );
+    }
+}
+
+#[test]
+fn corda_run_writes_adapter_state_curve_and_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = corda_out(tmp.path());
+    let ft = tmp.path().join("FT");
+    let (m, f, d) = (model.to_str().unwrap(), ft.to_str().unwrap(), math());
+    let o = finetune(&base_args(
+        m,
+        f,
+        &d,
+        &[
+            "--corda_mode",
+            "True",
+            "--bf16",
+            "--tf32",
+            "True",
+            "--report_to",
+            "none",
+            "--lr_scheduler_type",
+            "cosine",
+            "--warmup_ratio",
+            "0.03",
+        ],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    for p in [
+        "ft/adapter_model.safetensors",
+        "ft/adapter_config.json",
+        "trainer_state.json",
+        "loss.svg",
+    ] {
+        assert!(ft.join(p).is_file(), "missing {p}");
+    }
+    for p in [
+        "adapter_model.safetensors",
+        "optimizer.safetensors",
+        "scheduler.json",
+        "rng_state.json",
+        "trainer_state.json",
+    ] {
+        assert!(
+            ft.join("checkpoint-2").join(p).is_file(),
+            "missing checkpoint-2/{p}"
+        );
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ft.join("ft/adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["init_lora_weights"], serde_json::Value::Bool(true));
+    assert_eq!(cfg["r"], 8);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ft.join("trainer_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["global_step"], 2);
+    let first = &state["log_history"][0];
+    for k in [
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "epoch",
+        "step",
+        "tokens_per_second",
+    ] {
+        assert!(first.get(k).is_some(), "log entry lacks {k}: {first}");
+    }
+    assert!(stderr(&o).contains("tokens/s"), "{}", stderr(&o));
+
+    // Resuming the finished run continues from checkpoint-2 and ends at once.
+    let o = finetune(&base_args(m, f, &d, &["--resume_from_checkpoint"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn plain_lora_run_and_foreign_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("base-model");
+    let lora_ft = tmp.path().join("LORA");
+    let d = math();
+    let o = finetune(&base_args(
+        base.to_str().unwrap(),
+        lora_ft.to_str().unwrap(),
+        &d,
+        &["--corda_mode", "False", "--lora_r", "4"],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(lora_ft.join("ft/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()),
+        (Some(4), Some(4.0))
+    );
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
+
+    // A CorDA run must refuse the plain-LoRA checkpoint before training.
+    let model = corda_out(tmp.path());
+    let ft = tmp.path().join("FT");
+    let ckpt = lora_ft.join("checkpoint-2");
+    let o = finetune(&base_args(
+        model.to_str().unwrap(),
+        ft.to_str().unwrap(),
+        &d,
+        &["--resume_from_checkpoint", ckpt.to_str().unwrap()],
+    ));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("does not belong to this model"),
+        "{}",
+        stderr(&o)
+    );
+    assert_nothing_trained(&ft);
+}
+
+#[test]
+fn bad_input_fails_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = corda_out(tmp.path());
+    let ft = tmp.path().join("FT");
+    let (m, f, d) = (model.to_str().unwrap(), ft.to_str().unwrap(), math());
+    let base = fixtures().join("base-model");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            base_args(m, f, &d, &["--dataset_field", "question", "response"]),
+            "question",
+        ),
+        (
+            base_args(m, f, &d, &["--dataset_split", "train[5:5]"]),
+            "no rows",
+        ),
+        (
+            base_args(m, f, &d, &["--dataset_split", "train[:100]"]),
+            "train[:100]",
+        ),
+        (
+            base_args(base.to_str().unwrap(), f, &d, &["--corda_mode", "True"]),
+            "corda_init",
+        ),
+        (base_args(m, f, &d, &["--corda_mode", "false"]), "--lora_r"),
+        (base_args(m, f, "missing.jsonl", &[]), "missing.jsonl"),
+        (
+            base_args(m, f, &d, &["--resume_from_checkpoint", "True"]),
+            "no valid checkpoint",
+        ),
+        (
+            base_args(m, f, &d, &["--model_max_length", "20"]),
+            "model_max_length",
+        ),
+    ];
+    for (args, needle) in cases {
+        let o = finetune(&args);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected `{needle}` in: {err}"
+        );
+        assert_nothing_trained(&ft);
+    }
+}
+
+#[test]
+fn config_file_with_command_line_override() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = corda_out(tmp.path());
+    let ft = tmp.path().join("FT");
+    let cfg = tmp.path().join("run.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model_name_or_path: {}\noutput_dir: {}\ndata_path: {}\ndataset_split: \"train[:8]\"\n\
+             dataset_field: [query, response]\ncorda_mode: true\nbf16: true\nmax_steps: 1\n\
+             per_device_train_batch_size: 4\nsave_strategy: \"no\"\nmodel_max_length: 192\n",
+            model.display(),
+            ft.display(),
+            math()
+        ),
+    )
+    .unwrap();
+    let o = finetune(&["--config", cfg.to_str().unwrap(), "--max_steps", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ft.join("trainer_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        state["global_step"], 2,
+        "the command line wins over the file"
+    );
+    assert!(
+        list_dirs(&ft).iter().all(|n| !n.starts_with("checkpoint-")),
+        "save_strategy no"
+    );
+}
+
+fn list_dirs(p: &Path) -> Vec<String> {
+    std::fs::read_dir(p)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
