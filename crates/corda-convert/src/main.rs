@@ -136,13 +136,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    corda_core::util::cli::init_logging("warn");
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -362,13 +362,7 @@ fn train_config(a: &Args) -> Result<TrainConfig> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    corda_core::util::cli::init_logging("info");
     let argv = match expand_config_args(std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => {

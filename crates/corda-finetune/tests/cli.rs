@@ -220,8 +220,8 @@ fn bad_input_fails_before_training() {
             "no rows",
         ),
         (
-            base_args(m, f, &d, &["--dataset_split", "train[:100]"]),
-            "train[:100]",
+            base_args(m, f, &d, &["--dataset_split", "train[100:200]"]),
+            "train[100:200]",
         ),
         (
             base_args(base.to_str().unwrap(), f, &d, &["--corda_mode", "True"]),

@@ -284,7 +284,7 @@ fn run(args: Args) -> Result<()> {
 }
 
 fn main() {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
+    corda_core::util::cli::init_logging("warn");
     let argv = match expand_config_args(std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => {

@@ -52,7 +52,8 @@ pub fn check_compatible(initial: &Adapter, trained: &Adapter) -> Result<()> {
         ));
     }
     if ci.base_model_name_or_path != ct.base_model_name_or_path {
-        tracing::warn!(
+        // Normal: the trained adapter names the residual model, the initial one the base.
+        tracing::debug!(
             "base_model_name_or_path differs: {:?} (initial) vs {:?} (trained)",
             ci.base_model_name_or_path,
             ct.base_model_name_or_path

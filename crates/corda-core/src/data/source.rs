@@ -381,7 +381,7 @@ mod tests {
         );
         let err = load_rows(source, &Split::whole("test"), None).unwrap_err();
         assert!(err.to_string().contains("`train` split"), "{err}");
-        let err = load_rows(source, &Split::parse("train[:5]").unwrap(), None).unwrap_err();
+        let err = load_rows(source, &Split::parse("train[5:]").unwrap(), None).unwrap_err();
         assert!(err.to_string().contains("only 2 rows"), "{err}");
     }
 

@@ -96,9 +96,10 @@ impl Split {
 
     /// The rows the spec selects from a split of `n_rows` rows.
     ///
-    /// Percentages round to the nearest row (ties to even), as `datasets` does. Unlike
-    /// `datasets`, which silently clamps, an index past the end is an error, so that asking for
-    /// `train[:100000]` of a 16-row file is noticed; so is a selection with no rows.
+    /// Percentages round to the nearest row (ties to even), as `datasets` does. Like `datasets`,
+    /// an end past the last row is clamped (the reference recipe asks for `train[:100000]`
+    /// whatever the set's size; a warning says so), while a start past the end is an error,
+    /// and so is a selection with no rows.
     pub fn apply(&self, n_rows: usize) -> Result<Range<usize>> {
         let start = match self.start {
             None => 0,
@@ -106,6 +107,10 @@ impl Split {
         };
         let end = match self.end {
             None => n_rows,
+            Some(Bound::Rows(v)) if v > n_rows as i64 => {
+                tracing::warn!("dataset split `{self}` asks for {v} rows but the split has {n_rows}; using all of them");
+                n_rows
+            }
             Some(b) => self.resolve(b, n_rows)?,
         };
         if start >= end {
@@ -251,10 +256,8 @@ mod tests {
 
     #[test]
     fn out_of_range_and_empty_selections_name_the_row_count() {
-        let err = Split::parse("train[:100000]")
-            .unwrap()
-            .apply(16)
-            .unwrap_err();
+        assert_eq!(Split::parse("train[:100000]").unwrap().apply(16).unwrap(), 0..16);
+        let err = Split::parse("train[200:300]").unwrap().apply(16).unwrap_err();
         assert!(err.to_string().contains("only 16 rows"), "{err}");
         let err = Split::parse("train[-20:]").unwrap().apply(16).unwrap_err();
         assert!(err.to_string().contains("only 16 rows"), "{err}");
