@@ -46,7 +46,7 @@ pub struct PreprocessOptions {
     pub device: Device,
     /// Calibration samples per forward pass.
     pub batch_size: usize,
-    /// Largest shard of the written residual model; `None` = like the source (at most 2 GiB).
+    /// Largest shard of the written residual model; `None` = like the source.
     pub max_shard_bytes: Option<u64>,
     /// Recorded as `base_model_name_or_path` in the adapter config.
     pub base_model_name: String,
@@ -300,7 +300,7 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
         if weights.num_files() == 1 {
             u64::MAX
         } else {
-            weights.max_shard_bytes.min(2 << 30)
+            weights.max_shard_bytes
         }
     });
     let mut writer = out.map(|o| ShardWriter::new(o, max_shard));

@@ -1,39 +1,79 @@
 //! Checkpoint weights: a single `model.safetensors` or shards listed in
 //! `model.safetensors.index.json`, memory-mapped once; and a streaming shard writer so a
 //! residual model can be written layer by layer without holding it in memory.
+//!
+//! A tensor is copied out of the mapping when loaded and its pages are then released
+//! (`MADV_DONTNEED`), so walking through a model layer by layer keeps resident memory at one
+//! layer rather than letting the mapped file accumulate in the process's resident set.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use memmap2::{Mmap, UncheckedAdvice};
 use serde_json::{json, Value};
 
 use crate::{CordaError, Result};
 
+/// Where a tensor lives in its shard.
+#[derive(Debug, Clone)]
+struct Entry {
+    shard: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: usize,
+    end: usize,
+}
+
 /// The tensors of a model directory, memory-mapped.
 pub struct Weights {
     files: Vec<PathBuf>,
-    shards: Vec<MmapedSafetensors>,
-    /// tensor name -> index into `shards`
-    routing: HashMap<String, usize>,
+    maps: Vec<Mmap>,
+    entries: HashMap<String, Entry>,
     /// Largest shard size in bytes (used to shard written copies like the source).
     pub max_shard_bytes: u64,
 }
 
-fn open_shard(path: &Path) -> Result<MmapedSafetensors> {
+fn truncated(path: &Path, reason: impl Into<String>) -> CordaError {
+    CordaError::Safetensors { path: path.to_path_buf(), reason: reason.into() }
+}
+
+/// Map one shard and read its header.
+fn open_shard(path: &Path, shard: usize, entries: &mut HashMap<String, Entry>) -> Result<Mmap> {
     if !path.is_file() {
         return Err(CordaError::Model(format!(
             "{} is missing; the model directory is incomplete, re-download it",
             path.display()
         )));
     }
+    let file = std::fs::File::open(path).map_err(|e| CordaError::io(path, e))?;
     // SAFETY: the file is mapped read-only; like every safetensors reader we assume nobody
     // truncates it while we run.
-    unsafe { MmapedSafetensors::new(path) }.map_err(|e| CordaError::Safetensors {
-        path: path.to_path_buf(),
-        reason: e.to_string().lines().next().unwrap_or("invalid header").to_string(),
-    })
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| CordaError::io(path, e))?;
+    let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map)
+        .map_err(|e| truncated(path, format!("invalid header: {e}")))?;
+    let data_start = 8 + header_len;
+    let data_len = meta.data_len();
+    if data_start + data_len != map.len() {
+        return Err(truncated(
+            path,
+            format!("the header declares {} bytes of data but the file holds {}", data_len, map.len().saturating_sub(data_start)),
+        ));
+    }
+    for (name, info) in meta.tensors() {
+        entries.insert(
+            name,
+            Entry {
+                shard,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                start: data_start + info.data_offsets.0,
+                end: data_start + info.data_offsets.1,
+            },
+        );
+    }
+    Ok(map)
 }
 
 impl Weights {
@@ -66,18 +106,15 @@ impl Weights {
                 dir.display()
             )));
         };
-        let mut shards = Vec::with_capacity(files.len());
-        let mut routing = HashMap::new();
+        let mut maps = Vec::with_capacity(files.len());
+        let mut entries = HashMap::new();
         let mut max_shard_bytes = 0;
         for (i, f) in files.iter().enumerate() {
-            let st = open_shard(f)?;
-            for (name, _) in st.tensors() {
-                routing.insert(name, i);
-            }
-            max_shard_bytes = max_shard_bytes.max(std::fs::metadata(f).map(|m| m.len()).unwrap_or(0));
-            shards.push(st);
+            let map = open_shard(f, i, &mut entries)?;
+            max_shard_bytes = max_shard_bytes.max(map.len() as u64);
+            maps.push(map);
         }
-        Ok(Self { files, shards, routing, max_shard_bytes })
+        Ok(Self { files, maps, entries, max_shard_bytes })
     }
 
     /// Number of shard files.
@@ -87,23 +124,19 @@ impl Weights {
 
     /// All tensor names, sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.routing.keys().cloned().collect();
+        let mut v: Vec<String> = self.entries.keys().cloned().collect();
         v.sort();
         v
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.routing.contains_key(name)
+        self.entries.contains_key(name)
     }
 
-    fn view(&self, name: &str) -> Result<safetensors::tensor::TensorView<'_>> {
-        let i = *self.routing.get(name).ok_or_else(|| CordaError::MissingTensor {
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries.get(name).ok_or_else(|| CordaError::MissingTensor {
             name: name.to_string(),
             location: self.location(),
-        })?;
-        self.shards[i].get(name).map_err(|e| CordaError::Safetensors {
-            path: self.files[i].clone(),
-            reason: e.to_string(),
         })
     }
 
@@ -120,13 +153,13 @@ impl Weights {
 
     /// Shape of a tensor as stored.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
-        Ok(self.view(name)?.shape().to_vec())
+        Ok(self.entry(name)?.shape.clone())
     }
 
     /// The stored dtype of a tensor.
     pub fn dtype(&self, name: &str) -> Result<DType> {
         use safetensors::Dtype as S;
-        Ok(match self.view(name)?.dtype() {
+        Ok(match self.entry(name)?.dtype {
             S::F32 => DType::F32,
             S::F16 => DType::F16,
             S::BF16 => DType::BF16,
@@ -141,28 +174,31 @@ impl Weights {
 
     /// Load a tensor in its stored dtype, checking its shape when `expected` is given.
     pub fn get(&self, name: &str, expected: Option<&[usize]>, device: &Device) -> Result<Tensor> {
-        let shape = self.shape(name)?;
+        let e = self.entry(name)?;
         if let Some(exp) = expected {
-            if exp != shape.as_slice() {
+            if exp != e.shape.as_slice() {
                 return Err(CordaError::ShapeMismatch {
                     name: name.to_string(),
                     expected: exp.to_vec(),
-                    found: shape,
+                    found: e.shape.clone(),
                 });
             }
         }
-        self.dtype(name)?;
-        let i = self.routing[name];
-        self.shards[i].load(name, device).map_err(|e| CordaError::Safetensors {
-            path: self.files[i].clone(),
-            reason: e.to_string(),
-        })
+        let dtype = self.dtype(name)?;
+        let map = &self.maps[e.shard];
+        let t = Tensor::from_raw_buffer(&map[e.start..e.end], dtype, &e.shape, device)?;
+        // The bytes are copied; give the mapped pages back (they are re-read if needed again).
+        // SAFETY: the mapping is private and read-only and nothing borrows these bytes now.
+        unsafe {
+            let _ = map.unchecked_advise_range(UncheckedAdvice::DontNeed, e.start, e.end - e.start);
+        }
+        Ok(t)
     }
 
     /// The dtype most tensors are stored in (what `--dtype auto` means when the config is silent).
     pub fn dominant_dtype(&self) -> DType {
         let mut counts: BTreeMap<&'static str, (usize, DType)> = BTreeMap::new();
-        for name in self.routing.keys() {
+        for name in self.entries.keys() {
             if let Ok(d) = self.dtype(name) {
                 counts.entry(d.as_str()).or_insert((0, d)).0 += 1;
             }
@@ -174,78 +210,89 @@ impl Weights {
 /// Writes a model's tensors into safetensors shards as they arrive, in the Hugging Face layout:
 /// `model.safetensors` when everything fits in one shard, otherwise
 /// `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`.
+///
+/// Tensor bytes go straight to a temporary data file per shard, so memory holds one tensor at a
+/// time; `finish` writes each shard's header and streams its data behind it.
 pub struct ShardWriter {
     dir: PathBuf,
     max_shard_bytes: u64,
-    pending: Vec<(String, Tensor)>,
-    pending_bytes: u64,
-    /// (temporary file name, tensor names) per flushed shard
-    written: Vec<(PathBuf, Vec<String>)>,
+    shards: Vec<PendingShard>,
     total_bytes: u64,
+}
+
+struct PendingShard {
+    data_path: PathBuf,
+    data: std::io::BufWriter<std::fs::File>,
+    bytes: u64,
+    /// (name, dtype, shape, start, end) in arrival order
+    tensors: Vec<(String, safetensors::Dtype, Vec<usize>, u64, u64)>,
 }
 
 impl ShardWriter {
     /// `max_shard_bytes = u64::MAX` gives a single file.
     pub fn new(dir: &Path, max_shard_bytes: u64) -> Self {
-        Self {
-            dir: dir.to_path_buf(),
-            max_shard_bytes: max_shard_bytes.max(1),
-            pending: vec![],
-            pending_bytes: 0,
-            written: vec![],
-            total_bytes: 0,
-        }
+        Self { dir: dir.to_path_buf(), max_shard_bytes: max_shard_bytes.max(1), shards: vec![], total_bytes: 0 }
     }
 
-    /// Queue a tensor; a full shard is written to disk at once.
+    /// Write a tensor's bytes (a new shard starts when the current one would exceed the limit).
     pub fn push(&mut self, name: impl Into<String>, t: Tensor) -> Result<()> {
+        use safetensors::View;
+        use std::io::Write;
         let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-        if !self.pending.is_empty() && self.pending_bytes + bytes > self.max_shard_bytes {
-            self.flush()?;
+        let full = self.shards.last().is_none_or(|s| !s.tensors.is_empty() && s.bytes + bytes > self.max_shard_bytes);
+        if full {
+            let data_path = self.dir.join(format!(".shard-{}.data", self.shards.len()));
+            let file = std::fs::File::create(&data_path).map_err(|e| CordaError::io(&data_path, e))?;
+            self.shards.push(PendingShard { data_path, data: std::io::BufWriter::new(file), bytes: 0, tensors: vec![] });
         }
-        self.pending_bytes += bytes;
+        let shard = self.shards.last_mut().expect("a shard");
+        let t = t.to_device(&Device::Cpu)?;
+        let data = t.data();
+        shard.data.write_all(&data).map_err(|e| CordaError::io(&shard.data_path, e))?;
+        shard.tensors.push((name.into(), View::dtype(&t), t.dims().to_vec(), shard.bytes, shard.bytes + bytes));
+        shard.bytes += bytes;
         self.total_bytes += bytes;
-        self.pending.push((name.into(), t.contiguous()?));
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let mut items = std::mem::take(&mut self.pending);
-        items.sort_by(|a, b| a.0.cmp(&b.0));
-        let path = self.dir.join(format!(".shard-{}.safetensors", self.written.len()));
-        let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-        safetensors::serialize_to_file(items.iter().map(|(k, v)| (k.as_str(), v)), Some(meta), &path)
-            .map_err(|e| CordaError::Safetensors { path: path.clone(), reason: e.to_string() })?;
-        crate::util::atomic::make_readable(&path)?;
-        self.written.push((path, items.into_iter().map(|(k, _)| k).collect()));
-        self.pending_bytes = 0;
-        Ok(())
-    }
-
-    /// Write the last shard, give the shards their final names and write the index.
-    pub fn finish(mut self) -> Result<()> {
-        self.flush()?;
-        let n = self.written.len();
-        if n == 1 {
-            let (tmp, _) = &self.written[0];
-            let dst = self.dir.join("model.safetensors");
-            return std::fs::rename(tmp, &dst).map_err(|e| CordaError::io(&dst, e));
-        }
+    /// Write the shards under their final names, and the index when there are several.
+    pub fn finish(self) -> Result<()> {
+        use std::io::Write;
+        let n = self.shards.len();
         let mut weight_map = BTreeMap::new();
-        for (i, (tmp, names)) in self.written.iter().enumerate() {
-            let fname = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
-            let dst = self.dir.join(&fname);
-            std::fs::rename(tmp, &dst).map_err(|e| CordaError::io(&dst, e))?;
-            for name in names {
+        for (i, shard) in self.shards.into_iter().enumerate() {
+            let fname = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) };
+            let mut header = serde_json::Map::new();
+            header.insert("__metadata__".into(), json!({"format": "pt"}));
+            for (name, dtype, shape, start, end) in &shard.tensors {
+                header.insert(name.clone(), json!({"dtype": dtype, "shape": shape, "data_offsets": [start, end]}));
                 weight_map.insert(name.clone(), fname.clone());
             }
+            let mut text = serde_json::to_string(&header).expect("json");
+            while !text.len().is_multiple_of(8) {
+                text.push(' ');
+            }
+            let data_file = shard.data.into_inner().map_err(|e| CordaError::io(&shard.data_path, e.into_error()))?;
+            drop(data_file);
+            let dst = self.dir.join(&fname);
+            let out = std::fs::File::create(&dst).map_err(|e| CordaError::io(&dst, e))?;
+            let mut out = std::io::BufWriter::new(out);
+            out.write_all(&(text.len() as u64).to_le_bytes()).map_err(|e| CordaError::io(&dst, e))?;
+            out.write_all(text.as_bytes()).map_err(|e| CordaError::io(&dst, e))?;
+            let mut data = std::fs::File::open(&shard.data_path).map_err(|e| CordaError::io(&shard.data_path, e))?;
+            std::io::copy(&mut data, &mut out).map_err(|e| CordaError::io(&dst, e))?;
+            out.flush().map_err(|e| CordaError::io(&dst, e))?;
+            std::fs::remove_file(&shard.data_path).map_err(|e| CordaError::io(&shard.data_path, e))?;
         }
-        let index = json!({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map});
-        let path = self.dir.join("model.safetensors.index.json");
-        let text = serde_json::to_string_pretty(&index).expect("json");
-        std::fs::write(&path, text + "\n").map_err(|e| CordaError::io(&path, e))
+        if n == 0 {
+            return Err(CordaError::Invalid("no tensors to write".into()));
+        }
+        if n > 1 {
+            let index = json!({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map});
+            let path = self.dir.join("model.safetensors.index.json");
+            let text = serde_json::to_string_pretty(&index).expect("json");
+            std::fs::write(&path, text + "\n").map_err(|e| CordaError::io(&path, e))?;
+        }
+        Ok(())
     }
 }
