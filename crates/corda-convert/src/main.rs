@@ -18,6 +18,7 @@ const DEFAULT_PROBE: &str = "The capital of France is Paris, and the capital of 
 #[derive(Debug, Parser)]
 #[command(
     name = "corda-convert",
+    args_override_self = true,
     version,
     about = "Convert a trained CorDA adapter into a plain LoRA for the original base model",
     long_about = "Convert a trained CorDA adapter into a plain LoRA for the original base model.\n\n\

@@ -18,7 +18,7 @@ use corda_core::util::AtomicDir;
 /// KPM (default) trains the r smallest components and freezes the principal ones
 /// (knowledge-preserved); IPM (--first_eigen) trains the r largest (instruction-previewed).
 #[derive(Parser, Debug)]
-#[command(name = "corda-preprocess", version, about, long_about = None)]
+#[command(name = "corda-preprocess", version, about, long_about = None, args_override_self = true)]
 struct Args {
     /// YAML or TOML file whose keys are flag names; flags on the command line override it.
     #[arg(long, value_name = "FILE", help_heading = "Input")]

@@ -113,18 +113,20 @@ fn ipm_from_a_yaml_config_with_parquet_data() {
     std::fs::write(
         &cfg,
         format!(
-            "model_id: {}\nr: 8\nlora_alpha: 16\nfirst_eigen: true\nsave_model: true\nsave_path: {}\ncalib_dataset: {}\ncalib_template: \"{{query}} {{response}}\"\ncalib_loader_size: 16\ncalib_max_length: 64\nrank_pattern: down_proj=4\nmax_shard_size: 200KB\n",
+            "model_id: {}\nr: 8\nlora_alpha: 32\nfirst_eigen: true\nsave_model: true\nsave_path: {}\ncalib_dataset: {}\ncalib_template: \"{{query}} {{response}}\"\ncalib_loader_size: 16\ncalib_max_length: 64\nrank_pattern: down_proj=4\nmax_shard_size: 200KB\n",
             fixtures().join("base-model").display(),
             out.display(),
             fixtures().join("data/math.parquet").display()
         ),
     )
     .unwrap();
-    let o = bin().arg("--config").arg(&cfg).output().unwrap();
+    // The command line overrides the file.
+    let o = bin().arg("--config").arg(&cfg).args(["--lora_alpha", "16"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.join("model.safetensors.index.json").is_file(), "200KB shards expected");
     let ad = Adapter::load(&out.join("corda_init")).unwrap();
     assert_eq!(ad.config.extra["corda_config"]["corda_method"], "ipm");
+    assert_eq!(ad.config.lora_alpha, 16.0);
     assert_eq!(ad.modules["model.layers.0.mlp.down_proj"].a.dim(0).unwrap(), 4);
     let (got, base) = probe_logits(&out, Some(&out.join("corda_init")));
     assert!(max_abs_diff(&got, &base) < 1e-4);

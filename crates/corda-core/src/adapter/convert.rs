@@ -118,7 +118,12 @@ pub fn converted_config(trained: &AdapterConfig) -> Result<AdapterConfig> {
 /// PEFT's `path_initial_model_for_weight_conversion`: `lora_A' = [A ; A0]` (2r x d_in) and
 /// `lora_B' = [B | -B0]` (d_out x 2r) for every module, with [`converted_config`].
 pub fn convert_to_lora(initial: &Adapter, trained: &Adapter) -> Result<Adapter> {
-    let config = converted_config(&trained.config)?;
+    let mut config = converted_config(&trained.config)?;
+    // The trained adapter names the residual model it was fine-tuned on; the converted LoRA
+    // belongs to the original model, which corda_init names.
+    if initial.config.base_model_name_or_path.is_some() {
+        config.base_model_name_or_path = initial.config.base_model_name_or_path.clone();
+    }
     check_compatible(initial, trained)?;
     // PEFT warns too: the conversion is only meaningful for adapters whose initial value mutated
     // the base weights (CorDA, PiSSA, OLoRA, LoRA-GA); `true` is what a saved corda_init says.
