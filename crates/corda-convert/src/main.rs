@@ -163,16 +163,6 @@ fn ensure_not_input(out: &Path, inputs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
-fn device(name: &str) -> Result<candle_core::Device> {
-    match name {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        "cuda" => candle_core::Device::new_cuda(0).context(
-            "--device cuda: no usable GPU (or this binary was built without the `cuda` feature)",
-        ),
-        other => bail!("--device must be cpu or cuda, not `{other}`"),
-    }
-}
-
 fn run(cli: &Cli) -> Result<()> {
     if cli.output_dir.is_none() && !cli.merge {
         bail!("nothing to do: pass --output_dir DIR for the converted LoRA (and/or --merge --base_model M --merged_path DIR)");
@@ -332,7 +322,7 @@ fn verify(
     let converted = Adapter::load(converted_dir).context("re-reading the converted LoRA")?;
     let tokenizer = TokenizerInfo::load(base).context("loading the base model's tokenizer")?;
     let ids = tokenizer.encode(&cli.probe_text)?;
-    let dev = device(&cli.device)?;
+    let dev = corda_core::util::cli::parse_device(&cli.device)?;
     let report = adapter::verify_conversion(base, &converted, residual, trained, &ids, &dev)
         .context("running the verification forward passes")?;
     let rel = report.max_abs_diff / report.max_abs_logit.max(f64::MIN_POSITIVE);

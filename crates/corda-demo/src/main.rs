@@ -112,31 +112,6 @@ struct Args {
     rows: usize,
 }
 
-/// `2GB`, `500MB`, `1GiB`, `64KB` or a plain byte count.
-fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim().to_ascii_uppercase();
-    let units: [(&str, u64); 7] = [
-        ("GIB", 1 << 30),
-        ("MIB", 1 << 20),
-        ("KIB", 1 << 10),
-        ("GB", 1_000_000_000),
-        ("MB", 1_000_000),
-        ("KB", 1_000),
-        ("B", 1),
-    ];
-    let (num, mult) = units
-        .iter()
-        .find_map(|(u, m)| t.strip_suffix(u).map(|n| (n, *m)))
-        .unwrap_or((t.as_str(), 1));
-    let v: f64 = num
-        .trim()
-        .parse()
-        .ok()
-        .filter(|v: &f64| *v > 0.0)
-        .with_context(|| format!("--max_shard_size `{s}`: use e.g. 2GB, 500MB or a byte count"))?;
-    Ok((v * mult as f64) as u64)
-}
-
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1048576.0
 }
@@ -163,7 +138,7 @@ fn run(args: Args) -> Result<()> {
         vocab_size: args.vocab_size,
         dtype: parse_dtype(&args.dtype)?,
         seed: args.seed,
-        max_shard_bytes: Some(parse_size(&args.max_shard_size)?),
+        max_shard_bytes: Some(corda_core::util::cli::parse_size(&args.max_shard_size)?),
         config_style: args.config_style,
         tie_word_embeddings: args.tie_word_embeddings,
         initializer_range: args.initializer_range,
@@ -226,23 +201,5 @@ fn main() {
     if let Err(e) = run(Args::parse_from(argv)) {
         eprintln!("Error: {e:#}");
         std::process::exit(1);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse_like_transformers() {
-        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
-        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
-        assert_eq!(parse_size("500mb").unwrap(), 500_000_000);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("lots")
-            .unwrap_err()
-            .to_string()
-            .contains("--max_shard_size"));
-        assert!(parse_size("0").is_err());
     }
 }

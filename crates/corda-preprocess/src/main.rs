@@ -10,7 +10,7 @@ use clap::Parser;
 use corda_core::corda::{preprocess, CordaMode, CovariancePrecision, PreprocessOptions};
 use corda_core::data::{calibration_samples, lookup, read_rows, CalibOptions, CalibSampling, RegistryEntry, Template};
 use corda_core::model::{parse_dtype, resolve_model_dir, TokenizerInfo, TARGET_PROJECTIONS};
-use corda_core::util::cli::{expand_config_args, parse_bool, parse_device};
+use corda_core::util::cli::{expand_config_args, parse_bool, parse_device, parse_size};
 use corda_core::util::AtomicDir;
 
 /// Build a CorDA adapter: covariance-oriented SVD of every target linear layer.
@@ -120,25 +120,6 @@ fn parse_patterns<T: std::str::FromStr>(items: &[String], flag: &str) -> Result<
         m.insert(k.trim().to_string(), v);
     }
     Ok(m)
-}
-
-fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim().to_ascii_uppercase();
-    let (num, mult) = if let Some(n) = t.strip_suffix("GIB") {
-        (n, 1u64 << 30)
-    } else if let Some(n) = t.strip_suffix("MIB") {
-        (n, 1 << 20)
-    } else if let Some(n) = t.strip_suffix("GB") {
-        (n, 1_000_000_000)
-    } else if let Some(n) = t.strip_suffix("MB") {
-        (n, 1_000_000)
-    } else if let Some(n) = t.strip_suffix("KB") {
-        (n, 1_000)
-    } else {
-        (t.as_str(), 1)
-    };
-    let v: f64 = num.trim().parse().with_context(|| format!("--max_shard_size `{s}`: use e.g. 2GB or 500MB"))?;
-    Ok((v * mult as f64) as u64)
 }
 
 fn sampling(s: &str) -> Result<CalibSampling> {

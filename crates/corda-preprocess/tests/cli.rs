@@ -190,3 +190,44 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
     let (ok, err) = run(&base_args(Path::new("/proc/corda-out")));
     assert!(!ok && !err.contains("panicked"), "{err}");
 }
+
+/// Peak resident memory of a run on a random model of `layers` layers (hidden 512), from the
+/// `--report_json` of the binary.
+fn peak_rss_for_layers(root: &Path, layers: usize) -> u64 {
+    use corda_core::demo::{write_random_model, DemoModelSpec};
+    let model = root.join(format!("model-{layers}"));
+    std::fs::create_dir_all(&model).unwrap();
+    let spec = DemoModelSpec { hidden_size: 512, intermediate_size: 1408, num_layers: layers, num_heads: 8, num_kv_heads: 8, ..Default::default() };
+    write_random_model(&model, &spec).unwrap();
+    let data = root.join("calib.jsonl");
+    let rows: String = (0..8).map(|i| format!("{{\"text\": \"what is the capital of country {i} and who won the war\"}}\n")).collect();
+    std::fs::write(&data, rows).unwrap();
+    let report = root.join(format!("report-{layers}.json"));
+    let out = root.join(format!("out-{layers}"));
+    let args: Vec<String> = [
+        "--model_id", model.to_str().unwrap(), "--r", "16", "--save_model", "--save_path", out.to_str().unwrap(),
+        "--calib_dataset", data.to_str().unwrap(), "--calib_loader_size", "8", "--calib_max_length", "32",
+        "--report_json", report.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (ok, err) = run(&args);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    v["peak_rss_bytes"].as_u64().unwrap()
+}
+
+#[test]
+fn peak_memory_does_not_grow_with_depth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shallow = peak_rss_for_layers(tmp.path(), 2);
+    let deep = peak_rss_for_layers(tmp.path(), 8);
+    // One layer of this model is 11.5 MB of float32 weights: holding the whole model (or every
+    // covariance) would add at least 6 layers' worth; layer by layer it stays within one.
+    let layer_bytes = 4 * (4 * 512 * 512 + 3 * 512 * 1408) as u64;
+    assert!(
+        deep < shallow + layer_bytes,
+        "peak RSS grew from {shallow} (2 layers) to {deep} (8 layers); one layer is {layer_bytes} bytes"
+    );
+}

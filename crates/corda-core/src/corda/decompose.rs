@@ -96,21 +96,33 @@ pub struct CordaEigens {
 
 /// Steps 1–2 plus cropping for weight `w` (d_out × d_in) and covariance `c` (d_in × d_in).
 pub fn corda_eigens(w: MatRef<'_, f32>, c: MatRef<'_, f32>, r: usize, mode: CordaMode, module: &str) -> Result<CordaEigens> {
-    let (d_out, d_in) = (w.nrows(), w.ncols());
-    if c.nrows() != d_in {
+    check_covariance_fits(w, c.nrows(), module)?;
+    let damped = damp_covariance(c, module)?;
+    corda_eigens_damped(w, &damped, r, mode, module)
+}
+
+fn check_covariance_fits(w: MatRef<'_, f32>, n: usize, module: &str) -> Result<()> {
+    if n != w.ncols() {
         return Err(CordaError::Invalid(format!(
-            "{module}: covariance is {}x{} but the weight has {d_in} inputs; the covariance file belongs to another model",
-            c.nrows(),
-            c.ncols()
+            "{module}: covariance is {n}x{n} but the weight has {} inputs; the covariance file belongs to another model",
+            w.ncols()
         )));
     }
+    Ok(())
+}
+
+/// Step 2 plus cropping with an already damped covariance. Modules that read the same input
+/// (q/k/v, gate/up) share one covariance, hence one damping loop and one inverse: PEFT runs
+/// the loop per module on identical matrices and gets the same δ and inverse each time.
+pub fn corda_eigens_damped(w: MatRef<'_, f32>, damped: &Damped, r: usize, mode: CordaMode, module: &str) -> Result<CordaEigens> {
+    let (d_out, d_in) = (w.nrows(), w.ncols());
+    check_covariance_fits(w, damped.cf.nrows(), module)?;
     let k = d_out.min(d_in);
     if r == 0 || r > k {
         return Err(CordaError::Invalid(format!(
             "{module}: rank {r} is not in 1..={k} (min(d_in, d_out) of its {d_out}x{d_in} weight); lower --r or set a smaller rank for it with --rank_pattern"
         )));
     }
-    let damped = damp_covariance(c, module)?;
     let mut wc = Mat::<f32>::zeros(d_out, d_in);
     faer::linalg::matmul::matmul(wc.as_mut(), Accum::Replace, w, damped.cf.as_ref(), 1.0f32, Par::rayon(0));
     let svd = wc.thin_svd().map_err(|e| CordaError::Numerics(format!("{module}: SVD did not converge ({e:?})")))?;

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use faer::Mat;
 
 use super::covariance::{CovarianceAccumulator, CovariancePrecision};
-use super::decompose::{corda_eigens, corda_init, CordaEigens, CordaMode};
+use super::decompose::{corda_eigens_damped, corda_init, damp_covariance, CordaEigens, CordaMode, Damped};
 use super::files::{load_existing, mat_data, mat_to_tensor, tensor_to_mat, StreamingSafetensors};
 use crate::adapter::{Adapter, AdapterConfig, LoraPair};
 use crate::model::save::{copy_support_files, write_config};
@@ -399,8 +399,9 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
             }
         }
 
-        // 2. Decompose every target of the layer.
+        // 2. Decompose every target of the layer (one damping loop per shared input).
         let t = Instant::now();
+        let mut damped: HashMap<InputSite, Damped> = HashMap::new();
         let mut residual_layer = layer.clone();
         for (p, name) in layer_t {
             let target = layer.targets().into_iter().find(|x| x.name == *name).expect("target");
@@ -421,7 +422,14 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
                     }
                     CordaEigens { s, u, vt: v.transpose().to_owned(), damp: f64::NAN }
                 }
-                None => corda_eigens(w.as_ref(), covs[&InputSite::of(p).expect("site")].as_ref(), rank, opts.mode, name)?,
+                None => {
+                    let site = InputSite::of(p).expect("site");
+                    let d = match damped.entry(site) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => e.insert(damp_covariance(covs[&site].as_ref(), name)?),
+                    };
+                    corda_eigens_damped(w.as_ref(), d, rank, opts.mode, name)?
+                }
             };
             if let Some(co) = cache_out.as_mut() {
                 co.write(&format!("{name}.eigens.S_WC"), &eigens.s)?;

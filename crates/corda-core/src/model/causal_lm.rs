@@ -93,7 +93,7 @@ impl CausalLM {
     /// (batch, seq) attention mask (1 = real token, right padding).
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let h = self.hidden_states(input_ids, attention_mask)?;
-        self.logits(&h)
+        self.lm_head_logits(&h)
     }
 
     /// Final hidden states (after the last norm), float32.
@@ -108,8 +108,8 @@ impl CausalLM {
         self.norm.forward(&h)
     }
 
-    /// LM head on final hidden states.
-    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+    /// LM head on final hidden states (batch, seq, hidden).
+    pub fn lm_head_logits(&self, h: &Tensor) -> Result<Tensor> {
         let (b, t, d) = h.dims3()?;
         let y = super::frozen::frozen_matmul_t(&h.reshape((b * t, d))?, &self.lm_head)?;
         Ok(y.reshape((b, t, self.config.vocab_size))?)

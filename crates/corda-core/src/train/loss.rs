@@ -9,7 +9,7 @@
 //! SFT. The max subtracted inside the log-softmax is detached: the result does not depend on it,
 //! so no gradient needs to flow through it.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 use crate::{CordaError, Result};
 
@@ -40,23 +40,11 @@ impl LossSum {
     }
 }
 
-/// Log-softmax over the last dimension with the max detached (see the module docs).
-fn log_softmax_last(xs: &Tensor) -> Result<Tensor> {
-    let max = xs.max_keepdim(D::Minus1)?.detach();
-    let diff = xs.broadcast_sub(&max)?;
-    let log_sum_exp = diff.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(diff.broadcast_sub(&log_sum_exp)?)
-}
 
-/// Summed cross-entropy of `logits` (B, T, V) against `labels` (B, T) shifted by one position.
-pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<LossSum> {
-    let (b, t, v) = logits.dims3()?;
-    let (lb, lt) = labels.dims2()?;
-    if (lb, lt) != (b, t) {
-        return Err(CordaError::Invalid(format!(
-            "labels have shape ({lb}, {lt}) but the logits are ({b}, {t}, {v})"
-        )));
-    }
+/// The (row of the flattened (B·T) positions, target) pairs that carry a loss: position t
+/// predicts label t+1 (the causal shift), skipping labels equal to -100.
+pub fn target_rows(labels: &Tensor, vocab: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    let (_, t) = labels.dims2()?;
     let host: Vec<Vec<i64>> = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
     let mut rows = Vec::new();
     let mut targets = Vec::new();
@@ -66,9 +54,9 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<LossSum> {
             if label == IGNORE_INDEX {
                 continue;
             }
-            if label < 0 || label as usize >= v {
+            if label < 0 || label as usize >= vocab {
                 return Err(CordaError::Data(format!(
-                    "label {label} at batch row {bi}, position {} is outside the vocabulary (size {v})",
+                    "label {label} at batch row {bi}, position {} is outside the vocabulary (size {vocab})",
                     ti + 1
                 )));
             }
@@ -76,24 +64,36 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<LossSum> {
             targets.push(label as u32);
         }
     }
-    let device = logits.device();
-    if rows.is_empty() {
-        return Ok(LossSum {
-            sum: Tensor::zeros((), DType::F32, device)?,
-            tokens: 0,
-        });
-    }
-    let n = rows.len();
-    let flat = logits.reshape((b * t, v))?;
-    let rows = Tensor::from_vec(rows, n, device)?;
-    let targets = Tensor::from_vec(targets, (n, 1), device)?;
-    let selected = flat.index_select(&rows, 0)?.to_dtype(DType::F32)?;
-    let logp = log_softmax_last(&selected)?.gather(&targets, D::Minus1)?;
-    let sum = logp.sum_all()?.neg()?;
-    Ok(LossSum { sum, tokens: n })
+    Ok((rows, targets))
 }
 
-/// Mean cross-entropy over the target tokens of the whole batch (the loss PEFT reports).
+/// Summed loss of the selected rows of `logits_rows` (n, vocab), one target per row.
+pub fn loss_sum_of_rows(logits_rows: &Tensor, targets: &[u32]) -> Result<LossSum> {
+    let sum = super::fused_ce::cross_entropy_rows(logits_rows, targets)?.sum_all()?;
+    Ok(LossSum { sum, tokens: targets.len() })
+}
+
+/// Summed cross-entropy of the shifted labels != -100 and their count, from full logits
+/// (B, T, vocab).
+pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<LossSum> {
+    let (b, t, v) = logits.dims3()?;
+    let (lb, lt) = labels.dims2()?;
+    if (lb, lt) != (b, t) {
+        return Err(CordaError::Invalid(format!(
+            "labels have shape ({lb}, {lt}) but the logits are ({b}, {t}, {v})"
+        )));
+    }
+    let (rows, targets) = target_rows(labels, v)?;
+    let device = logits.device();
+    if rows.is_empty() {
+        return Ok(LossSum { sum: Tensor::zeros((), DType::F32, device)?, tokens: 0 });
+    }
+    let n = rows.len();
+    let rows = Tensor::from_vec(rows, n, device)?;
+    let selected = logits.reshape((b * t, v))?.index_select(&rows, 0)?;
+    loss_sum_of_rows(&selected, &targets)
+}
+
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     causal_lm_loss_sum(logits, labels)?.mean()
 }

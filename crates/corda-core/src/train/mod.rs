@@ -17,6 +17,7 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod fused_ce;
 pub mod grads;
 pub mod lora_init;
 pub mod loss;

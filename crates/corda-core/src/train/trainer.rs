@@ -26,7 +26,6 @@ use super::checkpoint::{
 use super::clip::clip_grad_norm;
 use super::config::{LossNormalization, SaveStrategy, StepPlan, TrainConfig};
 use super::grads::Gradients;
-use super::loss::causal_lm_loss_sum;
 use super::optimizer::AdamW;
 use super::plot::loss_curve_svg;
 use super::schedule::{warmup_steps, LrSchedule};
@@ -322,8 +321,7 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
                     tokens_this_run += real_tokens;
                     progress.tokens_seen += real_tokens;
                     let t0 = Instant::now();
-                    let logits = self.model.logits(&batch.input_ids, &batch.attention_mask)?;
-                    let parts = causal_lm_loss_sum(&logits, &batch.labels)?;
+                    let parts = self.model.loss_sum(&batch.input_ids, &batch.attention_mask, &batch.labels)?;
                     if parts.tokens == 0 {
                         report.add("forward", t0.elapsed());
                         continue;

@@ -121,6 +121,30 @@ pub fn parse_device(s: &str) -> Result<candle_core::Device> {
     }
 }
 
+/// `--max_shard_size`: `2GB`, `500MB`, `1GiB`, `64KB` or a plain byte count, as transformers.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim().to_ascii_uppercase();
+    let units: [(&str, u64); 7] = [
+        ("GIB", 1 << 30),
+        ("MIB", 1 << 20),
+        ("KIB", 1 << 10),
+        ("GB", 1_000_000_000),
+        ("MB", 1_000_000),
+        ("KB", 1_000),
+        ("B", 1),
+    ];
+    let (num, mult) = units
+        .iter()
+        .find_map(|(u, m)| t.strip_suffix(u).map(|n| (n, *m)))
+        .unwrap_or((t.as_str(), 1));
+    match num.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 => Ok((v * mult as f64) as u64),
+        _ => Err(CordaError::Invalid(format!(
+            "--max_shard_size `{s}`: use e.g. 2GB, 500MB or a byte count"
+        ))),
+    }
+}
+
 /// Log to stderr at `default_level` unless `RUST_LOG` says otherwise; colours only on a terminal.
 pub fn init_logging(default_level: &str) {
     use std::io::IsTerminal;
@@ -152,6 +176,16 @@ mod tests {
         let got = expand_config_args(vec!["p".into(), format!("--config={}", t.display()).into()]).unwrap();
         assert_eq!(got, ["p", "--lora_alpha", "32"].map(OsString::from));
         assert!(expand_config_args(vec!["p".into(), "--config".into(), "x.ini".into()]).is_err());
+    }
+
+    #[test]
+    fn sizes_parse_like_transformers() {
+        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("500mb").unwrap(), 500_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("lots").unwrap_err().to_string().contains("--max_shard_size"));
+        assert!(parse_size("0").is_err());
     }
 
     #[test]
