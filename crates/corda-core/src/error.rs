@@ -22,7 +22,9 @@ pub enum CordaError {
     Model(String),
     #[error("tensor `{name}` is missing from {location}; is this the right model directory?")]
     MissingTensor { name: String, location: String },
-    #[error("tensor `{name}` has shape {found:?} in the checkpoint but the config implies {expected:?}")]
+    #[error(
+        "tensor `{name}` has shape {found:?} in the checkpoint but the config implies {expected:?}"
+    )]
     ShapeMismatch {
         name: String,
         expected: Vec<usize>,
@@ -51,6 +53,9 @@ pub type Result<T, E = CordaError> = std::result::Result<T, E>;
 impl CordaError {
     /// An I/O error tagged with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        CordaError::Io { path: path.into(), source }
+        CordaError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

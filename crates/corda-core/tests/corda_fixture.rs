@@ -17,16 +17,40 @@ fn fixtures() -> PathBuf {
 fn samples(file: &str, template: &str) -> Vec<Vec<u32>> {
     let tok = TokenizerInfo::load(&fixtures().join("base-model")).unwrap();
     let rows = read_rows(&fixtures().join("data").join(file)).unwrap();
-    let opts = CalibOptions { n: 16, max_length: 64, seed: 233, sampling: CalibSampling::Rows };
-    calibration_samples(&rows, &Template::parse(template).unwrap(), &tok.tokenizer, &opts).unwrap()
+    let opts = CalibOptions {
+        n: 16,
+        max_length: 64,
+        seed: 233,
+        sampling: CalibSampling::Rows,
+    };
+    calibration_samples(
+        &rows,
+        &Template::parse(template).unwrap(),
+        &tok.tokenizer,
+        &opts,
+    )
+    .unwrap()
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn fro(t: &Tensor) -> f32 {
-    t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt()
 }
 
 fn load(path: &Path) -> HashMap<String, Tensor> {
@@ -48,9 +72,19 @@ fn run_mode(mode: CordaMode) {
     opts.mode = mode;
     opts.batch_size = 5; // padded batches must give PEFT's batch-1 covariances
     opts.covariance_file = Some(cov_file.clone());
-    let report = preprocess(&fixtures().join("base-model"), &samples(file, template), &opts, Some(&model_out)).unwrap();
+    let report = preprocess(
+        &fixtures().join("base-model"),
+        &samples(file, template),
+        &opts,
+        Some(&model_out),
+    )
+    .unwrap();
     assert_eq!(report.modules.len(), 14);
-    assert!(report.max_deviation() < 1e-5, "identity check {}", report.max_deviation());
+    assert!(
+        report.max_deviation() < 1e-5,
+        "identity check {}",
+        report.max_deviation()
+    );
 
     // Covariances within 1e-5 relative.
     let ours = load(&cov_file);
@@ -69,7 +103,10 @@ fn run_mode(mode: CordaMode) {
     let ad_peft = Adapter::load(&reference.join("corda_init")).unwrap();
     assert_eq!(ad_ours.config.r, 8);
     assert_eq!(ad_ours.config.lora_alpha, 16.0);
-    assert_eq!(ad_ours.modules.keys().collect::<Vec<_>>(), ad_peft.modules.keys().collect::<Vec<_>>());
+    assert_eq!(
+        ad_ours.modules.keys().collect::<Vec<_>>(),
+        ad_peft.modules.keys().collect::<Vec<_>>()
+    );
     let cpu = Device::Cpu;
     for (m, p) in &ad_peft.modules {
         let w = base.get(&format!("{m}.weight"), None, &cpu).unwrap();
@@ -100,10 +137,17 @@ fn run_mode(mode: CordaMode) {
     let mut model = CausalLM::load(&model_out, &LoadOptions::default()).unwrap();
     model.attach_adapter(&ad_ours).unwrap();
     let probe = load(&fixtures().join("base_logits.safetensors"));
-    let ids = probe["input_ids"].to_dtype(DType::U32).unwrap().unsqueeze(0).unwrap();
+    let ids = probe["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let logits = model.forward(&ids, None).unwrap().squeeze(0).unwrap();
     let d = max_abs(&(&logits - &probe["logits"]).unwrap());
-    assert!(d < 1e-4, "logits of residual + adapter differ from the base by {d}");
+    assert!(
+        d < 1e-4,
+        "logits of residual + adapter differ from the base by {d}"
+    );
 
     // The covariance file is reused: same adapter, no calibration needed.
     let again = out.path().join("again");
@@ -111,7 +155,11 @@ fn run_mode(mode: CordaMode) {
     preprocess(&fixtures().join("base-model"), &[], &opts, Some(&again)).unwrap();
     let ad_again = Adapter::load(&again.join("corda_init")).unwrap();
     for (m, p) in &ad_ours.modules {
-        assert_eq!(max_abs(&(&ad_again.modules[m].a - &p.a).unwrap()), 0.0, "{m}");
+        assert_eq!(
+            max_abs(&(&ad_again.modules[m].a - &p.a).unwrap()),
+            0.0,
+            "{m}"
+        );
     }
     // Deterministic bytes.
     assert_eq!(
@@ -142,8 +190,14 @@ fn decomposition_cache_roundtrip_and_rank_pattern() {
     std::fs::create_dir(&a).unwrap();
     preprocess(&fixtures().join("base-model"), &s, &opts, Some(&a)).unwrap();
     let ad = Adapter::load(&a.join("corda_init")).unwrap();
-    assert_eq!(ad.modules["model.layers.1.mlp.down_proj"].a.dim(0).unwrap(), 4);
-    assert_eq!(ad.modules["model.layers.1.mlp.up_proj"].a.dim(0).unwrap(), 8);
+    assert_eq!(
+        ad.modules["model.layers.1.mlp.down_proj"].a.dim(0).unwrap(),
+        4
+    );
+    assert_eq!(
+        ad.modules["model.layers.1.mlp.up_proj"].a.dim(0).unwrap(),
+        8
+    );
     assert_eq!(ad.scaling("model.layers.0.self_attn.q_proj"), 2.0 / 8.0);
     let b = out.path().join("b");
     std::fs::create_dir(&b).unwrap();
@@ -155,14 +209,23 @@ fn decomposition_cache_roundtrip_and_rank_pattern() {
     // A different rank cannot reuse the cache.
     opts.r = 4;
     opts.rank_pattern.clear();
-    let e = preprocess(&fixtures().join("base-model"), &[], &opts, None).unwrap_err().to_string();
+    let e = preprocess(&fixtures().join("base-model"), &[], &opts, None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("cache"), "{e}");
 }
 
 #[test]
 fn rank_larger_than_a_module_is_refused_before_work() {
     let opts = PreprocessOptions::new(65);
-    let e = preprocess(&fixtures().join("base-model"), &[vec![1, 2, 3]], &opts, None).unwrap_err().to_string();
+    let e = preprocess(
+        &fixtures().join("base-model"),
+        &[vec![1, 2, 3]],
+        &opts,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("rank 65") && e.contains("--rank_pattern"), "{e}");
 }
 
@@ -171,10 +234,21 @@ fn bfloat16_output_keeps_the_identity_within_rounding() {
     let out = tempfile::tempdir().unwrap();
     let mut opts = PreprocessOptions::new(8);
     opts.dtype = Some(DType::BF16);
-    let report = preprocess(&fixtures().join("base-model"), &samples("qa.jsonl", "{question}"), &opts, Some(out.path())).unwrap();
+    let report = preprocess(
+        &fixtures().join("base-model"),
+        &samples("qa.jsonl", "{question}"),
+        &opts,
+        Some(out.path()),
+    )
+    .unwrap();
     assert_eq!(report.dtype, DType::BF16);
     let w = Weights::open(out.path()).unwrap();
-    assert_eq!(w.dtype("model.layers.0.self_attn.q_proj.weight").unwrap(), DType::BF16);
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        w.dtype("model.layers.0.self_attn.q_proj.weight").unwrap(),
+        DType::BF16
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg["torch_dtype"], "bfloat16");
 }

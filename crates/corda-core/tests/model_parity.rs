@@ -11,13 +11,28 @@ fn fixtures() -> PathBuf {
 }
 
 fn probe() -> (Tensor, Tensor) {
-    let t = candle_core::safetensors::load(fixtures().join("base_logits.safetensors"), &Device::Cpu).unwrap();
-    let ids = t["input_ids"].to_dtype(DType::U32).unwrap().unsqueeze(0).unwrap();
+    let t =
+        candle_core::safetensors::load(fixtures().join("base_logits.safetensors"), &Device::Cpu)
+            .unwrap();
+    let ids = t["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     (ids, t["logits"].clone())
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn logits_of(dir: &Path) -> Tensor {
@@ -50,7 +65,14 @@ fn padded_batch_matches_single_sequence() {
     let pad = Tensor::zeros((1, 5), DType::U32, &Device::Cpu).unwrap();
     let padded = Tensor::cat(&[&ids, &pad], 1).unwrap();
     let short = ids.narrow(1, 0, 9).unwrap();
-    let short = Tensor::cat(&[&short, &Tensor::zeros((1, t + 5 - 9), DType::U32, &Device::Cpu).unwrap()], 1).unwrap();
+    let short = Tensor::cat(
+        &[
+            &short,
+            &Tensor::zeros((1, t + 5 - 9), DType::U32, &Device::Cpu).unwrap(),
+        ],
+        1,
+    )
+    .unwrap();
     let batch = Tensor::cat(&[&padded, &short], 0).unwrap();
     let mut mask = vec![0u8; 2 * (t + 5)];
     mask[..t].fill(1);
@@ -68,12 +90,16 @@ fn transformers5_config_gives_the_same_logits() {
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(&fixtures().join("base-model"), tmp.path());
     let cfg_path = tmp.path().join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     let o = v.as_object_mut().unwrap();
     let theta = o.remove("rope_theta").unwrap();
     o.remove("rope_scaling");
     let dtype = o.remove("torch_dtype").unwrap();
-    o.insert("rope_parameters".into(), serde_json::json!({"rope_theta": theta, "rope_type": "default"}));
+    o.insert(
+        "rope_parameters".into(),
+        serde_json::json!({"rope_theta": theta, "rope_type": "default"}),
+    );
     o.insert("dtype".into(), dtype);
     o.insert("head_dim".into(), serde_json::json!(16));
     std::fs::write(&cfg_path, serde_json::to_string(&v).unwrap()).unwrap();
@@ -91,7 +117,9 @@ fn sharded_copy_loads_the_same() {
     let w = Weights::open(&src).unwrap();
     let mut writer = ShardWriter::new(tmp.path(), 200_000);
     for name in w.names() {
-        writer.push(name.clone(), w.get(&name, None, &Device::Cpu).unwrap()).unwrap();
+        writer
+            .push(name.clone(), w.get(&name, None, &Device::Cpu).unwrap())
+            .unwrap();
     }
     writer.finish().unwrap();
     assert!(tmp.path().join("model.safetensors.index.json").is_file());
@@ -114,12 +142,34 @@ fn half_precision_checkpoints_load() {
         }
         let mut writer = ShardWriter::new(tmp.path(), u64::MAX);
         for name in w.names() {
-            writer.push(name.clone(), w.get(&name, None, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            writer
+                .push(
+                    name.clone(),
+                    w.get(&name, None, &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap(),
+                )
+                .unwrap();
         }
         writer.finish().unwrap();
-        let m = CausalLM::load(tmp.path(), &LoadOptions { dtype: None, device: Device::Cpu }).unwrap();
+        let m = CausalLM::load(
+            tmp.path(),
+            &LoadOptions {
+                dtype: None,
+                device: Device::Cpu,
+            },
+        )
+        .unwrap();
         assert_eq!(m.dtype, DType::F32, "config.json says float32");
-        let m = CausalLM::load(tmp.path(), &LoadOptions { dtype: Some(dtype), device: Device::Cpu }).unwrap();
+        let m = CausalLM::load(
+            tmp.path(),
+            &LoadOptions {
+                dtype: Some(dtype),
+                device: Device::Cpu,
+            },
+        )
+        .unwrap();
         let (ids, expected) = probe();
         let got = m.forward(&ids, None).unwrap().squeeze(0).unwrap();
         let d = max_abs_diff(&got, &expected);
@@ -148,7 +198,11 @@ fn bad_model_directories_give_clear_errors() {
 
     copy_dir(&src, tmp.path());
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
-    std::fs::write(tmp.path().join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(
+        tmp.path().join("model.safetensors"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
     let e = load_err(tmp.path());
     assert!(e.contains("truncated"), "{e}");
 
@@ -166,7 +220,10 @@ fn bad_model_directories_give_clear_errors() {
     }
     writer.finish().unwrap();
     let e = load_err(tmp.path());
-    assert!(e.contains("up_proj") && e.contains("[100, 64]") && e.contains("[176, 64]"), "{e}");
+    assert!(
+        e.contains("up_proj") && e.contains("[100, 64]") && e.contains("[176, 64]"),
+        "{e}"
+    );
 
     std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
     let e = load_err(tmp.path());

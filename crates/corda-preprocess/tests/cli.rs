@@ -46,7 +46,10 @@ fn base_args(out: &Path) -> Vec<String> {
 
 fn run(args: &[String]) -> (bool, String) {
     let o = bin().args(args).output().unwrap();
-    (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 fn probe_logits(dir: &Path, adapter: Option<&Path>) -> (Tensor, Tensor) {
@@ -54,18 +57,39 @@ fn probe_logits(dir: &Path, adapter: Option<&Path>) -> (Tensor, Tensor) {
     if let Some(a) = adapter {
         m.attach_adapter(&Adapter::load(a).unwrap()).unwrap();
     }
-    let t = candle_core::safetensors::load(fixtures().join("base_logits.safetensors"), &Device::Cpu).unwrap();
-    let ids = t["input_ids"].to_dtype(DType::U32).unwrap().unsqueeze(0).unwrap();
-    (m.forward(&ids, None).unwrap().squeeze(0).unwrap(), t["logits"].clone())
+    let t =
+        candle_core::safetensors::load(fixtures().join("base_logits.safetensors"), &Device::Cpu)
+            .unwrap();
+    let ids = t["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    (
+        m.forward(&ids, None).unwrap().squeeze(0).unwrap(),
+        t["logits"].clone(),
+    )
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Nothing but `keep` in `dir`: no temporary directories left behind.
 fn only(dir: &Path, keep: &[&str]) {
-    let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     assert_eq!(names, keep, "unexpected files in {}", dir.display());
 }
@@ -79,10 +103,20 @@ fn kpm_run_writes_a_peft_loadable_model_and_adapter() {
     let (ok, err) = run(&args);
     assert!(ok, "{err}");
     assert!(err.contains("identity check"), "{err}");
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "corda_init/adapter_config.json", "corda_init/adapter_model.safetensors"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "corda_init/adapter_config.json",
+        "corda_init/adapter_model.safetensors",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("corda_init/adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("corda_init/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["init_lora_weights"], true);
     assert_eq!(cfg["r"], 8);
@@ -92,7 +126,10 @@ fn kpm_run_writes_a_peft_loadable_model_and_adapter() {
     let (got, base) = probe_logits(&out, Some(&out.join("corda_init")));
     assert!(max_abs_diff(&got, &base) < 1e-4);
     let (residual_only, _) = probe_logits(&out, None);
-    assert!(max_abs_diff(&residual_only, &base) > 1e-3, "the residual alone must differ from the base");
+    assert!(
+        max_abs_diff(&residual_only, &base) > 1e-3,
+        "the residual alone must differ from the base"
+    );
     only(tmp.path(), &["out"]);
 
     // Same inputs and seed: the same bytes.
@@ -100,8 +137,16 @@ fn kpm_run_writes_a_peft_loadable_model_and_adapter() {
     let mut args2 = base_args(&out2);
     args2.extend(["--calib_batch_size".into(), "3".into()]);
     assert!(run(&args2).0);
-    for f in ["model.safetensors", "corda_init/adapter_model.safetensors", "corda_init/adapter_config.json"] {
-        assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(out2.join(f)).unwrap(), "{f}");
+    for f in [
+        "model.safetensors",
+        "corda_init/adapter_model.safetensors",
+        "corda_init/adapter_config.json",
+    ] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(out2.join(f)).unwrap(),
+            "{f}"
+        );
     }
 }
 
@@ -121,13 +166,24 @@ fn ipm_from_a_yaml_config_with_parquet_data() {
     )
     .unwrap();
     // The command line overrides the file.
-    let o = bin().arg("--config").arg(&cfg).args(["--lora_alpha", "16"]).output().unwrap();
+    let o = bin()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--lora_alpha", "16"])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(out.join("model.safetensors.index.json").is_file(), "200KB shards expected");
+    assert!(
+        out.join("model.safetensors.index.json").is_file(),
+        "200KB shards expected"
+    );
     let ad = Adapter::load(&out.join("corda_init")).unwrap();
     assert_eq!(ad.config.extra["corda_config"]["corda_method"], "ipm");
     assert_eq!(ad.config.lora_alpha, 16.0);
-    assert_eq!(ad.modules["model.layers.0.mlp.down_proj"].a.dim(0).unwrap(), 4);
+    assert_eq!(
+        ad.modules["model.layers.0.mlp.down_proj"].a.dim(0).unwrap(),
+        4
+    );
     let (got, base) = probe_logits(&out, Some(&out.join("corda_init")));
     assert!(max_abs_diff(&got, &base) < 1e-4);
 }
@@ -148,7 +204,10 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
     };
     std::fs::create_dir(tmp.path().join("data")).unwrap();
     case(&|a| a[3] = "65".into(), "lower --r");
-    case(&|a| *a.iter_mut().find(|s| *s == "{question}").unwrap() = "{nope}".into(), "nope");
+    case(
+        &|a| *a.iter_mut().find(|s| *s == "{question}").unwrap() = "{nope}".into(),
+        "nope",
+    );
     let empty = tmp.path().join("data/empty.jsonl");
     std::fs::write(&empty, "").unwrap();
     case(&|a| a[10] = empty.to_str().unwrap().into(), "no rows");
@@ -197,24 +256,48 @@ fn peak_rss_for_layers(root: &Path, layers: usize) -> u64 {
     use corda_core::demo::{write_random_model, DemoModelSpec};
     let model = root.join(format!("model-{layers}"));
     std::fs::create_dir_all(&model).unwrap();
-    let spec = DemoModelSpec { hidden_size: 512, intermediate_size: 1408, num_layers: layers, num_heads: 8, num_kv_heads: 8, ..Default::default() };
+    let spec = DemoModelSpec {
+        hidden_size: 512,
+        intermediate_size: 1408,
+        num_layers: layers,
+        num_heads: 8,
+        num_kv_heads: 8,
+        ..Default::default()
+    };
     write_random_model(&model, &spec).unwrap();
     let data = root.join("calib.jsonl");
-    let rows: String = (0..8).map(|i| format!("{{\"text\": \"what is the capital of country {i} and who won the war\"}}\n")).collect();
+    let rows: String = (0..8)
+        .map(|i| {
+            format!("{{\"text\": \"what is the capital of country {i} and who won the war\"}}\n")
+        })
+        .collect();
     std::fs::write(&data, rows).unwrap();
     let report = root.join(format!("report-{layers}.json"));
     let out = root.join(format!("out-{layers}"));
     let args: Vec<String> = [
-        "--model_id", model.to_str().unwrap(), "--r", "16", "--save_model", "--save_path", out.to_str().unwrap(),
-        "--calib_dataset", data.to_str().unwrap(), "--calib_loader_size", "8", "--calib_max_length", "32",
-        "--report_json", report.to_str().unwrap(),
+        "--model_id",
+        model.to_str().unwrap(),
+        "--r",
+        "16",
+        "--save_model",
+        "--save_path",
+        out.to_str().unwrap(),
+        "--calib_dataset",
+        data.to_str().unwrap(),
+        "--calib_loader_size",
+        "8",
+        "--calib_max_length",
+        "32",
+        "--report_json",
+        report.to_str().unwrap(),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     let (ok, err) = run(&args);
     assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     v["peak_rss_bytes"].as_u64().unwrap()
 }
 

@@ -40,10 +40,20 @@ impl CovarianceAccumulator {
     pub fn new(dim: usize, precision: CovariancePrecision) -> Self {
         let (sum, half, half_bf) = match precision {
             CovariancePrecision::Float32 => (Some(Mat::zeros(dim, dim)), vec![], vec![]),
-            CovariancePrecision::Half(DType::BF16) => (None, vec![], vec![half::bf16::ZERO; dim * dim]),
+            CovariancePrecision::Half(DType::BF16) => {
+                (None, vec![], vec![half::bf16::ZERO; dim * dim])
+            }
             CovariancePrecision::Half(_) => (None, vec![half::f16::ZERO; dim * dim], vec![]),
         };
-        Self { dim, precision, sum, half, half_bf, samples: 0, scratch: Mat::zeros(dim, dim) }
+        Self {
+            dim,
+            precision,
+            sum,
+            half,
+            half_bf,
+            samples: 0,
+            scratch: Mat::zeros(dim, dim),
+        }
     }
 
     pub fn dim(&self) -> usize {
@@ -182,7 +192,11 @@ mod tests {
                 }
                 e += s2[0][i] as f64 * s2[0][j] as f64;
                 e /= 2.0;
-                assert!((c[(i, j)] as f64 - e).abs() < 1e-6, "({i},{j}) {} vs {e}", c[(i, j)]);
+                assert!(
+                    (c[(i, j)] as f64 - e).abs() < 1e-6,
+                    "({i},{j}) {} vs {e}",
+                    c[(i, j)]
+                );
             }
         }
     }
@@ -199,13 +213,20 @@ mod tests {
             }
         }
         let err = err.expect("overflow detected");
-        assert!(err.contains("overflowed") && err.contains("--use_float16_for_covariance"), "{err}");
+        assert!(
+            err.contains("overflowed") && err.contains("--use_float16_for_covariance"),
+            "{err}"
+        );
     }
 
     #[test]
     fn nan_input_is_an_error() {
         let x = Tensor::from_vec(vec![f32::NAN, 1.0], (1, 1, 2), &Device::Cpu).unwrap();
         let mut acc = CovarianceAccumulator::new(2, CovariancePrecision::Float32);
-        assert!(acc.add_batch(&x, &[1], "m").unwrap_err().to_string().contains("NaN"));
+        assert!(acc
+            .add_batch(&x, &[1], "m")
+            .unwrap_err()
+            .to_string()
+            .contains("NaN"));
     }
 }

@@ -49,7 +49,11 @@ pub struct Damped {
 pub fn damp_covariance(c: MatRef<'_, f32>, module: &str) -> Result<Damped> {
     let n = c.nrows();
     if c.ncols() != n || n == 0 {
-        return Err(CordaError::Invalid(format!("{module}: covariance must be square, got {}x{}", n, c.ncols())));
+        return Err(CordaError::Invalid(format!(
+            "{module}: covariance must be square, got {}x{}",
+            n,
+            c.ncols()
+        )));
     }
     let diag_mean = (0..n).map(|i| c[(i, i)]).sum::<f32>() / n as f32;
     if !diag_mean.is_finite() || (0..n).any(|j| (0..n).any(|i| !c[(i, j)].is_finite())) {
@@ -60,10 +64,21 @@ pub fn damp_covariance(c: MatRef<'_, f32>, module: &str) -> Result<Damped> {
     let mut damp = DAMP_START;
     for _ in 0..=MAX_DAMP_DOUBLINGS {
         let add = diag_mean * damp as f32;
-        let cf = Mat::from_fn(n, n, |i, j| if i == j { c[(i, j)] + add } else { c[(i, j)] });
+        let cf = Mat::from_fn(
+            n,
+            n,
+            |i, j| if i == j { c[(i, j)] + add } else { c[(i, j)] },
+        );
         let inv = cf.partial_piv_lu().inverse();
         let mut prod = Mat::<f32>::zeros(n, n);
-        faer::linalg::matmul::matmul(prod.as_mut(), Accum::Replace, cf.as_ref(), inv.as_ref(), 1.0f32, Par::rayon(0));
+        faer::linalg::matmul::matmul(
+            prod.as_mut(),
+            Accum::Replace,
+            cf.as_ref(),
+            inv.as_ref(),
+            1.0f32,
+            Par::rayon(0),
+        );
         let mut err = 0.0f64;
         for j in 0..n {
             for i in 0..n {
@@ -73,7 +88,12 @@ pub fn damp_covariance(c: MatRef<'_, f32>, module: &str) -> Result<Damped> {
         }
         let err = err.sqrt();
         if err < INVERSE_TOLERANCE {
-            return Ok(Damped { cf, inv, damp, inverse_error: err });
+            return Ok(Damped {
+                cf,
+                inv,
+                damp,
+                inverse_error: err,
+            });
         }
         damp *= 2.0;
     }
@@ -95,7 +115,13 @@ pub struct CordaEigens {
 }
 
 /// Steps 1–2 plus cropping for weight `w` (d_out × d_in) and covariance `c` (d_in × d_in).
-pub fn corda_eigens(w: MatRef<'_, f32>, c: MatRef<'_, f32>, r: usize, mode: CordaMode, module: &str) -> Result<CordaEigens> {
+pub fn corda_eigens(
+    w: MatRef<'_, f32>,
+    c: MatRef<'_, f32>,
+    r: usize,
+    mode: CordaMode,
+    module: &str,
+) -> Result<CordaEigens> {
     check_covariance_fits(w, c.nrows(), module)?;
     let damped = damp_covariance(c, module)?;
     corda_eigens_damped(w, &damped, r, mode, module)
@@ -114,7 +140,13 @@ fn check_covariance_fits(w: MatRef<'_, f32>, n: usize, module: &str) -> Result<(
 /// Step 2 plus cropping with an already damped covariance. Modules that read the same input
 /// (q/k/v, gate/up) share one covariance, hence one damping loop and one inverse: PEFT runs
 /// the loop per module on identical matrices and gets the same δ and inverse each time.
-pub fn corda_eigens_damped(w: MatRef<'_, f32>, damped: &Damped, r: usize, mode: CordaMode, module: &str) -> Result<CordaEigens> {
+pub fn corda_eigens_damped(
+    w: MatRef<'_, f32>,
+    damped: &Damped,
+    r: usize,
+    mode: CordaMode,
+    module: &str,
+) -> Result<CordaEigens> {
     let (d_out, d_in) = (w.nrows(), w.ncols());
     check_covariance_fits(w, damped.cf.nrows(), module)?;
     let k = d_out.min(d_in);
@@ -124,8 +156,17 @@ pub fn corda_eigens_damped(w: MatRef<'_, f32>, damped: &Damped, r: usize, mode: 
         )));
     }
     let mut wc = Mat::<f32>::zeros(d_out, d_in);
-    faer::linalg::matmul::matmul(wc.as_mut(), Accum::Replace, w, damped.cf.as_ref(), 1.0f32, Par::rayon(0));
-    let svd = wc.thin_svd().map_err(|e| CordaError::Numerics(format!("{module}: SVD did not converge ({e:?})")))?;
+    faer::linalg::matmul::matmul(
+        wc.as_mut(),
+        Accum::Replace,
+        w,
+        damped.cf.as_ref(),
+        1.0f32,
+        Par::rayon(0),
+    );
+    let svd = wc
+        .thin_svd()
+        .map_err(|e| CordaError::Numerics(format!("{module}: SVD did not converge ({e:?})")))?;
     let start = match mode {
         CordaMode::Ipm => 0,
         CordaMode::Kpm => k - r,
@@ -144,9 +185,16 @@ pub fn corda_eigens_damped(w: MatRef<'_, f32>, damped: &Damped, r: usize, mode: 
         Par::rayon(0),
     );
     if s.iter().any(|v| !v.is_finite()) {
-        return Err(CordaError::Numerics(format!("{module}: singular values are not finite")));
+        return Err(CordaError::Numerics(format!(
+            "{module}: singular values are not finite"
+        )));
     }
-    Ok(CordaEigens { s, u, vt, damp: damped.damp })
+    Ok(CordaEigens {
+        s,
+        u,
+        vt,
+        damp: damped.damp,
+    })
 }
 
 /// The adapter factors and residual weight of one module, all float32.
@@ -162,12 +210,23 @@ pub struct CordaInit {
 /// Step 3 (PEFT's `corda_init`): scale, split the singular values between A and B, subtract.
 pub fn corda_init(w: MatRef<'_, f32>, eigens: &CordaEigens, scaling: f64) -> CordaInit {
     let r = eigens.s.len();
-    let sqrt_s: Vec<f32> = eigens.s.iter().map(|v| (v / scaling as f32).sqrt()).collect();
+    let sqrt_s: Vec<f32> = eigens
+        .s
+        .iter()
+        .map(|v| (v / scaling as f32).sqrt())
+        .collect();
     let a = Mat::from_fn(r, eigens.vt.ncols(), |i, j| eigens.vt[(i, j)] * sqrt_s[i]);
     let b = Mat::from_fn(eigens.u.nrows(), r, |i, j| eigens.u[(i, j)] * sqrt_s[j]);
     let sb = Mat::from_fn(b.nrows(), r, |i, j| b[(i, j)] * scaling as f32);
     let mut residual = w.to_owned();
-    faer::linalg::matmul::matmul(residual.as_mut(), Accum::Add, sb.as_ref(), a.as_ref(), -1.0f32, Par::rayon(0));
+    faer::linalg::matmul::matmul(
+        residual.as_mut(),
+        Accum::Add,
+        sb.as_ref(),
+        a.as_ref(),
+        -1.0f32,
+        Par::rayon(0),
+    );
     CordaInit { a, b, residual }
 }
 
@@ -176,7 +235,9 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     }
 
@@ -186,7 +247,9 @@ mod tests {
         let (d_out, d_in, n) = (12, 9, 40);
         let w = Mat::from_fn(d_out, d_in, |_, _| lcg(&mut seed));
         let x = Mat::from_fn(n, d_in, |_, _| lcg(&mut seed));
-        let c = Mat::from_fn(d_in, d_in, |i, j| (0..n).map(|t| x[(t, i)] * x[(t, j)]).sum::<f32>() / n as f32);
+        let c = Mat::from_fn(d_in, d_in, |i, j| {
+            (0..n).map(|t| x[(t, i)] * x[(t, j)]).sum::<f32>() / n as f32
+        });
         for mode in [CordaMode::Kpm, CordaMode::Ipm] {
             let e = corda_eigens(w.as_ref(), c.as_ref(), 4, mode, "m").unwrap();
             assert!(e.s.windows(2).all(|p| p[0] >= p[1]));
@@ -206,7 +269,11 @@ mod tests {
         let d = damp_covariance(c.as_ref(), "m").unwrap();
         assert!(d.damp >= 0.01 && d.inverse_error < 0.05);
         let nan = Mat::from_fn(3, 3, |_, _| f32::NAN);
-        assert!(damp_covariance(nan.as_ref(), "m").err().unwrap().to_string().contains("NaN"));
+        assert!(damp_covariance(nan.as_ref(), "m")
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("NaN"));
         let zero = Mat::<f32>::zeros(3, 3);
         assert!(damp_covariance(zero.as_ref(), "m").is_err());
     }
@@ -215,7 +282,16 @@ mod tests {
     fn rank_too_large_is_refused() {
         let w = Mat::<f32>::identity(3, 5);
         let c = Mat::<f32>::identity(5, 5);
-        let e = corda_eigens(w.as_ref(), c.as_ref(), 4, CordaMode::Kpm, "model.layers.0.self_attn.k_proj").err().unwrap().to_string();
+        let e = corda_eigens(
+            w.as_ref(),
+            c.as_ref(),
+            4,
+            CordaMode::Kpm,
+            "model.layers.0.self_attn.k_proj",
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("k_proj") && e.contains("--rank_pattern"), "{e}");
     }
 }

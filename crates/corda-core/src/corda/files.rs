@@ -26,13 +26,19 @@ pub struct StreamingSafetensors {
 
 impl StreamingSafetensors {
     /// `entries`: (name, shape) in the order the data will be written.
-    pub fn create(path: &Path, entries: &[(String, Vec<usize>)], metadata: &[(&str, String)]) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        entries: &[(String, Vec<usize>)],
+        metadata: &[(&str, String)],
+    ) -> Result<Self> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| CordaError::io(parent, e))?;
         }
         let mut header = serde_json::Map::new();
-        let meta: serde_json::Map<String, serde_json::Value> =
-            metadata.iter().map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone()))).collect();
+        let meta: serde_json::Map<String, serde_json::Value> = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
+            .collect();
         header.insert("__metadata__".into(), serde_json::Value::Object(meta));
         let mut offset = 0usize;
         let mut order = vec![];
@@ -52,15 +58,26 @@ impl StreamingSafetensors {
         let tmp = path.with_extension("safetensors.partial");
         let file = std::fs::File::create(&tmp).map_err(|e| CordaError::io(&tmp, e))?;
         let mut out = BufWriter::new(file);
-        out.write_all(&(text.len() as u64).to_le_bytes()).map_err(|e| CordaError::io(&tmp, e))?;
-        out.write_all(text.as_bytes()).map_err(|e| CordaError::io(&tmp, e))?;
-        Ok(Self { path: path.to_path_buf(), tmp, out, order, next: 0 })
+        out.write_all(&(text.len() as u64).to_le_bytes())
+            .map_err(|e| CordaError::io(&tmp, e))?;
+        out.write_all(text.as_bytes())
+            .map_err(|e| CordaError::io(&tmp, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            tmp,
+            out,
+            order,
+            next: 0,
+        })
     }
 
     /// Append the next entry (must come in the declared order).
     pub fn write(&mut self, name: &str, data: &[f32]) -> Result<()> {
         let (expected, bytes) = self.order.get(self.next).ok_or_else(|| {
-            CordaError::Invalid(format!("{}: unexpected extra entry {name}", self.path.display()))
+            CordaError::Invalid(format!(
+                "{}: unexpected extra entry {name}",
+                self.path.display()
+            ))
         })?;
         if expected != name || *bytes != data.len() * 4 {
             return Err(CordaError::Invalid(format!(
@@ -69,7 +86,9 @@ impl StreamingSafetensors {
             )));
         }
         for v in data {
-            self.out.write_all(&v.to_le_bytes()).map_err(|e| CordaError::io(&self.tmp, e))?;
+            self.out
+                .write_all(&v.to_le_bytes())
+                .map_err(|e| CordaError::io(&self.tmp, e))?;
         }
         self.next += 1;
         Ok(())
@@ -112,13 +131,21 @@ pub fn mat_data(m: &Mat<f32>) -> Vec<f32> {
 /// A (rows, cols) float32 tensor as a faer matrix.
 pub fn tensor_to_mat(t: &Tensor) -> Result<Mat<f32>> {
     let (r, c) = t.dims2()?;
-    let data = t.to_dtype(candle_core::DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    let data = t
+        .to_dtype(candle_core::DType::F32)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     Ok(Mat::from_fn(r, c, |i, j| data[i * c + j]))
 }
 
 /// A faer matrix as a (rows, cols) float32 tensor.
 pub fn mat_to_tensor(m: &Mat<f32>, device: &Device) -> Result<Tensor> {
-    Ok(Tensor::from_vec(mat_data(m), (m.nrows(), m.ncols()), device)?)
+    Ok(Tensor::from_vec(
+        mat_data(m),
+        (m.nrows(), m.ncols()),
+        device,
+    )?)
 }
 
 /// Tensors by name and the file's string metadata.
@@ -133,12 +160,21 @@ pub fn load_existing(path: &Path, what: &str) -> Result<Option<SavedTensors>> {
     }
     let bytes = std::fs::read(path).map_err(|e| CordaError::io(path, e))?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
-        CordaError::Safetensors { path: path.to_path_buf(), reason: format!("{what}: {e}; delete it to recompute") }
+        CordaError::Safetensors {
+            path: path.to_path_buf(),
+            reason: format!("{what}: {e}; delete it to recompute"),
+        }
     })?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| CordaError::Safetensors {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let meta = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| CordaError::Safetensors {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let meta = meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     Ok(Some((tensors, meta)))
 }

@@ -12,5 +12,8 @@ pub mod files;
 pub mod pipeline;
 
 pub use covariance::{CovarianceAccumulator, CovariancePrecision};
-pub use decompose::{corda_eigens, corda_eigens_damped, corda_init, damp_covariance, CordaEigens, CordaInit, CordaMode, Damped};
+pub use decompose::{
+    corda_eigens, corda_eigens_damped, corda_init, damp_covariance, CordaEigens, CordaInit,
+    CordaMode, Damped,
+};
 pub use pipeline::{preprocess, ModuleReport, PreprocessOptions, PreprocessReport};

@@ -14,13 +14,15 @@ use candle_core::{DType, Device, Tensor};
 use faer::Mat;
 
 use super::covariance::{CovarianceAccumulator, CovariancePrecision};
-use super::decompose::{corda_eigens_damped, corda_init, damp_covariance, CordaEigens, CordaMode, Damped};
+use super::decompose::{
+    corda_eigens_damped, corda_init, damp_covariance, CordaEigens, CordaMode, Damped,
+};
 use super::files::{load_existing, mat_data, mat_to_tensor, tensor_to_mat, StreamingSafetensors};
 use crate::adapter::{Adapter, AdapterConfig, LoraPair};
 use crate::model::save::{copy_support_files, write_config};
 use crate::model::{
-    embed, load_embeddings, module_name, resolve_dtype, AttnContext, DecoderLayer, InputSite, ModelConfig,
-    Observer, ShardWriter, Weights, TARGET_PROJECTIONS,
+    embed, load_embeddings, module_name, resolve_dtype, AttnContext, DecoderLayer, InputSite,
+    ModelConfig, Observer, ShardWriter, Weights, TARGET_PROJECTIONS,
 };
 use crate::util::{progress_bar, PhaseReport};
 use crate::{CordaError, Result};
@@ -145,7 +147,11 @@ struct CovObserver<'a> {
 impl Observer for CovObserver<'_> {
     fn observe(&mut self, layer: usize, site: InputSite, input: &Tensor) -> Result<()> {
         if let Some(acc) = self.accs.get_mut(&site) {
-            acc.add_batch(input, self.lengths, &format!("model.layers.{layer} {site:?} input"))?;
+            acc.add_batch(
+                input,
+                self.lengths,
+                &format!("model.layers.{layer} {site:?} input"),
+            )?;
         }
         Ok(())
     }
@@ -160,7 +166,11 @@ struct CalibBatch {
 impl CalibBatch {
     fn context(&self, cfg: &ModelConfig, device: &Device) -> Result<AttnContext> {
         let (b, t, _) = self.hidden.dims3()?;
-        let rows: Vec<Vec<u8>> = self.lengths.iter().map(|&l| (0..t).map(|j| u8::from(j < l)).collect()).collect();
+        let rows: Vec<Vec<u8>> = self
+            .lengths
+            .iter()
+            .map(|&l| (0..t).map(|j| u8::from(j < l)).collect())
+            .collect();
         AttnContext::new(cfg, b, t, Some(&rows), device)
     }
 }
@@ -183,7 +193,12 @@ fn tensor_f32(m: &Mat<f32>, device: &Device) -> Result<Tensor> {
 /// With `out` set, the residual model is written there (a Hugging Face model directory) and
 /// the initial adapter into `out/corda_init`; the caller owns `out` (normally a temporary
 /// directory renamed into place when this returns Ok).
-pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptions, out: Option<&Path>) -> Result<PreprocessReport> {
+pub fn preprocess(
+    model_dir: &Path,
+    samples: &[Vec<u32>],
+    opts: &PreprocessOptions,
+    out: Option<&Path>,
+) -> Result<PreprocessReport> {
     let mut phases = PhaseReport::new();
     let t0 = Instant::now();
     let cfg = ModelConfig::from_dir(model_dir)?;
@@ -191,7 +206,9 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
     let dtype = resolve_dtype(opts.dtype, &cfg, &weights);
     let device = &opts.device;
     let adapter_cfg = opts.adapter_config();
-    let targets: Vec<Vec<(&str, String)>> = (0..cfg.num_hidden_layers).map(|l| layer_targets(&adapter_cfg, l)).collect();
+    let targets: Vec<Vec<(&str, String)>> = (0..cfg.num_hidden_layers)
+        .map(|l| layer_targets(&adapter_cfg, l))
+        .collect();
     let all_targets: Vec<String> = targets.iter().flatten().map(|(_, n)| n.clone()).collect();
     if all_targets.is_empty() {
         return Err(CordaError::Invalid(format!(
@@ -260,7 +277,9 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
     }
     let need_forward = cache.is_none() && covs_in.is_none();
     if need_forward && samples.is_empty() {
-        return Err(CordaError::Data("no calibration samples: the calibration set is empty".into()));
+        return Err(CordaError::Data(
+            "no calibration samples: the calibration set is empty".into(),
+        ));
     }
 
     // Streaming outputs.
@@ -274,7 +293,11 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
                     (n.clone(), vec![d, d])
                 })
                 .collect();
-            Some(StreamingSafetensors::create(p, &entries, &[("format", "pt".into())])?)
+            Some(StreamingSafetensors::create(
+                p,
+                &entries,
+                &[("format", "pt".into())],
+            )?)
         }
         _ => None,
     };
@@ -291,7 +314,10 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
             Some(StreamingSafetensors::create(
                 p,
                 &entries,
-                &[("format", "pt".into()), ("corda_method", opts.mode.as_str().into())],
+                &[
+                    ("format", "pt".into()),
+                    ("corda_method", opts.mode.as_str().into()),
+                ],
             )?)
         }
         _ => None,
@@ -304,11 +330,16 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
         }
     });
     let mut writer = out.map(|o| ShardWriter::new(o, max_shard));
-    let target_weight_names: BTreeSet<String> = all_targets.iter().map(|n| format!("{n}.weight")).collect();
+    let target_weight_names: BTreeSet<String> =
+        all_targets.iter().map(|n| format!("{n}.weight")).collect();
     let copy_tensor = |writer: &mut Option<ShardWriter>, name: &str| -> Result<()> {
         if let Some(wr) = writer.as_mut() {
             let t = weights.get(name, None, &Device::Cpu)?;
-            let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
+            let t = if t.dtype().is_float() {
+                t.to_dtype(dtype)?
+            } else {
+                t
+            };
             wr.push(name.to_string(), t)?;
         }
         Ok(())
@@ -322,7 +353,11 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
     phases.add("load + setup", t0.elapsed());
 
     // Calibration hidden states, kept in float32 (or the model's half dtype).
-    let hidden_dtype = if dtype == DType::F32 { DType::F32 } else { dtype };
+    let hidden_dtype = if dtype == DType::F32 {
+        DType::F32
+    } else {
+        dtype
+    };
     let mut batches: Vec<CalibBatch> = vec![];
     let mut num_tokens = 0;
     if need_forward {
@@ -331,7 +366,9 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
         for chunk in samples.chunks(opts.batch_size.max(1)) {
             let lengths: Vec<usize> = chunk.iter().map(Vec::len).collect();
             if lengths.contains(&0) {
-                return Err(CordaError::Data("a calibration sample has no tokens".into()));
+                return Err(CordaError::Data(
+                    "a calibration sample has no tokens".into(),
+                ));
             }
             let tmax = *lengths.iter().max().expect("non-empty chunk");
             num_tokens += lengths.iter().sum::<usize>();
@@ -354,12 +391,17 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
 
     let mut modules = vec![];
     let mut layer_deviation = vec![];
-    let pb = opts.progress.then(|| progress_bar(cfg.num_hidden_layers as u64, "layers"));
+    let pb = opts
+        .progress
+        .then(|| progress_bar(cfg.num_hidden_layers as u64, "layers"));
     for (l, layer_t) in targets.iter().enumerate() {
         let t = Instant::now();
         let layer = DecoderLayer::load(&weights, &cfg, l, dtype, device)?;
         phases.add("load layer", t.elapsed());
-        let sites: BTreeSet<InputSite> = layer_t.iter().filter_map(|(p, _)| InputSite::of(p)).collect();
+        let sites: BTreeSet<InputSite> = layer_t
+            .iter()
+            .filter_map(|(p, _)| InputSite::of(p))
+            .collect();
 
         // 1. Covariances of this layer's inputs, while advancing the hidden states.
         let mut covs: HashMap<InputSite, Mat<f32>> = HashMap::new();
@@ -368,14 +410,24 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
             let t = Instant::now();
             let mut accs: BTreeMap<InputSite, CovarianceAccumulator> = BTreeMap::new();
             for site in &sites {
-                let proj = layer_t.iter().find(|(p, _)| InputSite::of(p) == Some(*site)).expect("site").0;
+                let proj = layer_t
+                    .iter()
+                    .find(|(p, _)| InputSite::of(p) == Some(*site))
+                    .expect("site")
+                    .0;
                 let d_in = cfg.target_shape(proj).expect("projection").1;
-                accs.insert(*site, CovarianceAccumulator::new(d_in, opts.covariance_precision));
+                accs.insert(
+                    *site,
+                    CovarianceAccumulator::new(d_in, opts.covariance_precision),
+                );
             }
             for (bi, batch) in batches.iter_mut().enumerate() {
                 let ctx = batch.context(&cfg, device)?;
                 let h = batch.hidden.to_dtype(DType::F32)?;
-                let mut obs = CovObserver { accs: &mut accs, lengths: &batch.lengths };
+                let mut obs = CovObserver {
+                    accs: &mut accs,
+                    lengths: &batch.lengths,
+                };
                 let next = layer.forward(&h, &ctx, Some(&mut obs))?;
                 if bi == 0 {
                     check_input = Some((h, ctx, next.clone()));
@@ -383,12 +435,17 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
                 batch.hidden = next.to_dtype(hidden_dtype)?;
             }
             for (site, acc) in &accs {
-                covs.insert(*site, acc.finish(&format!("model.layers.{l} {site:?} input"))?);
+                covs.insert(
+                    *site,
+                    acc.finish(&format!("model.layers.{l} {site:?} input"))?,
+                );
             }
             phases.add("calibration forward + covariance", t.elapsed());
         } else if let Some(c) = &covs_in {
             for (p, name) in layer_t {
-                if let std::collections::hash_map::Entry::Vacant(e) = covs.entry(InputSite::of(p).expect("site")) {
+                if let std::collections::hash_map::Entry::Vacant(e) =
+                    covs.entry(InputSite::of(p).expect("site"))
+                {
                     e.insert(tensor_to_mat(&c[name])?);
                 }
             }
@@ -404,13 +461,19 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
         let mut damped: HashMap<InputSite, Damped> = HashMap::new();
         let mut residual_layer = layer.clone();
         for (p, name) in layer_t {
-            let target = layer.targets().into_iter().find(|x| x.name == *name).expect("target");
+            let target = layer
+                .targets()
+                .into_iter()
+                .find(|x| x.name == *name)
+                .expect("target");
             let w = tensor_to_mat(&target.weight)?;
             let rank = adapter_cfg.rank_for(name);
             let scaling = adapter_cfg.scaling_for(name);
             let eigens = match &cache {
                 Some((c, _)) => {
-                    let s = c[&format!("{name}.eigens.S_WC")].to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    let s = c[&format!("{name}.eigens.S_WC")]
+                        .to_dtype(DType::F32)?
+                        .to_vec1::<f32>()?;
                     let u = tensor_to_mat(&c[&format!("{name}.eigens.U_WC")])?;
                     let v = tensor_to_mat(&c[&format!("{name}.eigens.V_WC")])?;
                     if u.nrows() != w.nrows() || v.nrows() != w.ncols() {
@@ -420,13 +483,20 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
                             w.ncols()
                         )));
                     }
-                    CordaEigens { s, u, vt: v.transpose().to_owned(), damp: f64::NAN }
+                    CordaEigens {
+                        s,
+                        u,
+                        vt: v.transpose().to_owned(),
+                        damp: f64::NAN,
+                    }
                 }
                 None => {
                     let site = InputSite::of(p).expect("site");
                     let d = match damped.entry(site) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(e) => e.insert(damp_covariance(covs[&site].as_ref(), name)?),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(damp_covariance(covs[&site].as_ref(), name)?)
+                        }
                     };
                     corda_eigens_damped(w.as_ref(), d, rank, opts.mode, name)?
                 }
@@ -434,14 +504,25 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
             if let Some(co) = cache_out.as_mut() {
                 co.write(&format!("{name}.eigens.S_WC"), &eigens.s)?;
                 co.write(&format!("{name}.eigens.U_WC"), &mat_data(&eigens.u))?;
-                co.write(&format!("{name}.eigens.V_WC"), &mat_data(&eigens.vt.transpose().to_owned()))?;
+                co.write(
+                    &format!("{name}.eigens.V_WC"),
+                    &mat_data(&eigens.vt.transpose().to_owned()),
+                )?;
             }
             let init = corda_init(w.as_ref(), &eigens, scaling);
             // PEFT: W_res cast to the model dtype; A, B rounded through it and stored as float32.
             let residual = tensor_f32(&init.residual, device)?.to_dtype(dtype)?;
-            let a = tensor_f32(&init.a, &Device::Cpu)?.to_dtype(dtype)?.to_dtype(DType::F32)?;
-            let b = tensor_f32(&init.b, &Device::Cpu)?.to_dtype(dtype)?.to_dtype(DType::F32)?;
-            let rt = residual_layer.targets_mut().into_iter().find(|x| x.name == *name).expect("target");
+            let a = tensor_f32(&init.a, &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_dtype(DType::F32)?;
+            let b = tensor_f32(&init.b, &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_dtype(DType::F32)?;
+            let rt = residual_layer
+                .targets_mut()
+                .into_iter()
+                .find(|x| x.name == *name)
+                .expect("target");
             rt.weight = residual.clone();
             rt.lora = Some(crate::model::Lora {
                 a: candle_core::Var::from_tensor(&a.to_device(device)?)?,
@@ -452,7 +533,12 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
                 wr.push(format!("{name}.weight"), residual.to_device(&Device::Cpu)?)?;
             }
             modules.push((
-                ModuleReport { name: name.clone(), rank, scaling, damp: cache.is_none().then_some(eigens.damp) },
+                ModuleReport {
+                    name: name.clone(),
+                    rank,
+                    scaling,
+                    damp: cache.is_none().then_some(eigens.damp),
+                },
                 LoraPair { a, b },
             ));
         }
@@ -462,7 +548,11 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
         if let Some((h, ctx, expected)) = check_input.take() {
             let t = Instant::now();
             let got = residual_layer.forward(&h, &ctx, None)?;
-            let dev = (&got - &expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64;
+            let dev = (&got - &expected)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()? as f64;
             let scale = expected.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64;
             let rel = dev / scale.max(1e-30);
             if !rel.is_finite() || rel > deviation_tolerance(dtype) {
@@ -478,7 +568,10 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
         // 4. The layer's other tensors (norms, biases) go out unchanged.
         let t = Instant::now();
         let prefix = layer_prefix(l);
-        for n in names.iter().filter(|n| n.starts_with(&prefix) && !target_weight_names.contains(*n)) {
+        for n in names
+            .iter()
+            .filter(|n| n.starts_with(&prefix) && !target_weight_names.contains(*n))
+        {
             copy_tensor(&mut writer, n)?;
         }
         phases.add("write", t.elapsed());
@@ -502,7 +595,10 @@ pub fn preprocess(model_dir: &Path, samples: &[Vec<u32>], opts: &PreprocessOptio
         wr.finish()?;
         write_config(&cfg.raw, dtype, o)?;
         copy_support_files(model_dir, o)?;
-        let mut adapter = Adapter { config: adapter_cfg, modules: BTreeMap::new() };
+        let mut adapter = Adapter {
+            config: adapter_cfg,
+            modules: BTreeMap::new(),
+        };
         for (rep, pair) in modules {
             adapter.modules.insert(rep.name.clone(), pair);
             reports.push(rep);

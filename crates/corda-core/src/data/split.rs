@@ -256,8 +256,14 @@ mod tests {
 
     #[test]
     fn out_of_range_and_empty_selections_name_the_row_count() {
-        assert_eq!(Split::parse("train[:100000]").unwrap().apply(16).unwrap(), 0..16);
-        let err = Split::parse("train[200:300]").unwrap().apply(16).unwrap_err();
+        assert_eq!(
+            Split::parse("train[:100000]").unwrap().apply(16).unwrap(),
+            0..16
+        );
+        let err = Split::parse("train[200:300]")
+            .unwrap()
+            .apply(16)
+            .unwrap_err();
         assert!(err.to_string().contains("only 16 rows"), "{err}");
         let err = Split::parse("train[-20:]").unwrap().apply(16).unwrap_err();
         assert!(err.to_string().contains("only 16 rows"), "{err}");

@@ -21,18 +21,33 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: None, device: Device::Cpu }
+        Self {
+            dtype: None,
+            device: Device::Cpu,
+        }
     }
 }
 
 /// Pick the storage dtype: the requested one, else the config's, else the tensors'.
 pub fn resolve_dtype(requested: Option<DType>, cfg: &ModelConfig, w: &Weights) -> DType {
-    requested.or(cfg.dtype).unwrap_or_else(|| w.dominant_dtype())
+    requested
+        .or(cfg.dtype)
+        .unwrap_or_else(|| w.dominant_dtype())
 }
 
 /// Token embeddings, (vocab, hidden), in the storage dtype.
-pub fn load_embeddings(w: &Weights, cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Tensor> {
-    Ok(w.get("model.embed_tokens.weight", Some(&[cfg.vocab_size, cfg.hidden_size]), device)?.to_dtype(dtype)?)
+pub fn load_embeddings(
+    w: &Weights,
+    cfg: &ModelConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    Ok(w.get(
+        "model.embed_tokens.weight",
+        Some(&[cfg.vocab_size, cfg.hidden_size]),
+        device,
+    )?
+    .to_dtype(dtype)?)
 }
 
 /// Look up `ids` (batch, seq) in `table`; the result is float32 (batch, seq, hidden).
@@ -70,7 +85,12 @@ impl CausalLM {
     }
 
     /// Build from already-opened weights.
-    pub fn from_weights(dir: &Path, config: ModelConfig, w: &Weights, opts: &LoadOptions) -> Result<Self> {
+    pub fn from_weights(
+        dir: &Path,
+        config: ModelConfig,
+        w: &Weights,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let dtype = resolve_dtype(opts.dtype, &config, w);
         let device = opts.device.clone();
         let embed_tokens = load_embeddings(w, &config, dtype, &device)?;
@@ -78,15 +98,31 @@ impl CausalLM {
             .map(|i| DecoderLayer::load(w, &config, i, dtype, &device))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm {
-            weight: w.get("model.norm.weight", Some(&[config.hidden_size]), &device)?.to_dtype(DType::F32)?,
+            weight: w
+                .get("model.norm.weight", Some(&[config.hidden_size]), &device)?
+                .to_dtype(DType::F32)?,
             eps: config.rms_norm_eps,
         };
         let lm_head = if config.tie_word_embeddings && !w.contains("lm_head.weight") {
             embed_tokens.clone()
         } else {
-            w.get("lm_head.weight", Some(&[config.vocab_size, config.hidden_size]), &device)?.to_dtype(dtype)?
+            w.get(
+                "lm_head.weight",
+                Some(&[config.vocab_size, config.hidden_size]),
+                &device,
+            )?
+            .to_dtype(dtype)?
         };
-        Ok(Self { config, dir: dir.to_path_buf(), dtype, device, embed_tokens, layers, norm, lm_head })
+        Ok(Self {
+            config,
+            dir: dir.to_path_buf(),
+            dtype,
+            device,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
     }
 
     /// Logits (batch, seq, vocab), float32, for `input_ids` (batch, seq) with an optional
@@ -97,7 +133,11 @@ impl CausalLM {
     }
 
     /// Final hidden states (after the last norm), float32.
-    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let rows = attention_mask.map(mask_rows).transpose()?;
         let ctx = AttnContext::new(&self.config, b, t, rows.as_deref(), &self.device)?;
@@ -134,7 +174,13 @@ impl CausalLM {
     }
 
     /// Attach float32 LoRA factors A (r, d_in) and B (d_out, r) to one module.
-    pub fn attach_lora(&mut self, module: &str, a: &Tensor, b: &Tensor, scaling: f64) -> Result<()> {
+    pub fn attach_lora(
+        &mut self,
+        module: &str,
+        a: &Tensor,
+        b: &Tensor,
+        scaling: f64,
+    ) -> Result<()> {
         let device = self.device.clone();
         let t = self.target_mut(module)?;
         let (d_out, d_in) = t.dims();
@@ -165,7 +211,11 @@ impl CausalLM {
     /// (module, A, B) for every attached LoRA, in layer order.
     pub fn lora_vars(&self) -> Vec<(String, Var, Var)> {
         self.targets()
-            .filter_map(|t| t.lora.as_ref().map(|l| (t.name.clone(), l.a.clone(), l.b.clone())))
+            .filter_map(|t| {
+                t.lora
+                    .as_ref()
+                    .map(|l| (t.name.clone(), l.a.clone(), l.b.clone()))
+            })
             .collect()
     }
 }

@@ -91,7 +91,9 @@ pub struct ModelConfig {
 fn req_usize(v: &Value, key: &str, ctx: &str) -> Result<usize> {
     match v.get(key) {
         Some(x) => x.as_u64().map(|x| x as usize).ok_or_else(|| {
-            CordaError::Model(format!("{ctx}: `{key}` must be a non-negative integer, found {x}"))
+            CordaError::Model(format!(
+                "{ctx}: `{key}` must be a non-negative integer, found {x}"
+            ))
         }),
         None => Err(CordaError::Model(format!(
             "{ctx}: required field `{key}` is missing; is this a causal-LM config.json?"
@@ -132,7 +134,10 @@ pub fn dtype_name(d: DType) -> &'static str {
 fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => vec![],
     }
 }
@@ -154,8 +159,10 @@ impl ModelConfig {
             )));
         }
         let text = std::fs::read_to_string(&path).map_err(|e| CordaError::io(&path, e))?;
-        let raw: Value =
-            serde_json::from_str(&text).map_err(|source| CordaError::Json { path: path.clone(), source })?;
+        let raw: Value = serde_json::from_str(&text).map_err(|source| CordaError::Json {
+            path: path.clone(),
+            source,
+        })?;
         Self::from_value(raw, &path.display().to_string())
     }
 
@@ -164,17 +171,22 @@ impl ModelConfig {
         if !raw.is_object() {
             return Err(CordaError::Model(format!("{ctx}: expected a JSON object")));
         }
-        let model_type = raw.get("model_type").and_then(Value::as_str).ok_or_else(|| {
-            CordaError::Model(format!(
-                "{ctx}: required field `model_type` is missing; supported: {}",
-                Architecture::SUPPORTED
-            ))
-        })?;
+        let model_type = raw
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                CordaError::Model(format!(
+                    "{ctx}: required field `model_type` is missing; supported: {}",
+                    Architecture::SUPPORTED
+                ))
+            })?;
         let architecture = Architecture::parse(model_type)?;
         let hidden_size = req_usize(&raw, "hidden_size", ctx)?;
         let num_attention_heads = req_usize(&raw, "num_attention_heads", ctx)?;
         if num_attention_heads == 0 || hidden_size == 0 {
-            return Err(CordaError::Model(format!("{ctx}: hidden_size and num_attention_heads must be positive")));
+            return Err(CordaError::Model(format!(
+                "{ctx}: hidden_size and num_attention_heads must be positive"
+            )));
         }
         let num_key_value_heads = match raw.get("num_key_value_heads") {
             Some(Value::Null) | None => num_attention_heads,
@@ -197,7 +209,10 @@ impl ModelConfig {
             }
         }
         // transformers-5 keeps rope settings in `rope_parameters`; transformers-4 at top level.
-        let rope = raw.get("rope_parameters").filter(|v| v.is_object()).or_else(|| raw.get("rope_scaling").filter(|v| v.is_object()));
+        let rope = raw
+            .get("rope_parameters")
+            .filter(|v| v.is_object())
+            .or_else(|| raw.get("rope_scaling").filter(|v| v.is_object()));
         let rope_theta = raw
             .get("rope_parameters")
             .and_then(|p| opt_f64(p, "rope_theta"))
@@ -209,7 +224,11 @@ impl ModelConfig {
         let rope_scaling = match rope {
             None => RopeScaling::Default,
             Some(r) => {
-                let kind = r.get("rope_type").or_else(|| r.get("type")).and_then(Value::as_str).unwrap_or("default");
+                let kind = r
+                    .get("rope_type")
+                    .or_else(|| r.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
                 let factor = opt_f64(r, "factor");
                 match kind {
                     "default" => RopeScaling::Default,
@@ -233,17 +252,25 @@ impl ModelConfig {
                 }
             }
         };
-        let dtype = match raw.get("dtype").or_else(|| raw.get("torch_dtype")).and_then(Value::as_str) {
+        let dtype = match raw
+            .get("dtype")
+            .or_else(|| raw.get("torch_dtype"))
+            .and_then(Value::as_str)
+        {
             Some(s) => Some(parse_dtype(s).map_err(|e| CordaError::Model(format!("{ctx}: {e}")))?),
             None => None,
         };
         let attention_bias = opt_bool(&raw, "attention_bias").unwrap_or(false);
         let qkv_bias = architecture == Architecture::Qwen2 || attention_bias;
         let sliding_window = match architecture {
-            Architecture::Mistral => raw.get("sliding_window").and_then(Value::as_u64).map(|w| w as usize),
-            Architecture::Qwen2 if opt_bool(&raw, "use_sliding_window").unwrap_or(false) => {
-                raw.get("sliding_window").and_then(Value::as_u64).map(|w| w as usize)
-            }
+            Architecture::Mistral => raw
+                .get("sliding_window")
+                .and_then(Value::as_u64)
+                .map(|w| w as usize),
+            Architecture::Qwen2 if opt_bool(&raw, "use_sliding_window").unwrap_or(false) => raw
+                .get("sliding_window")
+                .and_then(Value::as_u64)
+                .map(|w| w as usize),
             _ => None,
         };
         Ok(Self {
@@ -309,7 +336,12 @@ impl ModelConfig {
         match &self.rope_scaling {
             RopeScaling::Default => base,
             RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
                 let old = *original_max_position_embeddings as f64;
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
@@ -321,7 +353,8 @@ impl ModelConfig {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
@@ -367,7 +400,13 @@ mod tests {
     fn defaults_follow_transformers() {
         let mut v = v4();
         let o = v.as_object_mut().unwrap();
-        for k in ["num_key_value_heads", "rms_norm_eps", "rope_theta", "rope_scaling", "torch_dtype"] {
+        for k in [
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "rope_theta",
+            "rope_scaling",
+            "torch_dtype",
+        ] {
             o.remove(k);
         }
         let c = ModelConfig::from_value(v, "t").unwrap();
@@ -395,14 +434,20 @@ mod tests {
         let mut v = v4();
         v["model_type"] = json!("gpt2");
         let e = ModelConfig::from_value(v, "c").unwrap_err().to_string();
-        assert!(e.contains("gpt2") && e.contains("llama, mistral, qwen2"), "{e}");
+        assert!(
+            e.contains("gpt2") && e.contains("llama, mistral, qwen2"),
+            "{e}"
+        );
         let mut v = v4();
         v.as_object_mut().unwrap().remove("hidden_size");
         let e = ModelConfig::from_value(v, "c").unwrap_err().to_string();
         assert!(e.contains("hidden_size"), "{e}");
         let mut v = v4();
         v["torch_dtype"] = json!("int3");
-        assert!(ModelConfig::from_value(v, "c").unwrap_err().to_string().contains("int3"));
+        assert!(ModelConfig::from_value(v, "c")
+            .unwrap_err()
+            .to_string()
+            .contains("int3"));
     }
 
     #[test]

@@ -27,7 +27,12 @@ pub enum InputSite {
 }
 
 impl InputSite {
-    pub const ALL: [InputSite; 4] = [Self::Attention, Self::AttentionOutput, Self::Mlp, Self::MlpDown];
+    pub const ALL: [InputSite; 4] = [
+        Self::Attention,
+        Self::AttentionOutput,
+        Self::Mlp,
+        Self::MlpDown,
+    ];
 
     /// The site a projection reads from.
     pub fn of(proj: &str) -> Option<Self> {
@@ -103,7 +108,10 @@ impl AttnContext {
         }
         let keys = match attention_mask {
             Some(rows) => {
-                let flat: Vec<u8> = rows.iter().flat_map(|r| (0..seq).map(|j| u8::from(r.get(j).copied().unwrap_or(0) != 0))).collect();
+                let flat: Vec<u8> = rows
+                    .iter()
+                    .flat_map(|r| (0..seq).map(|j| u8::from(r.get(j).copied().unwrap_or(0) != 0)))
+                    .collect();
                 Tensor::from_vec(flat, (batch, 1, 1, seq), device)?
             }
             None => Tensor::ones((batch, 1, 1, seq), DType::U8, device)?,
@@ -127,13 +135,21 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, ctx: &AttnContext, layer: usize, obs: &mut Option<&mut dyn Observer>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &AttnContext,
+        layer: usize,
+        obs: &mut Option<&mut dyn Observer>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         if let Some(o) = obs.as_deref_mut() {
             o.observe(layer, InputSite::Attention, x)?;
         }
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+            Ok(y.reshape((b, t, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
         let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
@@ -153,7 +169,11 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
         let scores = scores.broadcast_add(&ctx.mask)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?;
+        let out =
+            probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, t, self.num_heads * self.head_dim))?;
         if let Some(o) = obs.as_deref_mut() {
             o.observe(layer, InputSite::AttentionOutput, &out)?;
         }
@@ -170,7 +190,12 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, layer: usize, obs: &mut Option<&mut dyn Observer>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        obs: &mut Option<&mut dyn Observer>,
+    ) -> Result<Tensor> {
         if let Some(o) = obs.as_deref_mut() {
             o.observe(layer, InputSite::Mlp, x)?;
         }
@@ -194,27 +219,51 @@ pub struct DecoderLayer {
 
 /// The Hugging Face module path of a projection: `model.layers.3.self_attn.q_proj`.
 pub fn module_name(layer: usize, proj: &str) -> String {
-    let block = if InputSite::of(proj).is_some_and(|s| s <= InputSite::AttentionOutput) { "self_attn" } else { "mlp" };
+    let block = if InputSite::of(proj).is_some_and(|s| s <= InputSite::AttentionOutput) {
+        "self_attn"
+    } else {
+        "mlp"
+    };
     format!("model.layers.{layer}.{block}.{proj}")
 }
 
 impl DecoderLayer {
     /// Load layer `index`, holding the projection weights in `dtype`; norms are float32.
-    pub fn load(w: &Weights, cfg: &ModelConfig, index: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(
+        w: &Weights,
+        cfg: &ModelConfig,
+        index: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let linear = |proj: &str, has_bias: bool| -> Result<TargetLinear> {
             let name = module_name(index, proj);
             let (o, i) = cfg.target_shape(proj).expect("known projection");
-            let weight = w.get(&format!("{name}.weight"), Some(&[o, i]), device)?.to_dtype(dtype)?;
+            let weight = w
+                .get(&format!("{name}.weight"), Some(&[o, i]), device)?
+                .to_dtype(dtype)?;
             let bias = if has_bias {
-                Some(w.get(&format!("{name}.bias"), Some(&[o]), device)?.to_dtype(DType::F32)?)
+                Some(
+                    w.get(&format!("{name}.bias"), Some(&[o]), device)?
+                        .to_dtype(DType::F32)?,
+                )
             } else {
                 None
             };
             Ok(TargetLinear::new(name, weight, bias))
         };
         let norm = |n: &str| -> Result<RmsNorm> {
-            let weight = w.get(&format!("model.layers.{index}.{n}.weight"), Some(&[cfg.hidden_size]), device)?.to_dtype(DType::F32)?;
-            Ok(RmsNorm { weight, eps: cfg.rms_norm_eps })
+            let weight = w
+                .get(
+                    &format!("model.layers.{index}.{n}.weight"),
+                    Some(&[cfg.hidden_size]),
+                    device,
+                )?
+                .to_dtype(DType::F32)?;
+            Ok(RmsNorm {
+                weight,
+                eps: cfg.rms_norm_eps,
+            })
         };
         Ok(Self {
             index,
@@ -238,7 +287,12 @@ impl DecoderLayer {
     }
 
     /// hidden (batch, seq, hidden) float32 -> the layer's output.
-    pub fn forward(&self, h: &Tensor, ctx: &AttnContext, mut obs: Option<&mut dyn Observer>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        ctx: &AttnContext,
+        mut obs: Option<&mut dyn Observer>,
+    ) -> Result<Tensor> {
         let x = self.input_layernorm.forward(h)?;
         let h = (h + self.self_attn.forward(&x, ctx, self.index, &mut obs)?)?;
         let x = self.post_attention_layernorm.forward(&h)?;
@@ -248,12 +302,28 @@ impl DecoderLayer {
     /// The seven target linears in layer order.
     pub fn targets(&self) -> [&TargetLinear; 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
-        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
     }
 
     pub fn targets_mut(&mut self) -> [&mut TargetLinear; 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
     }
 }
 
@@ -263,7 +333,13 @@ mod tests {
 
     fn allowed(ctx: &AttnContext) -> Vec<Vec<Vec<u8>>> {
         let m = ctx.mask.squeeze(1).unwrap().to_vec3::<f32>().unwrap();
-        m.into_iter().map(|b| b.into_iter().map(|r| r.into_iter().map(|v| u8::from(v == 0.0)).collect()).collect()).collect()
+        m.into_iter()
+            .map(|b| {
+                b.into_iter()
+                    .map(|r| r.into_iter().map(|v| u8::from(v == 0.0)).collect())
+                    .collect()
+            })
+            .collect()
     }
 
     fn cfg(window: Option<usize>) -> ModelConfig {
@@ -282,9 +358,25 @@ mod tests {
         let rows = vec![vec![1, 1, 1, 0], vec![1, 1, 1, 1]];
         let ctx = AttnContext::new(&cfg(None), 2, 4, Some(&rows), &Device::Cpu).unwrap();
         let m = allowed(&ctx);
-        assert_eq!(m[0], vec![vec![1, 0, 0, 0], vec![1, 1, 0, 0], vec![1, 1, 1, 0], vec![1, 1, 1, 0]]);
+        assert_eq!(
+            m[0],
+            vec![
+                vec![1, 0, 0, 0],
+                vec![1, 1, 0, 0],
+                vec![1, 1, 1, 0],
+                vec![1, 1, 1, 0]
+            ]
+        );
         assert_eq!(m[1][3], vec![1, 1, 1, 1]);
         let ctx = AttnContext::new(&cfg(Some(2)), 1, 4, None, &Device::Cpu).unwrap();
-        assert_eq!(allowed(&ctx)[0], vec![vec![1, 0, 0, 0], vec![1, 1, 0, 0], vec![0, 1, 1, 0], vec![0, 0, 1, 1]]);
+        assert_eq!(
+            allowed(&ctx)[0],
+            vec![
+                vec![1, 0, 0, 0],
+                vec![1, 1, 0, 0],
+                vec![0, 1, 1, 0],
+                vec![0, 0, 1, 1]
+            ]
+        );
     }
 }

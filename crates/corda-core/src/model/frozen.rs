@@ -57,7 +57,12 @@ impl CustomOp1 for FrozenMatmulT {
         Ok((out, Shape::from((m, n))))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let g = grad_res.to_dtype(self.w.dtype())?.matmul(&self.w)?;
         Ok(Some(g))
     }
@@ -66,6 +71,8 @@ impl CustomOp1 for FrozenMatmulT {
 /// `x Wᵀ` with no gradient for `W`: `x` is (m, d_in), `W` (d_out, d_in); the result is float32.
 pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let x = x.to_dtype(w.dtype())?;
-    let y = x.contiguous()?.apply_op1(FrozenMatmulT { w: w.contiguous()? })?;
+    let y = x
+        .contiguous()?
+        .apply_op1(FrozenMatmulT { w: w.contiguous()? })?;
     Ok(y.to_dtype(DType::F32)?)
 }

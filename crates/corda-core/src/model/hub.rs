@@ -14,7 +14,9 @@ pub fn hub_cache_root() -> PathBuf {
     if let Some(p) = std::env::var_os("HF_HOME") {
         return PathBuf::from(p).join("hub");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("huggingface").join("hub")
 }
 
@@ -29,7 +31,8 @@ pub fn resolve_in(id: &str, cache_root: &Path) -> Result<PathBuf> {
     if local.is_dir() {
         return Ok(local.to_path_buf());
     }
-    let looks_like_hub_id = id.split('/').count() == 2 && !id.starts_with('.') && !id.starts_with('/');
+    let looks_like_hub_id =
+        id.split('/').count() == 2 && !id.starts_with('.') && !id.starts_with('/');
     if !looks_like_hub_id {
         return Err(CordaError::Model(format!(
             "model directory `{id}` does not exist; pass a Hugging Face model directory or a hub id such as meta-llama/Llama-2-7b-hf"
@@ -60,9 +63,13 @@ mod tests {
         std::fs::write(repo.join("refs").join("main"), "abc123").unwrap();
         std::fs::write(snap.join("config.json"), "{}").unwrap();
         assert_eq!(resolve_in("TinyOrg/tiny-llama", root.path()).unwrap(), snap);
-        let e = resolve_in("TinyOrg/other", root.path()).unwrap_err().to_string();
+        let e = resolve_in("TinyOrg/other", root.path())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("huggingface-cli download TinyOrg/other"), "{e}");
-        let e = resolve_in("./no/such/dir", root.path()).unwrap_err().to_string();
+        let e = resolve_in("./no/such/dir", root.path())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not exist"), "{e}");
     }
 }

@@ -6,8 +6,15 @@ use candle_core::{DType, Tensor, Var};
 use crate::Result;
 
 /// The seven projections CorDA and PEFT target by default, in layer order.
-pub const TARGET_PROJECTIONS: [&str; 7] =
-    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const TARGET_PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 /// Trainable low-rank factors: A is (r, d_in), B is (d_out, r), both float32.
 #[derive(Clone)]
@@ -30,7 +37,12 @@ pub struct TargetLinear {
 
 impl TargetLinear {
     pub fn new(name: String, weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { name, weight, bias, lora: None }
+        Self {
+            name,
+            weight,
+            bias,
+            lora: None,
+        }
     }
 
     /// The short projection name (`q_proj`).

@@ -39,8 +39,15 @@ pub fn copy_support_files(src: &Path, dst: &Path) -> Result<()> {
 pub fn write_config(raw: &Value, dtype: DType, dst: &Path) -> Result<()> {
     let mut v = raw.clone();
     if let Some(o) = v.as_object_mut() {
-        let key = if o.contains_key("dtype") { "dtype" } else { "torch_dtype" };
-        o.insert(key.to_string(), Value::String(dtype_name(dtype).to_string()));
+        let key = if o.contains_key("dtype") {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
+        o.insert(
+            key.to_string(),
+            Value::String(dtype_name(dtype).to_string()),
+        );
     }
     let path = dst.join("config.json");
     let text = serde_json::to_string_pretty(&v).expect("json value");

@@ -23,7 +23,10 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     let text = std::fs::read_to_string(path).map_err(|e| CordaError::io(path, e))?;
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|source| CordaError::Json { path: path.to_path_buf(), source })
+        .map_err(|source| CordaError::Json {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// A special token in tokenizer_config.json: a string or `{"content": ...}`.
@@ -69,7 +72,13 @@ impl TokenizerInfo {
         let eos_id = id_of("eos");
         let pad_id = id_of("pad");
         let eos_token = eos_id.and_then(|id| tokenizer.id_to_token(id));
-        Ok(Self { tokenizer, bos_id, eos_id, eos_token, pad_id })
+        Ok(Self {
+            tokenizer,
+            bos_id,
+            eos_id,
+            eos_token,
+            pad_id,
+        })
     }
 
     /// Encode with the tokenizer's special tokens (e.g. Llama's BOS), like `tokenizer(text)`.

@@ -36,7 +36,10 @@ pub struct Weights {
 }
 
 fn truncated(path: &Path, reason: impl Into<String>) -> CordaError {
-    CordaError::Safetensors { path: path.to_path_buf(), reason: reason.into() }
+    CordaError::Safetensors {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
 }
 
 /// Map one shard and read its header.
@@ -58,7 +61,11 @@ fn open_shard(path: &Path, shard: usize, entries: &mut HashMap<String, Entry>) -
     if data_start + data_len != map.len() {
         return Err(truncated(
             path,
-            format!("the header declares {} bytes of data but the file holds {}", data_len, map.len().saturating_sub(data_start)),
+            format!(
+                "the header declares {} bytes of data but the file holds {}",
+                data_len,
+                map.len().saturating_sub(data_start)
+            ),
         ));
     }
     for (name, info) in meta.tensors() {
@@ -83,13 +90,20 @@ impl Weights {
         let single = dir.join("model.safetensors");
         let files: Vec<PathBuf> = if index.is_file() {
             let text = std::fs::read_to_string(&index).map_err(|e| CordaError::io(&index, e))?;
-            let v: Value =
-                serde_json::from_str(&text).map_err(|source| CordaError::Json { path: index.clone(), source })?;
-            let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| {
-                CordaError::Model(format!("{}: no `weight_map` object", index.display()))
+            let v: Value = serde_json::from_str(&text).map_err(|source| CordaError::Json {
+                path: index.clone(),
+                source,
             })?;
-            let mut names: Vec<String> =
-                map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| {
+                    CordaError::Model(format!("{}: no `weight_map` object", index.display()))
+                })?;
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect();
             names.sort();
             names.dedup();
             names.into_iter().map(|f| dir.join(f)).collect()
@@ -114,7 +128,12 @@ impl Weights {
             max_shard_bytes = max_shard_bytes.max(map.len() as u64);
             maps.push(map);
         }
-        Ok(Self { files, maps, entries, max_shard_bytes })
+        Ok(Self {
+            files,
+            maps,
+            entries,
+            max_shard_bytes,
+        })
     }
 
     /// Number of shard files.
@@ -134,10 +153,12 @@ impl Weights {
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
-        self.entries.get(name).ok_or_else(|| CordaError::MissingTensor {
-            name: name.to_string(),
-            location: self.location(),
-        })
+        self.entries
+            .get(name)
+            .ok_or_else(|| CordaError::MissingTensor {
+                name: name.to_string(),
+                location: self.location(),
+            })
     }
 
     fn location(&self) -> String {
@@ -146,7 +167,10 @@ impl Weights {
             many => format!(
                 "the {} shards in {}",
                 many.len(),
-                many[0].parent().map(|p| p.display().to_string()).unwrap_or_default()
+                many[0]
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
             ),
         }
     }
@@ -203,7 +227,11 @@ impl Weights {
                 counts.entry(d.as_str()).or_insert((0, d)).0 += 1;
             }
         }
-        counts.values().max_by_key(|(n, _)| *n).map(|(_, d)| *d).unwrap_or(DType::F32)
+        counts
+            .values()
+            .max_by_key(|(n, _)| *n)
+            .map(|(_, d)| *d)
+            .unwrap_or(DType::F32)
     }
 }
 
@@ -231,7 +259,12 @@ struct PendingShard {
 impl ShardWriter {
     /// `max_shard_bytes = u64::MAX` gives a single file.
     pub fn new(dir: &Path, max_shard_bytes: u64) -> Self {
-        Self { dir: dir.to_path_buf(), max_shard_bytes: max_shard_bytes.max(1), shards: vec![], total_bytes: 0 }
+        Self {
+            dir: dir.to_path_buf(),
+            max_shard_bytes: max_shard_bytes.max(1),
+            shards: vec![],
+            total_bytes: 0,
+        }
     }
 
     /// Write a tensor's bytes (a new shard starts when the current one would exceed the limit).
@@ -239,17 +272,35 @@ impl ShardWriter {
         use safetensors::View;
         use std::io::Write;
         let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-        let full = self.shards.last().is_none_or(|s| !s.tensors.is_empty() && s.bytes + bytes > self.max_shard_bytes);
+        let full = self
+            .shards
+            .last()
+            .is_none_or(|s| !s.tensors.is_empty() && s.bytes + bytes > self.max_shard_bytes);
         if full {
             let data_path = self.dir.join(format!(".shard-{}.data", self.shards.len()));
-            let file = std::fs::File::create(&data_path).map_err(|e| CordaError::io(&data_path, e))?;
-            self.shards.push(PendingShard { data_path, data: std::io::BufWriter::new(file), bytes: 0, tensors: vec![] });
+            let file =
+                std::fs::File::create(&data_path).map_err(|e| CordaError::io(&data_path, e))?;
+            self.shards.push(PendingShard {
+                data_path,
+                data: std::io::BufWriter::new(file),
+                bytes: 0,
+                tensors: vec![],
+            });
         }
         let shard = self.shards.last_mut().expect("a shard");
         let t = t.to_device(&Device::Cpu)?;
         let data = t.data();
-        shard.data.write_all(&data).map_err(|e| CordaError::io(&shard.data_path, e))?;
-        shard.tensors.push((name.into(), View::dtype(&t), t.dims().to_vec(), shard.bytes, shard.bytes + bytes));
+        shard
+            .data
+            .write_all(&data)
+            .map_err(|e| CordaError::io(&shard.data_path, e))?;
+        shard.tensors.push((
+            name.into(),
+            View::dtype(&t),
+            t.dims().to_vec(),
+            shard.bytes,
+            shard.bytes + bytes,
+        ));
         shard.bytes += bytes;
         self.total_bytes += bytes;
         Ok(())
@@ -261,34 +312,49 @@ impl ShardWriter {
         let n = self.shards.len();
         let mut weight_map = BTreeMap::new();
         for (i, shard) in self.shards.into_iter().enumerate() {
-            let fname = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) };
+            let fname = if n == 1 {
+                "model.safetensors".to_string()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+            };
             let mut header = serde_json::Map::new();
             header.insert("__metadata__".into(), json!({"format": "pt"}));
             for (name, dtype, shape, start, end) in &shard.tensors {
-                header.insert(name.clone(), json!({"dtype": dtype, "shape": shape, "data_offsets": [start, end]}));
+                header.insert(
+                    name.clone(),
+                    json!({"dtype": dtype, "shape": shape, "data_offsets": [start, end]}),
+                );
                 weight_map.insert(name.clone(), fname.clone());
             }
             let mut text = serde_json::to_string(&header).expect("json");
             while !text.len().is_multiple_of(8) {
                 text.push(' ');
             }
-            let data_file = shard.data.into_inner().map_err(|e| CordaError::io(&shard.data_path, e.into_error()))?;
+            let data_file = shard
+                .data
+                .into_inner()
+                .map_err(|e| CordaError::io(&shard.data_path, e.into_error()))?;
             drop(data_file);
             let dst = self.dir.join(&fname);
             let out = std::fs::File::create(&dst).map_err(|e| CordaError::io(&dst, e))?;
             let mut out = std::io::BufWriter::new(out);
-            out.write_all(&(text.len() as u64).to_le_bytes()).map_err(|e| CordaError::io(&dst, e))?;
-            out.write_all(text.as_bytes()).map_err(|e| CordaError::io(&dst, e))?;
-            let mut data = std::fs::File::open(&shard.data_path).map_err(|e| CordaError::io(&shard.data_path, e))?;
+            out.write_all(&(text.len() as u64).to_le_bytes())
+                .map_err(|e| CordaError::io(&dst, e))?;
+            out.write_all(text.as_bytes())
+                .map_err(|e| CordaError::io(&dst, e))?;
+            let mut data = std::fs::File::open(&shard.data_path)
+                .map_err(|e| CordaError::io(&shard.data_path, e))?;
             std::io::copy(&mut data, &mut out).map_err(|e| CordaError::io(&dst, e))?;
             out.flush().map_err(|e| CordaError::io(&dst, e))?;
-            std::fs::remove_file(&shard.data_path).map_err(|e| CordaError::io(&shard.data_path, e))?;
+            std::fs::remove_file(&shard.data_path)
+                .map_err(|e| CordaError::io(&shard.data_path, e))?;
         }
         if n == 0 {
             return Err(CordaError::Invalid("no tensors to write".into()));
         }
         if n > 1 {
-            let index = json!({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map});
+            let index =
+                json!({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map});
             let path = self.dir.join("model.safetensors.index.json");
             let text = serde_json::to_string_pretty(&index).expect("json");
             std::fs::write(&path, text + "\n").map_err(|e| CordaError::io(&path, e))?;

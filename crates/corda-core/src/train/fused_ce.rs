@@ -28,8 +28,12 @@ impl CustomOp1 for CrossEntropyRows {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = l.shape().dims2()?;
-        let CpuStorage::F32(data) = s else { candle_core::bail!("cross-entropy: logits must be float32") };
-        let Some((start, end)) = l.contiguous_offsets() else { candle_core::bail!("cross-entropy: logits must be contiguous") };
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("cross-entropy: logits must be float32")
+        };
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("cross-entropy: logits must be contiguous")
+        };
         let data = &data[start..end];
         let out: Vec<f32> = (0..n)
             .map(|i| {
@@ -40,7 +44,12 @@ impl CustomOp1 for CrossEntropyRows {
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let (n, v) = arg.dims2()?;
         let logits = arg.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let g = grad_res.to_dtype(DType::F32)?.to_vec1::<f32>()?;
@@ -63,14 +72,20 @@ impl CustomOp1 for CrossEntropyRows {
 pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let logits = logits.to_dtype(DType::F32)?.contiguous()?;
     if logits.device().is_cpu() {
-        return Ok(logits.apply_op1(CrossEntropyRows { targets: targets.to_vec() })?);
+        return Ok(logits.apply_op1(CrossEntropyRows {
+            targets: targets.to_vec(),
+        })?);
     }
     let n = targets.len();
     let t = Tensor::from_vec(targets.to_vec(), (n, 1), logits.device())?;
     let max = logits.max_keepdim(candle_core::D::Minus1)?.detach();
     let diff = logits.broadcast_sub(&max)?;
     let lse = diff.exp()?.sum_keepdim(candle_core::D::Minus1)?.log()?;
-    Ok(diff.broadcast_sub(&lse)?.gather(&t, candle_core::D::Minus1)?.neg()?.squeeze(1)?)
+    Ok(diff
+        .broadcast_sub(&lse)?
+        .gather(&t, candle_core::D::Minus1)?
+        .neg()?
+        .squeeze(1)?)
 }
 
 #[cfg(test)]
@@ -81,19 +96,50 @@ mod tests {
     #[test]
     fn matches_the_composed_ops_forward_and_backward() {
         let dev = Device::Cpu;
-        let z: Vec<f32> = (0..3 * 7).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7).collect();
+        let z: Vec<f32> = (0..3 * 7)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7)
+            .collect();
         let targets = [3u32, 0, 6];
         let fused = Var::from_vec(z.clone(), (3, 7), &dev).unwrap();
         let plain = Var::from_vec(z, (3, 7), &dev).unwrap();
         let w = Tensor::new(&[1.0f32, 2.0, 0.5], &dev).unwrap();
-        let lf = (cross_entropy_rows(fused.as_tensor(), &targets).unwrap() * &w).unwrap().sum_all().unwrap();
+        let lf = (cross_entropy_rows(fused.as_tensor(), &targets).unwrap() * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap();
         let t = Tensor::new(&[[3u32], [0], [6]], &dev).unwrap();
-        let lp = candle_nn::ops::log_softmax(plain.as_tensor(), candle_core::D::Minus1).unwrap().gather(&t, 1).unwrap().neg().unwrap().squeeze(1).unwrap();
+        let lp = candle_nn::ops::log_softmax(plain.as_tensor(), candle_core::D::Minus1)
+            .unwrap()
+            .gather(&t, 1)
+            .unwrap()
+            .neg()
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
         let lp = (lp * &w).unwrap().sum_all().unwrap();
-        let (a, b) = (lf.to_scalar::<f32>().unwrap(), lp.to_scalar::<f32>().unwrap());
+        let (a, b) = (
+            lf.to_scalar::<f32>().unwrap(),
+            lp.to_scalar::<f32>().unwrap(),
+        );
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-        let gf = lf.backward().unwrap().get(&fused).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let gp = lp.backward().unwrap().get(&plain).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let gf = lf
+            .backward()
+            .unwrap()
+            .get(&fused)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let gp = lp
+            .backward()
+            .unwrap()
+            .get(&plain)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         for (x, y) in gf.iter().zip(&gp) {
             assert!((x - y).abs() < 1e-6, "{x} vs {y}");
         }

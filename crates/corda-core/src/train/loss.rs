@@ -40,7 +40,6 @@ impl LossSum {
     }
 }
 
-
 /// The (row of the flattened (B·T) positions, target) pairs that carry a loss: position t
 /// predicts label t+1 (the causal shift), skipping labels equal to -100.
 pub fn target_rows(labels: &Tensor, vocab: usize) -> Result<(Vec<u32>, Vec<u32>)> {
@@ -70,7 +69,10 @@ pub fn target_rows(labels: &Tensor, vocab: usize) -> Result<(Vec<u32>, Vec<u32>)
 /// Summed loss of the selected rows of `logits_rows` (n, vocab), one target per row.
 pub fn loss_sum_of_rows(logits_rows: &Tensor, targets: &[u32]) -> Result<LossSum> {
     let sum = super::fused_ce::cross_entropy_rows(logits_rows, targets)?.sum_all()?;
-    Ok(LossSum { sum, tokens: targets.len() })
+    Ok(LossSum {
+        sum,
+        tokens: targets.len(),
+    })
 }
 
 /// Summed cross-entropy of the shifted labels != -100 and their count, from full logits
@@ -86,7 +88,10 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<LossSum> {
     let (rows, targets) = target_rows(labels, v)?;
     let device = logits.device();
     if rows.is_empty() {
-        return Ok(LossSum { sum: Tensor::zeros((), DType::F32, device)?, tokens: 0 });
+        return Ok(LossSum {
+            sum: Tensor::zeros((), DType::F32, device)?,
+            tokens: 0,
+        });
     }
     let n = rows.len();
     let rows = Tensor::from_vec(rows, n, device)?;

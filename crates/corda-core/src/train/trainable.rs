@@ -22,7 +22,12 @@ pub trait TrainableModel {
 
     /// Summed loss over the shifted labels != -100 and their count. The default goes through
     /// full logits; a model may skip the LM head for positions that carry no loss.
-    fn loss_sum(&self, input_ids: &Tensor, attention_mask: &Tensor, labels: &Tensor) -> Result<LossSum> {
+    fn loss_sum(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        labels: &Tensor,
+    ) -> Result<LossSum> {
         causal_lm_loss_sum(&self.logits(input_ids, attention_mask)?, labels)
     }
 }
@@ -42,16 +47,27 @@ impl TrainableModel for CausalLM {
 
     /// The LM head (vocab × hidden per token, the largest matmul of a small model) runs only on
     /// the positions whose next label is trained: the prompt and the padding are skipped.
-    fn loss_sum(&self, input_ids: &Tensor, attention_mask: &Tensor, labels: &Tensor) -> Result<LossSum> {
+    fn loss_sum(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        labels: &Tensor,
+    ) -> Result<LossSum> {
         let h = self.hidden_states(input_ids, Some(attention_mask))?;
         let (b, t, d) = h.dims3()?;
         let (rows, targets) = target_rows(labels, self.config.vocab_size)?;
         if rows.is_empty() {
-            return Ok(LossSum { sum: Tensor::zeros((), DType::F32, &self.device)?, tokens: 0 });
+            return Ok(LossSum {
+                sum: Tensor::zeros((), DType::F32, &self.device)?,
+                tokens: 0,
+            });
         }
         let n = rows.len();
         let rows = Tensor::from_vec(rows, n, &self.device)?;
-        let selected = h.reshape((b * t, d))?.index_select(&rows, 0)?.unsqueeze(0)?;
+        let selected = h
+            .reshape((b * t, d))?
+            .index_select(&rows, 0)?
+            .unsqueeze(0)?;
         let logits = self.lm_head_logits(&selected)?.squeeze(0)?;
         loss_sum_of_rows(&logits, &targets)
     }

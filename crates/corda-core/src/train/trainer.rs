@@ -321,7 +321,11 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
                     tokens_this_run += real_tokens;
                     progress.tokens_seen += real_tokens;
                     let t0 = Instant::now();
-                    let parts = self.model.loss_sum(&batch.input_ids, &batch.attention_mask, &batch.labels)?;
+                    let parts = self.model.loss_sum(
+                        &batch.input_ids,
+                        &batch.attention_mask,
+                        &batch.labels,
+                    )?;
                     if parts.tokens == 0 {
                         report.add("forward", t0.elapsed());
                         continue;

@@ -44,7 +44,12 @@ impl AtomicDir {
             std::fs::remove_dir_all(&tmp).map_err(|e| CordaError::io(&tmp, e))?;
         }
         std::fs::create_dir(&tmp).map_err(|e| CordaError::io(&tmp, e))?;
-        Ok(Self { tmp, target, overwrite, committed: false })
+        Ok(Self {
+            tmp,
+            target,
+            overwrite,
+            committed: false,
+        })
     }
 
     /// The temporary directory to write into.
@@ -74,10 +79,12 @@ impl AtomicDir {
             }
             let old = self.tmp.with_extension("old");
             std::fs::rename(&self.target, &old).map_err(|e| CordaError::io(&self.target, e))?;
-            std::fs::rename(&self.tmp, &self.target).map_err(|e| CordaError::io(&self.target, e))?;
+            std::fs::rename(&self.tmp, &self.target)
+                .map_err(|e| CordaError::io(&self.target, e))?;
             std::fs::remove_dir_all(&old).map_err(|e| CordaError::io(&old, e))?;
         } else {
-            std::fs::rename(&self.tmp, &self.target).map_err(|e| CordaError::io(&self.target, e))?;
+            std::fs::rename(&self.tmp, &self.target)
+                .map_err(|e| CordaError::io(&self.target, e))?;
         }
         self.committed = true;
         Ok(self.target.clone())
@@ -96,7 +103,9 @@ impl Drop for AtomicDir {
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!(
         "{}.tmp",
-        path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default()
+        path.extension()
+            .map(|e| e.to_string_lossy().into_owned())
+            .unwrap_or_default()
     ));
     std::fs::write(&tmp, bytes).map_err(|e| CordaError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| CordaError::io(path, e))
@@ -108,7 +117,8 @@ pub fn make_readable(path: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(|e| CordaError::io(path, e))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| CordaError::io(path, e))?;
     }
     Ok(())
 }

@@ -21,12 +21,18 @@ pub fn parse_bool(s: &str) -> std::result::Result<bool, String> {
 /// Read a YAML (`.yaml`/`.yml`) or TOML (`.toml`) config into flag/value pairs.
 pub fn read_config_file(path: &Path) -> Result<Vec<(String, Value)>> {
     let text = std::fs::read_to_string(path).map_err(|e| CordaError::io(path, e))?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let value: Value = match ext.as_str() {
         "toml" => {
-            let t: toml::Value = toml::from_str(&text)
-                .map_err(|e| CordaError::Invalid(format!("{}: not valid TOML: {e}", path.display())))?;
-            serde_json::to_value(t).map_err(|e| CordaError::Invalid(format!("{}: {e}", path.display())))?
+            let t: toml::Value = toml::from_str(&text).map_err(|e| {
+                CordaError::Invalid(format!("{}: not valid TOML: {e}", path.display()))
+            })?;
+            serde_json::to_value(t)
+                .map_err(|e| CordaError::Invalid(format!("{}: {e}", path.display())))?
         }
         "yaml" | "yml" => serde_yaml::from_str(&text)
             .map_err(|e| CordaError::Invalid(format!("{}: not valid YAML: {e}", path.display())))?,
@@ -109,7 +115,9 @@ pub fn parse_device(s: &str) -> Result<candle_core::Device> {
     }
     let ordinal = match s.as_str() {
         "cuda" | "gpu" => Some(0),
-        other => other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok()),
     };
     match ordinal {
         Some(n) if cfg!(feature = "cuda") => candle_core::Device::new_cuda(n)
@@ -168,12 +176,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.yaml");
         std::fs::write(&f, "r: 16\nbf16: true\ndataset_field: [query, response]\n").unwrap();
-        let args: Vec<OsString> = ["prog", "--config", f.to_str().unwrap(), "--r", "8"].iter().map(OsString::from).collect();
-        let got: Vec<String> = expand_config_args(args).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect();
-        assert_eq!(got, ["prog", "--r", "16", "--bf16=true", "--dataset_field", "query", "response", "--r", "8"]);
+        let args: Vec<OsString> = ["prog", "--config", f.to_str().unwrap(), "--r", "8"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let got: Vec<String> = expand_config_args(args)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "prog",
+                "--r",
+                "16",
+                "--bf16=true",
+                "--dataset_field",
+                "query",
+                "response",
+                "--r",
+                "8"
+            ]
+        );
         let t = dir.path().join("c.toml");
         std::fs::write(&t, "lora_alpha = 32\n").unwrap();
-        let got = expand_config_args(vec!["p".into(), format!("--config={}", t.display()).into()]).unwrap();
+        let got = expand_config_args(vec!["p".into(), format!("--config={}", t.display()).into()])
+            .unwrap();
         assert_eq!(got, ["p", "--lora_alpha", "32"].map(OsString::from));
         assert!(expand_config_args(vec!["p".into(), "--config".into(), "x.ini".into()]).is_err());
     }
@@ -184,7 +213,10 @@ mod tests {
         assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
         assert_eq!(parse_size("500mb").unwrap(), 500_000_000);
         assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("lots").unwrap_err().to_string().contains("--max_shard_size"));
+        assert!(parse_size("lots")
+            .unwrap_err()
+            .to_string()
+            .contains("--max_shard_size"));
         assert!(parse_size("0").is_err());
     }
 

@@ -1,5 +1,6 @@
 //! Small shared pieces: atomic output directories, phase reports, progress bars, CLI helpers.
 
+pub mod alloc;
 pub mod atomic;
 pub mod cli;
 pub mod report;

