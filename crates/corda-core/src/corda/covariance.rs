@@ -3,8 +3,9 @@
 //! `max X_n` is the signed maximum of all entries of sample n (PEFT's `torch.max(input).abs()`).
 //!
 //! Several samples arrive per forward pass (right-padded): each sample's real tokens are scaled
-//! by its own factor and stacked, so one symmetric rank-k update (lower triangle only) serves
-//! the whole batch, and padded tokens never enter C.
+//! by its own factor and stacked; the stacked rows of several forward passes are flushed
+//! together (at least [`FLUSH_ROWS`] rows), so one symmetric rank-k update (lower triangle
+//! only) and one pass over the float64 sum serve many samples, and padded tokens never enter C.
 
 use candle_core::{DType, Tensor};
 use faer::linalg::matmul::triangular::{self, BlockStructure};
@@ -34,7 +35,13 @@ pub struct CovarianceAccumulator {
     /// Number of samples (PEFT's `sample_count`: one per forward of a batch-1 sample).
     pub samples: usize,
     scratch: Mat<f32>,
+    /// Scaled rows (row-major, `dim` wide) waiting for the next rank-k update.
+    pending: Vec<f32>,
 }
+
+/// Rows gathered before a rank-k update: enough to keep the product compute-bound and to make
+/// the pass over the float64 sum (memory-bound) rare.
+pub const FLUSH_ROWS: usize = 2048;
 
 impl CovarianceAccumulator {
     pub fn new(dim: usize, precision: CovariancePrecision) -> Self {
@@ -53,6 +60,7 @@ impl CovarianceAccumulator {
             half_bf,
             samples: 0,
             scratch: Mat::zeros(dim, dim),
+            pending: vec![],
         }
     }
 
@@ -72,8 +80,6 @@ impl CovarianceAccumulator {
             )));
         }
         let data = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let total: usize = lengths.iter().sum();
-        let mut stacked = Vec::with_capacity(total * d);
         for (i, &len) in lengths.iter().enumerate() {
             let rows = &data[i * t * d..(i * t + len.min(t)) * d];
             if rows.is_empty() {
@@ -86,13 +92,23 @@ impl CovarianceAccumulator {
                     "invalid value in the input of {module} for a calibration sample (max = {m}); the model produces NaN/inf or all-zero activations: check the model weights and --dtype (float16 models may overflow, try --dtype float32 or bfloat16)"
                 )));
             }
-            stacked.extend(rows.iter().map(|v| v / m));
+            self.pending.extend(rows.iter().map(|v| v / m));
             self.samples += 1;
         }
-        let n = stacked.len() / d;
+        if self.pending.len() / d >= FLUSH_ROWS {
+            self.flush(module)?;
+        }
+        Ok(())
+    }
+
+    /// Add the pending rows' `XᵀX` to the running sum.
+    fn flush(&mut self, module: &str) -> Result<()> {
+        let d = self.dim;
+        let n = self.pending.len() / d;
         if n == 0 {
             return Ok(());
         }
+        let stacked = std::mem::take(&mut self.pending);
         let xm = MatRef::from_row_major_slice(&stacked, n, d);
         triangular::matmul(
             self.scratch.as_mut(),
@@ -143,7 +159,8 @@ impl CovarianceAccumulator {
     }
 
     /// The finished covariance, divided by the sample count, as a full symmetric float32 matrix.
-    pub fn finish(&self, module: &str) -> Result<Mat<f32>> {
+    pub fn finish(&mut self, module: &str) -> Result<Mat<f32>> {
+        self.flush(module)?;
         if self.samples == 0 {
             return Err(CordaError::Data(format!(
                 "{module} saw no calibration tokens; the calibration set is empty"
@@ -205,14 +222,14 @@ mod tests {
     fn half_precision_overflow_is_reported() {
         let x = Tensor::from_vec(vec![-200.0f32, 1.0, 1.0, 1.0], (1, 2, 2), &Device::Cpu).unwrap();
         let mut acc = CovarianceAccumulator::new(2, CovariancePrecision::Half(DType::F16));
-        let mut err = None;
         for _ in 0..10 {
-            if let Err(e) = acc.add_batch(&x, &[2], "m") {
-                err = Some(e.to_string());
-                break;
-            }
+            acc.add_batch(&x, &[2], "m").unwrap();
         }
-        let err = err.expect("overflow detected");
+        let err = acc
+            .finish("m")
+            .err()
+            .expect("overflow detected")
+            .to_string();
         assert!(
             err.contains("overflowed") && err.contains("--use_float16_for_covariance"),
             "{err}"

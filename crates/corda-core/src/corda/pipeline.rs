@@ -434,7 +434,7 @@ pub fn preprocess(
                 }
                 batch.hidden = next.to_dtype(hidden_dtype)?;
             }
-            for (site, acc) in &accs {
+            for (site, acc) in accs.iter_mut() {
                 covs.insert(
                     *site,
                     acc.finish(&format!("model.layers.{l} {site:?} input"))?,

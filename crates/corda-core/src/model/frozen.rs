@@ -4,10 +4,67 @@
 //! frozen base weight costs a full-size weight gradient per layer in every backward pass.
 //! Fine-tuning only needs the gradient with respect to the activations; the custom op here
 //! computes `x Wᵀ` and back-propagates `grad · W` only.
+//!
+//! On the CPU, float32 products go through faer, whose kernels use AVX-512 where the CPU has
+//! it; candle's matmul (the gemm crate on stable Rust) stops at AVX2, half the width.
 
-use candle_core::{CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use faer::{Accum, MatMut, MatRef, Par};
 
 use crate::Result;
+
+/// Row-major float32 data of a contiguous CPU tensor storage.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((start, end))) => Some(&v[start..end]),
+        _ => None,
+    }
+}
+
+/// `a · b` for row-major `a` (m × k) and `b` given as a faer view (k × n); row-major result.
+fn faer_product(a: &[f32], m: usize, k: usize, b: MatRef<'_, f32>) -> Vec<f32> {
+    let n = b.ncols();
+    let mut out = vec![0f32; m * n];
+    faer::linalg::matmul::matmul(
+        MatMut::from_row_major_slice_mut(&mut out, m, n),
+        Accum::Replace,
+        MatRef::from_row_major_slice(a, m, k),
+        b,
+        1.0f32,
+        Par::rayon(0),
+    );
+    out
+}
+
+/// `g · W` for the backward pass (g: m × d_out, W: d_out × d_in).
+struct TimesW {
+    w: Tensor,
+}
+
+impl CustomOp1 for TimesW {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, n) = l.shape().dims2()?;
+        let (n2, k) = self.w.dims2()?;
+        if n != n2 {
+            candle_core::bail!(
+                "frozen matmul backward: gradient has {n} columns, weight {n2} rows"
+            );
+        }
+        let (ws, wl) = self.w.storage_and_layout();
+        let (Storage::Cpu(ws), Some(g)) = (&*ws, f32_slice(s, l)) else {
+            candle_core::bail!("frozen matmul backward: expected contiguous float32 CPU tensors")
+        };
+        let Some(w) = f32_slice(ws, wl) else {
+            candle_core::bail!("frozen matmul backward: weight must be contiguous float32")
+        };
+        let out = faer_product(g, m, n, MatRef::from_row_major_slice(w, n, k));
+        Ok((CpuStorage::F32(out), Shape::from((m, k))))
+    }
+}
 
 struct FrozenMatmulT {
     /// (d_out, d_in), contiguous, same dtype as the input.
@@ -34,6 +91,10 @@ impl CustomOp1 for FrozenMatmulT {
         let candle_core::Storage::Cpu(ws) = &*ws else {
             candle_core::bail!("frozen matmul: weight is not on the CPU")
         };
+        if let (Some(x), Some(w)) = (f32_slice(s, l), f32_slice(ws, wl)) {
+            let out = faer_product(x, m, k, MatRef::from_row_major_slice(w, n, k).transpose());
+            return Ok((CpuStorage::F32(out), Shape::from((m, n))));
+        }
         let wt = wl.transpose(0, 1)?;
         let out = s.matmul(ws, (1, m, n, k), l, &wt)?;
         Ok((out, Shape::from((m, n))))
@@ -63,8 +124,14 @@ impl CustomOp1 for FrozenMatmulT {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let g = grad_res.to_dtype(self.w.dtype())?.matmul(&self.w)?;
-        Ok(Some(g))
+        let g = grad_res.to_dtype(self.w.dtype())?;
+        if g.device().is_cpu() && g.dtype() == DType::F32 {
+            return Ok(Some(
+                g.contiguous()?
+                    .apply_op1_no_bwd(&TimesW { w: self.w.clone() })?,
+            ));
+        }
+        Ok(Some(g.matmul(&self.w)?))
     }
 }
 
