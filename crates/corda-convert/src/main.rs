@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use corda_core::adapter::{self, Adapter};
 use corda_core::model::{resolve_model_dir, TokenizerInfo};
+use corda_core::util::cli::{expand_config_args, parse_bool};
 use corda_core::util::{progress_bar, AtomicDir};
 
 /// The probe sentence `--verify` runs through both models by default.
@@ -29,6 +30,10 @@ const DEFAULT_PROBE: &str = "The capital of France is Paris, and the capital of 
         compares base + converted LoRA against residual + trained adapter."
 )]
 struct Cli {
+    /// YAML or TOML file whose keys are flag names; flags on the command line override it.
+    #[arg(long, value_name = "FILE", help_heading = "Adapters")]
+    config: Option<PathBuf>,
+
     /// The initial CorDA adapter saved by preprocessing (OUT/corda_init).
     #[arg(
         long = "initial_adapter",
@@ -57,7 +62,7 @@ struct Cli {
     output_dir: Option<PathBuf>,
 
     /// Replace existing non-empty output directories.
-    #[arg(long, help_heading = "Output")]
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
     overwrite: bool,
 
     /// Compress every module's update to rank K by SVD (uniform r = lora_alpha = K) instead of
@@ -66,7 +71,7 @@ struct Cli {
     rank: Option<usize>,
 
     /// Also write the full fine-tuned model (base + update) as a model directory.
-    #[arg(long, requires_all = ["base_model", "merged_path"], help_heading = "Merge")]
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, requires_all = ["base_model", "merged_path"], help_heading = "Merge")]
     merge: bool,
 
     /// The original base model: a Hugging Face model directory or a cached hub id.
@@ -88,7 +93,7 @@ struct Cli {
     merged_path: Option<PathBuf>,
 
     /// Compare base + converted LoRA with residual + trained adapter on a probe text.
-    #[arg(long, requires_all = ["base_model", "residual_model"], help_heading = "Verify")]
+    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, requires_all = ["base_model", "residual_model"], help_heading = "Verify")]
     verify: bool,
 
     /// The residual model written by preprocessing (the directory holding corda_init/).
@@ -126,7 +131,14 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let argv = match expand_config_args(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();

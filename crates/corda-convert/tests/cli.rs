@@ -380,3 +380,29 @@ fn missing_inputs_and_bad_flags_exit_1() {
         assert!(stdout.contains(heading), "{heading} missing from --help");
     }
 }
+
+#[test]
+fn config_file_with_command_line_override() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("convert.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "initial_adapter = \"{}\"\ntrained_adapter = \"{}\"\noutput_dir = \"{}\"\noverwrite = false\n",
+            fx("kpm/corda_init"),
+            fx("kpm/trained"),
+            tmp.path().join("from-file").display()
+        ),
+    )
+    .unwrap();
+    let out = tmp.path().join("from-cli");
+    let o = run(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--output_dir",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert!(out.join("adapter_model.safetensors").is_file());
+    assert!(!tmp.path().join("from-file").exists());
+}

@@ -103,14 +103,14 @@ pub fn to_json(array: &dyn Array, unsupported: &mut BTreeSet<String>) -> Vec<Val
             let a = array.as_boolean();
             nullable(&|i| Value::Bool(a.value(i)))
         }
-        DataType::Int8 => ints::<Int8Type>(array),
-        DataType::Int16 => ints::<Int16Type>(array),
-        DataType::Int32 => ints::<Int32Type>(array),
-        DataType::Int64 => ints::<Int64Type>(array),
-        DataType::UInt8 => uints::<UInt8Type>(array),
-        DataType::UInt16 => uints::<UInt16Type>(array),
-        DataType::UInt32 => uints::<UInt32Type>(array),
-        DataType::UInt64 => uints::<UInt64Type>(array),
+        DataType::Int8 => integers::<Int8Type>(array),
+        DataType::Int16 => integers::<Int16Type>(array),
+        DataType::Int32 => integers::<Int32Type>(array),
+        DataType::Int64 => integers::<Int64Type>(array),
+        DataType::UInt8 => integers::<UInt8Type>(array),
+        DataType::UInt16 => integers::<UInt16Type>(array),
+        DataType::UInt32 => integers::<UInt32Type>(array),
+        DataType::UInt64 => integers::<UInt64Type>(array),
         DataType::Float16 => {
             let a = array.as_primitive::<Float16Type>();
             nullable(&|i| float(f64::from(a.value(i))))
@@ -231,10 +231,11 @@ fn slice(values: &[Value], start: usize, end: usize) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-fn ints<T>(array: &dyn Array) -> Vec<Value>
+/// Integer columns of any width, signed or not, as JSON numbers.
+fn integers<T>(array: &dyn Array) -> Vec<Value>
 where
     T: ArrowPrimitiveType,
-    T::Native: Into<i64>,
+    T::Native: Into<serde_json::Number>,
 {
     let a = array.as_primitive::<T>();
     (0..a.len())
@@ -242,24 +243,7 @@ where
             if a.is_null(i) {
                 Value::Null
             } else {
-                Value::Number(a.value(i).into().into())
-            }
-        })
-        .collect()
-}
-
-fn uints<T>(array: &dyn Array) -> Vec<Value>
-where
-    T: ArrowPrimitiveType,
-    T::Native: Into<u64>,
-{
-    let a = array.as_primitive::<T>();
-    (0..a.len())
-        .map(|i| {
-            if a.is_null(i) {
-                Value::Null
-            } else {
-                Value::Number(a.value(i).into().into())
+                Value::Number(a.value(i).into())
             }
         })
         .collect()
