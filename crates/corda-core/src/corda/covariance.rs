@@ -225,11 +225,7 @@ mod tests {
         for _ in 0..10 {
             acc.add_batch(&x, &[2], "m").unwrap();
         }
-        let err = acc
-            .finish("m")
-            .err()
-            .expect("overflow detected")
-            .to_string();
+        let err = acc.finish("m").expect_err("overflow detected").to_string();
         assert!(
             err.contains("overflowed") && err.contains("--use_float16_for_covariance"),
             "{err}"
