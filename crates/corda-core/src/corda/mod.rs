@@ -13,7 +13,7 @@ pub mod pipeline;
 
 pub use covariance::{CovarianceAccumulator, CovariancePrecision};
 pub use decompose::{
-    corda_eigens, corda_eigens_damped, corda_init, damp_covariance, CordaEigens, CordaInit,
-    CordaMode, Damped,
+    corda_eigens, corda_eigens_damped, corda_eigens_parallel, corda_init, damp_covariance,
+    CordaEigens, CordaInit, CordaMode, Damped,
 };
 pub use pipeline::{preprocess, ModuleReport, PreprocessOptions, PreprocessReport};

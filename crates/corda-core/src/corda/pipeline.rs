@@ -15,7 +15,7 @@ use faer::Mat;
 
 use super::covariance::{CovarianceAccumulator, CovariancePrecision};
 use super::decompose::{
-    corda_eigens_damped, corda_init, damp_covariance, CordaEigens, CordaMode, Damped,
+    corda_eigens_parallel, corda_init, damp_covariance, CordaEigens, CordaMode, Damped,
 };
 use super::files::{load_existing, mat_data, mat_to_tensor, tensor_to_mat, StreamingSafetensors};
 use crate::adapter::{Adapter, AdapterConfig, LoraPair};
@@ -182,6 +182,28 @@ fn layer_targets(cfg: &AdapterConfig, layer: usize) -> Vec<(&'static str, String
         .map(|p| (*p, module_name(layer, p)))
         .filter(|(_, name)| cfg.is_target(name))
         .collect()
+}
+
+/// The cropped eigens of `name` from a decomposition cache, checked against its weight.
+fn cached_eigens(c: &HashMap<String, Tensor>, name: &str, w: &Mat<f32>) -> Result<CordaEigens> {
+    let s = c[&format!("{name}.eigens.S_WC")]
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
+    let u = tensor_to_mat(&c[&format!("{name}.eigens.U_WC")])?;
+    let v = tensor_to_mat(&c[&format!("{name}.eigens.V_WC")])?;
+    if u.nrows() != w.nrows() || v.nrows() != w.ncols() {
+        return Err(CordaError::Invalid(format!(
+            "the decomposition cache entry of {name} does not fit its {}x{} weight; the cache belongs to another model",
+            w.nrows(),
+            w.ncols()
+        )));
+    }
+    Ok(CordaEigens {
+        s,
+        u,
+        vt: v.transpose().to_owned(),
+        damp: f64::NAN,
+    })
 }
 
 fn tensor_f32(m: &Mat<f32>, device: &Device) -> Result<Tensor> {
@@ -456,51 +478,54 @@ pub fn preprocess(
             }
         }
 
-        // 2. Decompose every target of the layer (one damping loop per shared input).
+        // 2. Decompose every target of the layer: one damping loop per shared input, then
+        //    the modules' SVDs side by side.
         let t = Instant::now();
-        let mut damped: HashMap<InputSite, Damped> = HashMap::new();
+        let weights_f32: Vec<Mat<f32>> = layer_t
+            .iter()
+            .map(|(_, name)| {
+                let target = layer
+                    .targets()
+                    .into_iter()
+                    .find(|x| x.name == *name)
+                    .expect("target");
+                tensor_to_mat(&target.weight)
+            })
+            .collect::<Result<_>>()?;
+        let all_eigens: Vec<CordaEigens> = match &cache {
+            Some((c, _)) => layer_t
+                .iter()
+                .zip(&weights_f32)
+                .map(|((_, name), w)| cached_eigens(c, name, w))
+                .collect::<Result<_>>()?,
+            None => {
+                let mut damped: BTreeMap<InputSite, Damped> = BTreeMap::new();
+                for (p, name) in layer_t {
+                    let site = InputSite::of(p).expect("site");
+                    if let std::collections::btree_map::Entry::Vacant(e) = damped.entry(site) {
+                        e.insert(damp_covariance(covs[&site].as_ref(), name)?);
+                    }
+                }
+                let jobs: Vec<_> = layer_t
+                    .iter()
+                    .zip(&weights_f32)
+                    .map(|((p, name), w)| {
+                        let site = InputSite::of(p).expect("site");
+                        (
+                            w.as_ref(),
+                            &damped[&site],
+                            adapter_cfg.rank_for(name),
+                            name.as_str(),
+                        )
+                    })
+                    .collect();
+                corda_eigens_parallel(&jobs, opts.mode)?
+            }
+        };
         let mut residual_layer = layer.clone();
-        for (p, name) in layer_t {
-            let target = layer
-                .targets()
-                .into_iter()
-                .find(|x| x.name == *name)
-                .expect("target");
-            let w = tensor_to_mat(&target.weight)?;
+        for (((_, name), w), eigens) in layer_t.iter().zip(&weights_f32).zip(all_eigens) {
             let rank = adapter_cfg.rank_for(name);
             let scaling = adapter_cfg.scaling_for(name);
-            let eigens = match &cache {
-                Some((c, _)) => {
-                    let s = c[&format!("{name}.eigens.S_WC")]
-                        .to_dtype(DType::F32)?
-                        .to_vec1::<f32>()?;
-                    let u = tensor_to_mat(&c[&format!("{name}.eigens.U_WC")])?;
-                    let v = tensor_to_mat(&c[&format!("{name}.eigens.V_WC")])?;
-                    if u.nrows() != w.nrows() || v.nrows() != w.ncols() {
-                        return Err(CordaError::Invalid(format!(
-                            "the decomposition cache entry of {name} does not fit its {}x{} weight; the cache belongs to another model",
-                            w.nrows(),
-                            w.ncols()
-                        )));
-                    }
-                    CordaEigens {
-                        s,
-                        u,
-                        vt: v.transpose().to_owned(),
-                        damp: f64::NAN,
-                    }
-                }
-                None => {
-                    let site = InputSite::of(p).expect("site");
-                    let d = match damped.entry(site) {
-                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(e) => {
-                            e.insert(damp_covariance(covs[&site].as_ref(), name)?)
-                        }
-                    };
-                    corda_eigens_damped(w.as_ref(), d, rank, opts.mode, name)?
-                }
-            };
             if let Some(co) = cache_out.as_mut() {
                 co.write(&format!("{name}.eigens.S_WC"), &eigens.s)?;
                 co.write(&format!("{name}.eigens.U_WC"), &mat_data(&eigens.u))?;
