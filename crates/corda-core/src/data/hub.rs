@@ -4,31 +4,14 @@
 //! would be worse than an error, so we only read what `huggingface-cli download` (or
 //! `datasets`) already put in the cache: `datasets--{owner}--{name}/refs/main` holds a commit
 //! sha and `snapshots/<sha>/` the files. hf-hub 0.5's `Cache::from_env` ignores
-//! `HF_HUB_CACHE`, and it cannot list a snapshot, so this is a small resolver of our own.
+//! `HF_HUB_CACHE`, and it cannot list a snapshot, so this is a small resolver of our own over the
+//! cache root that model ids use too ([`crate::model::hub::cache_root`]).
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use crate::{CordaError, Result};
 
-/// The hub cache directory: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
-/// `~/.cache/huggingface/hub`.
-pub fn cache_root() -> Option<PathBuf> {
-    cache_root_from(|key| std::env::var_os(key))
-}
-
-/// [`cache_root`] with the environment given as a lookup function (testable without touching
-/// the process environment).
-pub fn cache_root_from(env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
-    let non_empty = |k: &str| env(k).filter(|v| !v.is_empty());
-    if let Some(dir) = non_empty("HF_HUB_CACHE") {
-        return Some(PathBuf::from(dir));
-    }
-    if let Some(home) = non_empty("HF_HOME") {
-        return Some(PathBuf::from(home).join("hub"));
-    }
-    non_empty("HOME").map(|home| PathBuf::from(home).join(".cache/huggingface/hub"))
-}
+pub use crate::model::hub::{cache_root, cache_root_from};
 
 /// Whether `text` has the shape of a hub dataset id (`name` or `owner/name`).
 pub fn looks_like_hub_id(text: &str) -> bool {
@@ -126,6 +109,7 @@ fn list_dirs(dir: &Path) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::OsString;
 
     fn root_with(pairs: &[(&str, &str)]) -> Option<PathBuf> {
         cache_root_from(|key| {

@@ -2,27 +2,34 @@
 //! (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`). We never download:
 //! the error says how to fetch the model.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use crate::{CordaError, Result};
 
-/// The hub cache root, following huggingface_hub's environment variables.
-pub fn hub_cache_root() -> PathBuf {
-    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
-        return PathBuf::from(p);
+/// The hub cache directory, as huggingface_hub finds it: `$HF_HUB_CACHE`, else `$HF_HOME/hub`,
+/// else `~/.cache/huggingface/hub` (empty variables count as unset). Models and datasets share it.
+pub fn cache_root() -> Option<PathBuf> {
+    cache_root_from(|key| std::env::var_os(key))
+}
+
+/// [`cache_root`] with the environment given as a lookup function (testable without touching
+/// the process environment).
+pub fn cache_root_from(env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
+    let non_empty = |k: &str| env(k).filter(|v| !v.is_empty());
+    if let Some(dir) = non_empty("HF_HUB_CACHE") {
+        return Some(PathBuf::from(dir));
     }
-    if let Some(p) = std::env::var_os("HF_HOME") {
-        return PathBuf::from(p).join("hub");
+    if let Some(home) = non_empty("HF_HOME") {
+        return Some(PathBuf::from(home).join("hub"));
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("huggingface").join("hub")
+    non_empty("HOME").map(|home| PathBuf::from(home).join(".cache/huggingface/hub"))
 }
 
 /// Resolve a local directory or a cached hub model id to a model directory.
 pub fn resolve_model_dir(id: &str) -> Result<PathBuf> {
-    resolve_in(id, &hub_cache_root())
+    let root = cache_root().unwrap_or_else(|| PathBuf::from(".cache/huggingface/hub"));
+    resolve_in(id, &root)
 }
 
 /// [`resolve_model_dir`] with an explicit cache root (testable without touching the environment).

@@ -22,7 +22,7 @@ pub mod weights;
 pub use causal_lm::{embed, load_embeddings, resolve_dtype, CausalLM, LoadOptions};
 pub use config::{dtype_name, parse_dtype, Architecture, ModelConfig, RopeScaling};
 pub use decoder::{module_name, AttnContext, DecoderLayer, InputSite, Observer};
-pub use hub::{hub_cache_root, resolve_model_dir};
+pub use hub::{cache_root, resolve_model_dir};
 pub use linear::{Lora, TargetLinear, TARGET_PROJECTIONS};
 pub use tokenizer::TokenizerInfo;
 pub use weights::{ShardWriter, Weights};
