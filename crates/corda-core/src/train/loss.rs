@@ -66,27 +66,24 @@ pub fn target_rows(labels: &Tensor, vocab: usize) -> Result<(Vec<u32>, Vec<u32>)
     Ok((rows, targets))
 }
 
-/// Summed loss of the selected rows of `logits_rows` (n, vocab), one target per row.
-pub fn loss_sum_of_rows(logits_rows: &Tensor, targets: &[u32]) -> Result<LossSum> {
-    let sum = super::fused_ce::cross_entropy_rows(logits_rows, targets)?.sum_all()?;
-    Ok(LossSum {
-        sum,
-        tokens: targets.len(),
-    })
-}
-
-/// Summed cross-entropy of the shifted labels != -100 and their count, from full logits
-/// (B, T, vocab).
-pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<LossSum> {
-    let (b, t, v) = logits.dims3()?;
+/// Summed cross-entropy of the shifted labels != -100 and their count. `per_token` (B, T, X)
+/// holds the logits themselves or what `head` turns into logits; `head` runs only on the
+/// (n, X) rows that carry a loss, so a model can skip its LM head on prompt and padding.
+pub fn shifted_loss_sum(
+    per_token: &Tensor,
+    labels: &Tensor,
+    vocab: usize,
+    head: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<LossSum> {
+    let (b, t, x) = per_token.dims3()?;
     let (lb, lt) = labels.dims2()?;
     if (lb, lt) != (b, t) {
         return Err(CordaError::Invalid(format!(
-            "labels have shape ({lb}, {lt}) but the logits are ({b}, {t}, {v})"
+            "labels have shape ({lb}, {lt}) but the model output is ({b}, {t}, {x})"
         )));
     }
-    let (rows, targets) = target_rows(labels, v)?;
-    let device = logits.device();
+    let (rows, targets) = target_rows(labels, vocab)?;
+    let device = per_token.device();
     if rows.is_empty() {
         return Ok(LossSum {
             sum: Tensor::zeros((), DType::F32, device)?,
@@ -95,8 +92,15 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<LossSum> {
     }
     let n = rows.len();
     let rows = Tensor::from_vec(rows, n, device)?;
-    let selected = logits.reshape((b * t, v))?.index_select(&rows, 0)?;
-    loss_sum_of_rows(&selected, &targets)
+    let logits = head(&per_token.reshape((b * t, x))?.index_select(&rows, 0)?)?;
+    let sum = super::fused_ce::cross_entropy_rows(&logits, &targets)?.sum_all()?;
+    Ok(LossSum { sum, tokens: n })
+}
+
+/// [`shifted_loss_sum`] from full logits (B, T, vocab).
+pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<LossSum> {
+    let vocab = logits.dim(2)?;
+    shifted_loss_sum(logits, labels, vocab, |rows| Ok(rows.clone()))
 }
 
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {

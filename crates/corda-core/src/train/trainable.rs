@@ -2,9 +2,9 @@
 //! train. Keeping it a trait lets the loop be tested on toy models and keeps it independent of
 //! how the decoder is built.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 
-use super::loss::{causal_lm_loss_sum, loss_sum_of_rows, target_rows, LossSum};
+use super::loss::{causal_lm_loss_sum, shifted_loss_sum, LossSum};
 use crate::model::CausalLM;
 use crate::Result;
 
@@ -54,22 +54,9 @@ impl TrainableModel for CausalLM {
         labels: &Tensor,
     ) -> Result<LossSum> {
         let h = self.hidden_states(input_ids, Some(attention_mask))?;
-        let (b, t, d) = h.dims3()?;
-        let (rows, targets) = target_rows(labels, self.config.vocab_size)?;
-        if rows.is_empty() {
-            return Ok(LossSum {
-                sum: Tensor::zeros((), DType::F32, &self.device)?,
-                tokens: 0,
-            });
-        }
-        let n = rows.len();
-        let rows = Tensor::from_vec(rows, n, &self.device)?;
-        let selected = h
-            .reshape((b * t, d))?
-            .index_select(&rows, 0)?
-            .unsqueeze(0)?;
-        let logits = self.lm_head_logits(&selected)?.squeeze(0)?;
-        loss_sum_of_rows(&logits, &targets)
+        shifted_loss_sum(&h, labels, self.config.vocab_size, |rows| {
+            Ok(self.lm_head_logits(&rows.unsqueeze(0)?)?.squeeze(0)?)
+        })
     }
 }
 
