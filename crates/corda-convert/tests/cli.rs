@@ -30,14 +30,7 @@ fn text(o: &Output) -> (String, String) {
 
 fn max_abs_diff(x: &Tensor, y: &Tensor) -> f32 {
     assert_eq!(x.dims(), y.dims());
-    (x - y)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    corda_core::util::tensor::max_abs_diff(x, y).unwrap()
 }
 
 /// Entries of `dir` (to check that no temporary directory was left behind).

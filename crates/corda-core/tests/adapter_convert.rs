@@ -23,14 +23,7 @@ fn load(mode: &str, kind: &str) -> Adapter {
 
 fn max_abs_diff(x: &Tensor, y: &Tensor) -> f32 {
     assert_eq!(x.dims(), y.dims());
-    (x.to_dtype(DType::F32).unwrap() - y.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    corda_core::util::tensor::max_abs_diff(x, y).unwrap()
 }
 
 /// (probe ids, the named logits of a mode's logits.safetensors).

@@ -33,14 +33,7 @@ fn samples(file: &str, template: &str) -> Vec<Vec<u32>> {
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    corda_core::util::tensor::max_abs(t).unwrap()
 }
 
 fn fro(t: &Tensor) -> f32 {

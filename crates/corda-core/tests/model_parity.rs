@@ -23,16 +23,7 @@ fn probe() -> (Tensor, Tensor) {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    corda_core::util::tensor::max_abs_diff(a, b).unwrap()
 }
 
 fn logits_of(dir: &Path) -> Tensor {

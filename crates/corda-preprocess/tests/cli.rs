@@ -72,16 +72,7 @@ fn probe_logits(dir: &Path, adapter: Option<&Path>) -> (Tensor, Tensor) {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    corda_core::util::tensor::max_abs_diff(a, b).unwrap()
 }
 
 /// Nothing but `keep` in `dir`: no temporary directories left behind.

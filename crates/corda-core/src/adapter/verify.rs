@@ -58,8 +58,8 @@ pub fn verify_conversion(
 ) -> Result<VerifyReport> {
     let reference = logits_with_adapter(residual_dir, trained, input_ids, device)?;
     let ours = logits_with_adapter(base_dir, converted, input_ids, device)?;
-    let max_abs_diff = (&ours - &reference)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
-    let max_abs_logit = reference.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+    let max_abs_diff = crate::util::tensor::max_abs_diff(&ours, &reference)? as f64;
+    let max_abs_logit = crate::util::tensor::max_abs(&reference)? as f64;
     Ok(VerifyReport {
         max_abs_diff,
         max_abs_logit,

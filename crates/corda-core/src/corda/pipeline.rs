@@ -24,6 +24,7 @@ use crate::model::{
     embed, load_embeddings, module_name, resolve_dtype, AttnContext, DecoderLayer, InputSite,
     ModelConfig, Observer, ShardWriter, Weights, TARGET_PROJECTIONS,
 };
+use crate::util::tensor::{max_abs, max_abs_diff};
 use crate::util::{progress_bar, PhaseReport};
 use crate::{CordaError, Result};
 
@@ -573,12 +574,8 @@ pub fn preprocess(
         if let Some((h, ctx, expected)) = check_input.take() {
             let t = Instant::now();
             let got = residual_layer.forward(&h, &ctx, None)?;
-            let dev = (&got - &expected)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()? as f64;
-            let scale = expected.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64;
+            let dev = max_abs_diff(&got, &expected)? as f64;
+            let scale = max_abs(&expected)? as f64;
             let rel = dev / scale.max(1e-30);
             if !rel.is_finite() || rel > deviation_tolerance(dtype) {
                 return Err(CordaError::Numerics(format!(

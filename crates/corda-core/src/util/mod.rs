@@ -4,6 +4,7 @@ pub mod alloc;
 pub mod atomic;
 pub mod cli;
 pub mod report;
+pub mod tensor;
 
 pub use atomic::AtomicDir;
 pub use report::{peak_rss_bytes, progress_bar, PhaseReport};
