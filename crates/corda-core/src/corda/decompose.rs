@@ -122,7 +122,6 @@ pub fn corda_eigens(
     mode: CordaMode,
     module: &str,
 ) -> Result<CordaEigens> {
-    check_covariance_fits(w, c.nrows(), module)?;
     let damped = damp_covariance(c, module)?;
     corda_eigens_damped(w, &damped, r, mode, module, Par::rayon(0))
 }
