@@ -219,7 +219,7 @@ fn rank_larger_than_a_module_is_refused_before_work() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("rank 65") && e.contains("--rank_pattern"), "{e}");
+    assert!(e.contains("rank 65") && e.contains("rank pattern"), "{e}");
 }
 
 #[test]

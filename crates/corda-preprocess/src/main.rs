@@ -7,7 +7,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use corda_core::corda::{preprocess, CordaMode, CovariancePrecision, PreprocessOptions};
+use corda_core::corda::{
+    preprocess, CordaMode, CovariancePrecision, PreprocessOptions, PreprocessReport,
+    CORDA_INIT_DIR, REPORT_FILE,
+};
 use corda_core::data::{
     calibration_samples, lookup, read_rows, CalibOptions, CalibSampling, RegistryEntry, Template,
 };
@@ -164,6 +167,10 @@ struct Args {
     /// Write the run's phases, timings and memory as JSON here (for benchmarks).
     #[arg(long = "report_json", alias = "report-json", help_heading = "Output")]
     report_json: Option<PathBuf>,
+    /// Write adapters even when a kept singular value is (numerically) zero or a factor is all
+    /// zero; by default such a module is an error, since it could never train.
+    #[arg(long = "allow_degenerate_adapters", alias = "allow-degenerate-adapters", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    allow_degenerate_adapters: bool,
     /// No progress bars.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
     quiet: bool,
@@ -232,6 +239,40 @@ fn calibration_source(args: &Args) -> Result<(Vec<serde_json::Value>, Template, 
     Ok((rows, template, mode))
 }
 
+/// The per-module figures a user should see: how exact the decomposition is, and which modules'
+/// selections are ill-determined by the data or degenerate.
+fn print_exactness(report: &PreprocessReport) {
+    if let (Some(err), Some(kept)) = (report.max_error_estimate(), report.min_relative_kept()) {
+        eprintln!(
+            "decomposition (float64): largest error estimate {err:.1e}; smallest kept singular value {kept:.1e} of its module's largest"
+        );
+    }
+    let ill: Vec<_> = report.ill_determined().collect();
+    if !ill.is_empty() {
+        eprintln!(
+            "  {} of {} modules have kept components that float32 rounding of their inputs could turn (gap at the cut tiny against σ_max); they are exact for this covariance but ill-determined by the data, e.g.:",
+            ill.len(),
+            report.modules.len()
+        );
+        for m in ill.iter().take(5) {
+            let s = m.spectrum.expect("ill-determined modules have a spectrum");
+            eprintln!(
+                "    {}: gap at the cut {:.1e}, sensitivity {:.1e}",
+                m.name,
+                s.gap_at_cut.unwrap_or(f64::NAN),
+                s.sensitivity
+            );
+        }
+    }
+    for m in report.modules.iter().filter(|m| m.degenerate.is_some()) {
+        eprintln!(
+            "  warning: {} is degenerate ({}), written because of --allow_degenerate_adapters",
+            m.name,
+            m.degenerate.as_deref().unwrap_or_default()
+        );
+    }
+}
+
 fn run(args: Args) -> Result<()> {
     let start = Instant::now();
     let r = args
@@ -281,6 +322,7 @@ fn run(args: Args) -> Result<()> {
     opts.max_shard_bytes = args.max_shard_size.as_deref().map(parse_size).transpose()?;
     opts.base_model_name = args.model_id.clone();
     opts.progress = !args.quiet;
+    opts.allow_degenerate_adapters = args.allow_degenerate_adapters;
     if args.use_float16_for_covariance {
         let cfg = corda_core::model::ModelConfig::from_dir(&model_dir)?;
         let half = match dtype.or(cfg.dtype) {
@@ -356,11 +398,13 @@ fn run(args: Args) -> Result<()> {
     if !report.layer_deviation.is_empty() {
         eprintln!("identity check: residual + adapter vs original layer, largest relative deviation {:.2e}", report.max_deviation());
     }
+    print_exactness(&report);
     if let Some(p) = &final_path {
         eprintln!(
-            "wrote residual model {} and adapter {}",
+            "wrote residual model {} and adapter {} (per-module report: {})",
             p.display(),
-            p.join("corda_init").display()
+            p.join(CORDA_INIT_DIR).display(),
+            p.join(CORDA_INIT_DIR).join(REPORT_FILE).display()
         );
     }
     eprintln!("{}", report.phases.render());
@@ -370,6 +414,7 @@ fn run(args: Args) -> Result<()> {
         v["tokens"] = report.num_tokens.into();
         v["wall_seconds"] = start.elapsed().as_secs_f64().into();
         v["max_deviation"] = report.max_deviation().into();
+        v["decomposition"] = report.to_json();
         std::fs::write(j, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("writing {}", j.display()))?;
     }

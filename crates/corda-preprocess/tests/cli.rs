@@ -194,7 +194,7 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
         only(tmp.path(), &["data"]);
     };
     std::fs::create_dir(tmp.path().join("data")).unwrap();
-    case(&|a| a[3] = "65".into(), "lower --r");
+    case(&|a| a[3] = "65".into(), "lower r");
     case(
         &|a| *a.iter_mut().find(|s| *s == "{question}").unwrap() = "{nope}".into(),
         "nope",

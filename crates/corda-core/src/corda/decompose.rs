@@ -1,13 +1,22 @@
 //! The covariance-oriented decomposition of one weight (PEFT's `collect_eigens_for_layer`,
-//! `crop_corda_eigens` and `corda_init`), in float32 as PEFT computes it:
+//! `crop_corda_eigens` and `corda_init`):
 //!
-//! 1. damping: `Cf = C + δ·mean(diag C)·I`, δ = 0.01 doubled until `‖Cf·Cf⁻¹ − I‖_F < 0.05`;
+//! 1. damping: `Cf = C + δ·mean(diag C)·I`, δ = 0.01 doubled until `‖Cf·Cf⁻¹ − I‖_F < 0.05`,
+//!    the test carried out in float32 exactly as PEFT does, so δ is PEFT's;
 //! 2. thin SVD `W·Cf = U S Vh`, `Vt = Vh·Cf⁻¹` (so `U S Vt = W`);
 //! 3. IPM keeps components [0, r), KPM the last r; `S' = S_r/s`,
 //!    `A = diag(√S')·Vt_r`, `B = U_r·diag(√S')`, `W_res = W − (s·B)·A`.
+//!
+//! Steps 2 and 3 run in float64, with a Cholesky solve instead of PEFT's explicit float32
+//! inverse. Real covariances have condition numbers of 1e5–1e10: in float32 the singular vectors
+//! of `W·Cf`, and `Cf⁻¹` applied to them, lose most of their digits (PEFT's own adapters are
+//! 0.3–70% off on a real layer; KPM's smallest singular values even come back as zeros), while in
+//! float64 every module of a real model lands within 1e-9 of the exact product. The inputs (W,
+//! the float32 covariance) are the same as PEFT's, so the result is PEFT's decomposition without
+//! its rounding; `docs/peft-compat.md` has the figures.
 
-use faer::linalg::solvers::DenseSolveCore;
-use faer::{Accum, Mat, MatRef, Par};
+use faer::linalg::solvers::{DenseSolveCore, Solve};
+use faer::{Accum, Mat, MatRef, Par, Side};
 
 use crate::{CordaError, Result};
 
@@ -27,6 +36,14 @@ impl CordaMode {
             Self::Ipm => "ipm",
         }
     }
+
+    /// Index of the first kept component among k singular values.
+    fn start(self, k: usize, r: usize) -> usize {
+        match self {
+            Self::Ipm => 0,
+            Self::Kpm => k - r,
+        }
+    }
 }
 
 /// Initial damping and acceptance threshold of PEFT's loop.
@@ -34,18 +51,88 @@ pub const DAMP_START: f64 = 0.01;
 pub const INVERSE_TOLERANCE: f64 = 0.05;
 /// PEFT doubles forever on a NaN covariance; we stop after this many doublings.
 pub const MAX_DAMP_DOUBLINGS: usize = 40;
+/// A kept singular value below this fraction of the largest one is numerically zero: float64
+/// rounding of `W·Cf` alone is about 1e-13 of it, so such a component carries no information
+/// and its adapter factors (√σ) are noise or exact zeros that never receive a gradient.
+pub const DEGENERATE_FLOOR: f64 = 1e-10;
 
-/// A damped covariance and its explicit inverse.
+/// A damped covariance `Cf` in float64 and its factorization, shared by the modules that read
+/// the same input.
 pub struct Damped {
-    pub cf: Mat<f32>,
-    pub inv: Mat<f32>,
+    /// `C + δ·mean(diag C)·I`, float64.
+    pub cf: Mat<f64>,
+    factor: Factor,
     /// The δ that was accepted.
     pub damp: f64,
-    /// ‖Cf·Cf⁻¹ − I‖_F at that δ.
+    /// PEFT's float32 ‖Cf·Cf⁻¹ − I‖_F at that δ.
     pub inverse_error: f64,
+    /// Estimated condition number λ_max/λ_min of Cf (power and inverse iteration).
+    pub condition: f64,
 }
 
-/// PEFT's damping loop with an explicit (LU) inverse, capped.
+/// Cholesky when Cf is numerically positive definite (always, for a real covariance plus
+/// damping), partial-pivoting LU otherwise.
+enum Factor {
+    Llt(faer::linalg::solvers::Llt<f64>),
+    Lu(faer::linalg::solvers::PartialPivLu<f64>),
+}
+
+impl Factor {
+    /// `lhs ← lhs · Cf⁻¹`.
+    fn rsolve_in_place(&self, lhs: faer::MatMut<'_, f64>) {
+        match self {
+            Self::Llt(f) => f.rsolve_in_place(lhs),
+            Self::Lu(f) => f.rsolve_in_place(lhs),
+        }
+    }
+
+    /// `rhs ← Cf⁻¹ · rhs`.
+    fn solve_in_place(&self, rhs: faer::MatMut<'_, f64>) {
+        match self {
+            Self::Llt(f) => f.solve_in_place(rhs),
+            Self::Lu(f) => f.solve_in_place(rhs),
+        }
+    }
+}
+
+impl Damped {
+    /// `Cf⁻¹ · rhs`, by the factorization (used by tests and diagnostics).
+    pub fn solve(&self, rhs: MatRef<'_, f64>) -> Mat<f64> {
+        let mut x = rhs.to_owned();
+        self.factor.solve_in_place(x.as_mut());
+        x
+    }
+}
+
+/// PEFT's float32 inverse check at damping `damp`: ‖Cf·inv(Cf) − I‖_F with an LU inverse.
+fn float32_inverse_error(c: MatRef<'_, f32>, add: f32) -> f64 {
+    let n = c.nrows();
+    let cf = Mat::from_fn(
+        n,
+        n,
+        |i, j| if i == j { c[(i, j)] + add } else { c[(i, j)] },
+    );
+    let inv = cf.partial_piv_lu().inverse();
+    let mut prod = Mat::<f32>::zeros(n, n);
+    faer::linalg::matmul::matmul(
+        prod.as_mut(),
+        Accum::Replace,
+        cf.as_ref(),
+        inv.as_ref(),
+        1.0f32,
+        Par::rayon(0),
+    );
+    let mut err = 0.0f64;
+    for j in 0..n {
+        for i in 0..n {
+            let e = prod[(i, j)] as f64 - if i == j { 1.0 } else { 0.0 };
+            err += e * e;
+        }
+    }
+    err.sqrt()
+}
+
+/// PEFT's damping loop (float32 test, so the same δ), capped; then Cf in float64, factored.
 pub fn damp_covariance(c: MatRef<'_, f32>, module: &str) -> Result<Damped> {
     let n = c.nrows();
     if c.ncols() != n || n == 0 {
@@ -58,41 +145,28 @@ pub fn damp_covariance(c: MatRef<'_, f32>, module: &str) -> Result<Damped> {
     let diag_mean = (0..n).map(|i| c[(i, i)]).sum::<f32>() / n as f32;
     if !diag_mean.is_finite() || (0..n).any(|j| (0..n).any(|i| !c[(i, j)].is_finite())) {
         return Err(CordaError::Numerics(format!(
-            "{module}: the covariance contains NaN or inf; the calibration forward overflowed (try --dtype float32) or the model has NaN weights"
+            "{module}: the covariance contains NaN or inf; the calibration forward overflowed (try the float32 dtype) or the model has NaN weights"
         )));
     }
     let mut damp = DAMP_START;
     for _ in 0..=MAX_DAMP_DOUBLINGS {
-        let add = diag_mean * damp as f32;
-        let cf = Mat::from_fn(
-            n,
-            n,
-            |i, j| if i == j { c[(i, j)] + add } else { c[(i, j)] },
-        );
-        let inv = cf.partial_piv_lu().inverse();
-        let mut prod = Mat::<f32>::zeros(n, n);
-        faer::linalg::matmul::matmul(
-            prod.as_mut(),
-            Accum::Replace,
-            cf.as_ref(),
-            inv.as_ref(),
-            1.0f32,
-            Par::rayon(0),
-        );
-        let mut err = 0.0f64;
-        for j in 0..n {
-            for i in 0..n {
-                let e = prod[(i, j)] as f64 - if i == j { 1.0 } else { 0.0 };
-                err += e * e;
-            }
-        }
-        let err = err.sqrt();
+        let err = float32_inverse_error(c, diag_mean * damp as f32);
         if err < INVERSE_TOLERANCE {
+            let add = damp * (0..n).map(|i| c[(i, i)] as f64).sum::<f64>() / n as f64;
+            let cf = Mat::from_fn(n, n, |i, j| {
+                c[(i, j)] as f64 + if i == j { add } else { 0.0 }
+            });
+            let factor = match cf.llt(Side::Lower) {
+                Ok(llt) => Factor::Llt(llt),
+                Err(_) => Factor::Lu(cf.partial_piv_lu()),
+            };
+            let condition = condition_estimate(cf.as_ref(), &factor);
             return Ok(Damped {
                 cf,
-                inv,
+                factor,
                 damp,
                 inverse_error: err,
+                condition,
             });
         }
         damp *= 2.0;
@@ -102,16 +176,87 @@ pub fn damp_covariance(c: MatRef<'_, f32>, module: &str) -> Result<Damped> {
     )))
 }
 
+/// λ_max/λ_min of a symmetric positive definite matrix by 30 steps of power iteration on `a`
+/// and on its inverse (through the factorization): O(n²) per step, against the O(n³) SVD.
+fn condition_estimate(a: MatRef<'_, f64>, factor: &Factor) -> f64 {
+    let n = a.nrows();
+    let start = || Mat::from_fn(n, 1, |i, _| 1.0 + (i % 7) as f64 / 7.0);
+    let normalize = |v: &mut Mat<f64>| -> f64 {
+        let norm = v.norm_l2();
+        if norm > 0.0 {
+            for i in 0..n {
+                v[(i, 0)] /= norm;
+            }
+        }
+        norm
+    };
+    let mut v = start();
+    normalize(&mut v);
+    let mut lmax = 0.0;
+    for _ in 0..30 {
+        let mut w = Mat::<f64>::zeros(n, 1);
+        faer::linalg::matmul::matmul(w.as_mut(), Accum::Replace, a, v.as_ref(), 1.0, Par::Seq);
+        lmax = normalize(&mut w);
+        v = w;
+    }
+    let mut v = start();
+    normalize(&mut v);
+    let mut inv_lmin = 0.0;
+    for _ in 0..30 {
+        factor.solve_in_place(v.as_mut());
+        inv_lmin = normalize(&mut v);
+    }
+    lmax * inv_lmin
+}
+
+/// How well the kept components are determined (reported per module).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Spectrum {
+    /// Largest singular value of W·Cf.
+    pub sigma_max: f64,
+    /// Smallest kept singular value.
+    pub smallest_kept: f64,
+    /// (σ above the cut − σ below the cut) / σ below the cut; `None` when r = min(d_out, d_in).
+    pub gap_at_cut: Option<f64>,
+    /// Estimated relative error of the kept subspace as computed (float64): the residuals
+    /// ‖(W·Cf)·V_r − U_r·S_r‖, ‖(W·Cf)ᵀ·U_r − V_r·S_r‖ over the absolute gap (Wedin).
+    pub error_estimate: f64,
+    /// How far a float32-sized perturbation of W·Cf (the precision its inputs are stored in)
+    /// could turn the kept subspace: ε₃₂·σ_max/gap. Above ~0.1 the selection is ill-determined
+    /// by the data (KPM's smallest components in a tight cluster).
+    pub sensitivity: f64,
+}
+
 /// The cropped decomposition of one weight (PEFT's `CordaEigens` after cropping): the r kept
-/// singular values and their vectors.
+/// singular values and their vectors, float64.
 pub struct CordaEigens {
     /// (r,), descending.
-    pub s: Vec<f32>,
+    pub s: Vec<f64>,
     /// (d_out, r).
-    pub u: Mat<f32>,
+    pub u: Mat<f64>,
     /// (r, d_in): rows of `Vh·Cf⁻¹` (PEFT's `V_WCᵀ`).
-    pub vt: Mat<f32>,
+    pub vt: Mat<f64>,
     pub damp: f64,
+    /// `None` when read from a decomposition cache.
+    pub spectrum: Option<Spectrum>,
+}
+
+impl CordaEigens {
+    /// Round the kept values and vectors to float32, as a decomposition cache stores them, so a
+    /// run that reuses the cache writes the same bytes as the run that made it. Costs ~1e-7
+    /// relative, the precision the float32 adapter factors are stored in anyway.
+    pub fn round_to_f32(&mut self) {
+        let round = |m: &mut Mat<f64>| {
+            for j in 0..m.ncols() {
+                for i in 0..m.nrows() {
+                    m[(i, j)] = m[(i, j)] as f32 as f64;
+                }
+            }
+        };
+        self.s.iter_mut().for_each(|v| *v = *v as f32 as f64);
+        round(&mut self.u);
+        round(&mut self.vt);
+    }
 }
 
 /// Steps 1–2 plus cropping for weight `w` (d_out × d_in) and covariance `c` (d_in × d_in).
@@ -126,19 +271,9 @@ pub fn corda_eigens(
     corda_eigens_damped(w, &damped, r, mode, module, Par::rayon(0))
 }
 
-fn check_covariance_fits(w: MatRef<'_, f32>, n: usize, module: &str) -> Result<()> {
-    if n != w.ncols() {
-        return Err(CordaError::Invalid(format!(
-            "{module}: covariance is {n}x{n} but the weight has {} inputs; the covariance file belongs to another model",
-            w.ncols()
-        )));
-    }
-    Ok(())
-}
-
 /// Step 2 plus cropping with an already damped covariance. Modules that read the same input
-/// (q/k/v, gate/up) share one covariance, hence one damping loop and one inverse: PEFT runs
-/// the loop per module on identical matrices and gets the same δ and inverse each time.
+/// (q/k/v, gate/up) share one covariance, hence one damping loop and one factorization: PEFT
+/// runs the loop per module on identical matrices and gets the same δ each time.
 /// `par` is the parallelism of the products (the SVD follows faer's global setting).
 pub fn corda_eigens_damped(
     w: MatRef<'_, f32>,
@@ -149,53 +284,98 @@ pub fn corda_eigens_damped(
     par: Par,
 ) -> Result<CordaEigens> {
     let (d_out, d_in) = (w.nrows(), w.ncols());
-    check_covariance_fits(w, damped.cf.nrows(), module)?;
+    if damped.cf.nrows() != d_in {
+        return Err(CordaError::Invalid(format!(
+            "{module}: covariance is {n}x{n} but the weight has {d_in} inputs; the covariance file belongs to another model",
+            n = damped.cf.nrows()
+        )));
+    }
     let k = d_out.min(d_in);
     if r == 0 || r > k {
         return Err(CordaError::Invalid(format!(
-            "{module}: rank {r} is not in 1..={k} (min(d_in, d_out) of its {d_out}x{d_in} weight); lower --r or set a smaller rank for it with --rank_pattern"
+            "{module}: rank {r} is not in 1..={k} (min(d_in, d_out) of its {d_out}x{d_in} weight); lower r or give this module a smaller rank in the rank pattern"
         )));
     }
-    let mut wc = Mat::<f32>::zeros(d_out, d_in);
+    let w64 = Mat::from_fn(d_out, d_in, |i, j| w[(i, j)] as f64);
+    let mut wc = Mat::<f64>::zeros(d_out, d_in);
     faer::linalg::matmul::matmul(
         wc.as_mut(),
         Accum::Replace,
-        w,
+        w64.as_ref(),
         damped.cf.as_ref(),
-        1.0f32,
+        1.0,
         par,
     );
     let svd = wc
         .thin_svd()
         .map_err(|e| CordaError::Numerics(format!("{module}: SVD did not converge ({e:?})")))?;
-    let start = match mode {
-        CordaMode::Ipm => 0,
-        CordaMode::Kpm => k - r,
-    };
     let s_all = svd.S().column_vector();
-    let s: Vec<f32> = (start..start + r).map(|i| s_all[i]).collect();
-    let u = svd.U().subcols(start, r).to_owned();
-    // Vt_r = (V_r)ᵀ · Cf⁻¹
-    let mut vt = Mat::<f32>::zeros(r, d_in);
-    faer::linalg::matmul::matmul(
-        vt.as_mut(),
-        Accum::Replace,
-        svd.V().subcols(start, r).transpose(),
-        damped.inv.as_ref(),
-        1.0f32,
-        par,
-    );
-    if s.iter().any(|v| !v.is_finite()) {
+    if (0..k).any(|i| !s_all[i].is_finite()) {
         return Err(CordaError::Numerics(format!(
             "{module}: singular values are not finite"
         )));
     }
+    let start = mode.start(k, r);
+    let s: Vec<f64> = (start..start + r).map(|i| s_all[i]).collect();
+    let u = svd.U().subcols(start, r).to_owned();
+    let v = svd.V().subcols(start, r);
+    let spectrum = spectrum(wc.as_ref(), s_all, u.as_ref(), v, start, par);
+    // Vt_r = V_rᵀ · Cf⁻¹, by the factorization rather than an explicit inverse.
+    let mut vt = v.transpose().to_owned();
+    damped.factor.rsolve_in_place(vt.as_mut());
     Ok(CordaEigens {
         s,
         u,
         vt,
         damp: damped.damp,
+        spectrum: Some(spectrum),
     })
+}
+
+/// The gap, residual and sensitivity figures of the kept components `start..start + r`.
+fn spectrum(
+    wc: MatRef<'_, f64>,
+    s_all: faer::ColRef<'_, f64>,
+    u: MatRef<'_, f64>,
+    v: MatRef<'_, f64>,
+    start: usize,
+    par: Par,
+) -> Spectrum {
+    let (k, r) = (s_all.nrows(), u.ncols());
+    let sigma_max = s_all[0];
+    let smallest_kept = s_all[start + r - 1];
+    // The cut lies above `start` (KPM) or below `start + r` (IPM).
+    let (above, below) = if start > 0 {
+        (s_all[start - 1], s_all[start])
+    } else if r < k {
+        (s_all[r - 1], s_all[r])
+    } else {
+        (f64::NAN, f64::NAN)
+    };
+    let gap_abs = above - below;
+    let gap_at_cut = gap_abs.is_finite().then(|| gap_abs / below);
+    // Residuals of the kept singular triplets.
+    let mut r1 = Mat::from_fn(u.nrows(), r, |i, j| -u[(i, j)] * s_all[start + j]);
+    faer::linalg::matmul::matmul(r1.as_mut(), Accum::Add, wc, v, 1.0, par);
+    let mut r2 = Mat::from_fn(v.nrows(), r, |i, j| -v[(i, j)] * s_all[start + j]);
+    faer::linalg::matmul::matmul(r2.as_mut(), Accum::Add, wc.transpose(), u, 1.0, par);
+    let residual = r1.norm_l2().hypot(r2.norm_l2());
+    let (error_estimate, sensitivity) = match gap_at_cut {
+        Some(_) if gap_abs > 0.0 => (
+            residual / gap_abs,
+            f32::EPSILON as f64 * sigma_max / gap_abs,
+        ),
+        Some(_) => (f64::INFINITY, f64::INFINITY),
+        // All components kept: the product is W itself, whatever the vectors.
+        None => (residual / sigma_max, 0.0),
+    };
+    Spectrum {
+        sigma_max,
+        smallest_kept,
+        gap_at_cut,
+        error_estimate,
+        sensitivity,
+    }
 }
 
 /// [`corda_eigens_damped`] for several modules at once, one module per thread, each
@@ -243,7 +423,7 @@ pub fn corda_eigens_parallel(
         .collect()
 }
 
-/// The adapter factors and residual weight of one module, all float32.
+/// The adapter factors and residual weight of one module, float32.
 pub struct CordaInit {
     /// (r, d_in)
     pub a: Mat<f32>,
@@ -254,26 +434,61 @@ pub struct CordaInit {
 }
 
 /// Step 3 (PEFT's `corda_init`): scale, split the singular values between A and B, subtract.
+/// Computed in float64 and rounded once.
 pub fn corda_init(w: MatRef<'_, f32>, eigens: &CordaEigens, scaling: f64) -> CordaInit {
     let r = eigens.s.len();
-    let sqrt_s: Vec<f32> = eigens
-        .s
-        .iter()
-        .map(|v| (v / scaling as f32).sqrt())
-        .collect();
+    let sqrt_s: Vec<f64> = eigens.s.iter().map(|v| (v / scaling).sqrt()).collect();
     let a = Mat::from_fn(r, eigens.vt.ncols(), |i, j| eigens.vt[(i, j)] * sqrt_s[i]);
-    let b = Mat::from_fn(eigens.u.nrows(), r, |i, j| eigens.u[(i, j)] * sqrt_s[j]);
-    let sb = Mat::from_fn(b.nrows(), r, |i, j| b[(i, j)] * scaling as f32);
-    let mut residual = w.to_owned();
+    let sb = Mat::from_fn(eigens.u.nrows(), r, |i, j| {
+        eigens.u[(i, j)] * sqrt_s[j] * scaling
+    });
+    let mut residual = Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[(i, j)] as f64);
     faer::linalg::matmul::matmul(
         residual.as_mut(),
         Accum::Add,
         sb.as_ref(),
         a.as_ref(),
-        -1.0f32,
+        -1.0,
         Par::rayon(0),
     );
-    CordaInit { a, b, residual }
+    CordaInit {
+        a: Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[(i, j)] as f32),
+        b: Mat::from_fn(sb.nrows(), r, |i, j| (sb[(i, j)] / scaling) as f32),
+        residual: Mat::from_fn(w.nrows(), w.ncols(), |i, j| residual[(i, j)] as f32),
+    }
+}
+
+/// Why an adapter could never train or carries no information, if it is so: a kept singular
+/// value that is zero or below [`DEGENERATE_FLOOR`] of the largest, or a component whose row of
+/// A and column of B are both all zero (no gradient reaches either). `a` and `b` are the factors
+/// as stored.
+pub fn degeneracy(eigens: &CordaEigens, a: MatRef<'_, f32>, b: MatRef<'_, f32>) -> Option<String> {
+    let sigma_max = eigens.spectrum.map_or(f64::NAN, |s| s.sigma_max);
+    if let Some((i, &s)) = eigens
+        .s
+        .iter()
+        .enumerate()
+        .find(|(_, &s)| !(s > 0.0) || s < DEGENERATE_FLOOR * sigma_max)
+    {
+        return Some(format!(
+            "kept singular value {} of {} is {s:.3e} ({:.1e} of the largest, floor {DEGENERATE_FLOOR:.0e})",
+            i + 1,
+            eigens.s.len(),
+            s / sigma_max
+        ));
+    }
+    let zero_components: Vec<usize> = (0..a.nrows())
+        .filter(|&i| {
+            (0..a.ncols()).all(|j| a[(i, j)] == 0.0) && (0..b.nrows()).all(|j| b[(j, i)] == 0.0)
+        })
+        .collect();
+    (!zero_components.is_empty()).then(|| {
+        format!(
+            "{} of its {} components have all-zero A rows and B columns",
+            zero_components.len(),
+            a.nrows()
+        )
+    })
 }
 
 #[cfg(test)]
@@ -299,7 +514,10 @@ mod tests {
         for mode in [CordaMode::Kpm, CordaMode::Ipm] {
             let e = corda_eigens(w.as_ref(), c.as_ref(), 4, mode, "m").unwrap();
             assert!(e.s.windows(2).all(|p| p[0] >= p[1]));
+            let sp = e.spectrum.unwrap();
+            assert!(sp.error_estimate < 1e-10 && sp.gap_at_cut.unwrap() > 0.0);
             let init = corda_init(w.as_ref(), &e, 2.0);
+            assert!(degeneracy(&e, init.a.as_ref(), init.b.as_ref()).is_none());
             for i in 0..d_out {
                 for j in 0..d_in {
                     let ba: f32 = (0..4).map(|k| init.b[(i, k)] * init.a[(k, j)]).sum();
@@ -314,6 +532,13 @@ mod tests {
         let c = Mat::from_fn(4, 4, |i, j| if i == 0 && j == 0 { 1.0f32 } else { 0.0 });
         let d = damp_covariance(c.as_ref(), "m").unwrap();
         assert!(d.damp >= 0.01 && d.inverse_error < 0.05);
+        // diag(1 + δ/4, δ/4, δ/4, δ/4): condition (1 + δ/4)/(δ/4).
+        let expected = (1.0 + d.damp / 4.0) / (d.damp / 4.0);
+        assert!(
+            (d.condition / expected - 1.0).abs() < 1e-6,
+            "{}",
+            d.condition
+        );
         let nan = Mat::from_fn(3, 3, |_, _| f32::NAN);
         assert!(damp_covariance(nan.as_ref(), "m")
             .err()
@@ -322,6 +547,24 @@ mod tests {
             .contains("NaN"));
         let zero = Mat::<f32>::zeros(3, 3);
         assert!(damp_covariance(zero.as_ref(), "m").is_err());
+    }
+
+    #[test]
+    fn a_zero_weight_is_degenerate() {
+        let w = Mat::<f32>::zeros(4, 6);
+        let c = Mat::<f32>::identity(6, 6);
+        let e = corda_eigens(w.as_ref(), c.as_ref(), 2, CordaMode::Kpm, "m").unwrap();
+        let init = corda_init(w.as_ref(), &e, 1.0);
+        let why = degeneracy(&e, init.a.as_ref(), init.b.as_ref()).unwrap();
+        assert!(why.contains("singular value"), "{why}");
+        // A weight of rank 2 in KPM with r = 3: one kept singular value is (numerically) zero.
+        let w = Mat::from_fn(5, 6, |i, j| if i == j && i < 2 { 1.0f32 } else { 0.0 });
+        let e = corda_eigens(w.as_ref(), c.as_ref(), 3, CordaMode::Kpm, "m").unwrap();
+        let init = corda_init(w.as_ref(), &e, 1.0);
+        assert!(degeneracy(&e, init.a.as_ref(), init.b.as_ref()).is_some());
+        let e = corda_eigens(w.as_ref(), c.as_ref(), 2, CordaMode::Ipm, "m").unwrap();
+        let init = corda_init(w.as_ref(), &e, 1.0);
+        assert!(degeneracy(&e, init.a.as_ref(), init.b.as_ref()).is_none());
     }
 
     #[test]
@@ -338,6 +581,6 @@ mod tests {
         .err()
         .unwrap()
         .to_string();
-        assert!(e.contains("k_proj") && e.contains("--rank_pattern"), "{e}");
+        assert!(e.contains("k_proj") && e.contains("rank pattern"), "{e}");
     }
 }

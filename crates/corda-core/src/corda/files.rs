@@ -5,13 +5,16 @@
 //! Both are written while the layers stream by, so the header (every name and shape) is written
 //! first and the data appended in the same order: nothing is held for the whole model.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use faer::Mat;
 
+use super::decompose::{CordaEigens, CordaMode};
+use super::plan::{Plan, Target};
+use crate::model::InputSite;
 use crate::{CordaError, Result};
 
 /// A float32 safetensors file written entry by entry in a fixed, pre-declared order, into a
@@ -177,4 +180,147 @@ pub fn load_existing(path: &Path, what: &str) -> Result<Option<SavedTensors>> {
         .into_iter()
         .collect();
     Ok(Some((tensors, meta)))
+}
+
+/// What a run reuses instead of computing (PEFT: a cache skips everything, a covariance file
+/// skips the calibration pass).
+pub enum Reused {
+    Nothing,
+    Covariances(HashMap<String, Tensor>),
+    Cache(HashMap<String, Tensor>),
+}
+
+impl Reused {
+    /// Load `cache_file` or else `covariance_file` when it exists, and check that it holds a
+    /// finite entry of the right shape for every target (a cache also the mode and ranks).
+    pub fn load(
+        cache_file: Option<&Path>,
+        covariance_file: Option<&Path>,
+        plan: &Plan,
+        mode: CordaMode,
+    ) -> Result<Self> {
+        if let Some(p) = cache_file {
+            if let Some((t, meta)) = load_existing(p, "decomposition cache")? {
+                let bad = |what: String| {
+                    CordaError::Invalid(format!(
+                        "the decomposition cache {} {what}; delete it to recompute or use another cache file",
+                        p.display()
+                    ))
+                };
+                if let Some(m) = meta.get("corda_method").filter(|m| *m != mode.as_str()) {
+                    return Err(bad(format!(
+                        "was made for {m} but this run is {}",
+                        mode.as_str()
+                    )));
+                }
+                for target in plan.targets() {
+                    let (o, i) = target.shape;
+                    let r = target.rank;
+                    for (key, shape) in [
+                        ("S_WC", vec![r]),
+                        ("U_WC", vec![o, r]),
+                        ("V_WC", vec![i, r]),
+                    ] {
+                        let name = format!("{}.eigens.{key}", target.name);
+                        let found = t.get(&name).ok_or_else(|| bad(format!("lacks {name}")))?;
+                        if found.dims() != shape.as_slice() {
+                            return Err(bad(format!(
+                                "holds {name} with shape {:?} but this run needs {shape:?} (rank {r})",
+                                found.dims()
+                            )));
+                        }
+                        check_values(found, &name, key == "S_WC").map_err(bad)?;
+                    }
+                }
+                return Ok(Self::Cache(t));
+            }
+        }
+        if let Some(p) = covariance_file {
+            if let Some((t, _)) = load_existing(p, "covariance file")? {
+                for target in plan.targets() {
+                    let d = target.shape.1;
+                    let bad = |what: String| {
+                        CordaError::Invalid(format!(
+                            "the covariance file {} {what}; delete it to recompute or pass another covariance file",
+                            p.display()
+                        ))
+                    };
+                    let found = t
+                        .get(&target.name)
+                        .ok_or_else(|| bad(format!("lacks {}", target.name)))?;
+                    if found.dims() != [d, d] {
+                        return Err(bad(format!(
+                            "holds {} with shape {:?} but its input has {d} features",
+                            target.name,
+                            found.dims()
+                        )));
+                    }
+                    check_values(found, &target.name, false).map_err(bad)?;
+                }
+                return Ok(Self::Covariances(t));
+            }
+        }
+        Ok(Self::Nothing)
+    }
+
+    /// Whether the calibration pass must run.
+    pub fn needs_calibration(&self) -> bool {
+        matches!(self, Self::Nothing)
+    }
+
+    /// The covariance of each of `targets`' input sites from a reused covariance file.
+    pub fn covariances(&self, targets: &[Target]) -> Result<BTreeMap<InputSite, Mat<f32>>> {
+        let mut covs = BTreeMap::new();
+        if let Self::Covariances(t) = self {
+            for target in targets {
+                if !covs.contains_key(&target.site) {
+                    covs.insert(target.site, tensor_to_mat(&t[&target.name])?);
+                }
+            }
+        }
+        Ok(covs)
+    }
+
+    /// The cached eigens of `targets` (checked by [`Reused::load`]).
+    pub fn cached_eigens(&self, targets: &[Target]) -> Result<Option<Vec<CordaEigens>>> {
+        let Self::Cache(t) = self else {
+            return Ok(None);
+        };
+        let get = |target: &Target, key: &str| -> Result<Mat<f64>> {
+            let m = tensor_to_mat(&t[&format!("{}.eigens.{key}", target.name)])?;
+            Ok(Mat::from_fn(m.nrows(), m.ncols(), |i, j| m[(i, j)] as f64))
+        };
+        targets
+            .iter()
+            .map(|target| {
+                let s = t[&format!("{}.eigens.S_WC", target.name)]
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_vec1::<f64>()?;
+                Ok(CordaEigens {
+                    s,
+                    u: get(target, "U_WC")?,
+                    vt: get(target, "V_WC")?.transpose().to_owned(),
+                    damp: f64::NAN,
+                    spectrum: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+}
+
+/// Refuse NaN/inf (and, for singular values, negative) entries in a reused file.
+fn check_values(t: &Tensor, name: &str, non_negative: bool) -> std::result::Result<(), String> {
+    let v = t
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| format!("has an unreadable {name} ({e})"))?;
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(format!("holds NaN or inf in {name}"));
+    }
+    if non_negative && v.iter().any(|x| *x < 0.0) {
+        return Err(format!("holds negative singular values in {name}"));
+    }
+    Ok(())
 }

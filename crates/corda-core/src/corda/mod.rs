@@ -1,19 +1,30 @@
-//! The CorDA method: covariance of each target's input, the covariance-oriented SVD, and the
-//! layer-by-layer preprocessing that writes the residual model plus the initial adapter.
+//! The CorDA method, in the order the data flows:
 //!
+//! - [`plan`]: the target modules with their ranks and input sites, checked before any work.
+//! - [`files`]: what an earlier run left to reuse (PEFT's covariance file and cache).
+//! - [`calibration`]: hidden states layer by layer, and the covariance of every input site.
 //! - [`covariance`]: `C = (1/N) Σ (X_n/|max X_n|)ᵀ (X_n/|max X_n|)`.
-//! - [`decompose`]: damping, `svd(W·Cf)`, KPM/IPM cropping, A/B and the residual.
-//! - [`files`]: covariance and decomposition-cache files.
-//! - [`pipeline`]: one decoder layer at a time.
+//! - [`decompose`]: damping, `svd(W·Cf)` in float64, KPM/IPM cropping, A/B and the residual.
+//! - [`init`]: one layer's modules decomposed and initialised, with the degenerate guard.
+//! - [`output`]: the residual model, covariance file, cache and `corda_init/` as they stream.
+//! - [`report`]: per-module figures (δ, condition, gap, error estimate) for the user.
+//! - [`pipeline`]: the driver, one decoder layer at a time.
 
+pub mod calibration;
 pub mod covariance;
 pub mod decompose;
 pub mod files;
+pub mod init;
+pub mod output;
 pub mod pipeline;
+pub mod plan;
+pub mod report;
 
 pub use covariance::{CovarianceAccumulator, CovariancePrecision};
 pub use decompose::{
     corda_eigens, corda_eigens_damped, corda_eigens_parallel, corda_init, damp_covariance,
-    CordaEigens, CordaInit, CordaMode, Damped,
+    degeneracy, CordaEigens, CordaInit, CordaMode, Damped, Spectrum,
 };
-pub use pipeline::{preprocess, ModuleReport, PreprocessOptions, PreprocessReport};
+pub use output::CORDA_INIT_DIR;
+pub use pipeline::{preprocess, PreprocessOptions};
+pub use report::{ModuleReport, PreprocessReport, REPORT_FILE};

@@ -1,0 +1,156 @@
+//! The calibration pass, one layer at a time (PEFT's `calib_cov_distribution` without holding
+//! the whole model): the samples' hidden states at the input of the current layer, advanced
+//! through that layer while the covariance of each of its input sites is collected.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use faer::Mat;
+
+use super::covariance::{CovarianceAccumulator, CovariancePrecision};
+use crate::model::{
+    embed, load_embeddings, AttnContext, DecoderLayer, InputSite, ModelConfig, Observer, Weights,
+};
+use crate::{CordaError, Result};
+
+/// One forward batch: hidden states (batch, seq, hidden) and each sample's real length.
+struct Batch {
+    hidden: Tensor,
+    lengths: Vec<usize>,
+}
+
+impl Batch {
+    fn context(&self, cfg: &ModelConfig, device: &Device) -> Result<AttnContext> {
+        let (b, t, _) = self.hidden.dims3()?;
+        let rows: Vec<Vec<u8>> = self
+            .lengths
+            .iter()
+            .map(|&l| (0..t).map(|j| u8::from(j < l)).collect())
+            .collect();
+        AttnContext::new(cfg, b, t, Some(&rows), device)
+    }
+}
+
+/// The first batch's input and the original layer's output on it, kept to check that residual +
+/// adapter reproduce the layer.
+pub struct LayerProbe {
+    pub input: Tensor,
+    pub context: AttnContext,
+    pub expected: Tensor,
+}
+
+/// The calibration samples' hidden states between layers, kept in float32 or the model's half
+/// dtype.
+pub struct HiddenStates {
+    batches: Vec<Batch>,
+    dtype: DType,
+    pub num_tokens: usize,
+}
+
+/// Feeds a layer's inputs to the accumulators of the sites being collected.
+struct SiteObserver<'a> {
+    accs: &'a mut BTreeMap<InputSite, CovarianceAccumulator>,
+    lengths: &'a [usize],
+}
+
+impl Observer for SiteObserver<'_> {
+    fn observe(&mut self, layer: usize, site: InputSite, input: &Tensor) -> Result<()> {
+        if let Some(acc) = self.accs.get_mut(&site) {
+            acc.add_batch(input, self.lengths, &site_label(layer, site))?;
+        }
+        Ok(())
+    }
+}
+
+fn site_label(layer: usize, site: InputSite) -> String {
+    format!("model.layers.{layer} {site:?} input")
+}
+
+impl HiddenStates {
+    /// Embed the tokenized `samples`, `batch_size` per forward pass (right-padded).
+    pub fn embed(
+        weights: &Weights,
+        cfg: &ModelConfig,
+        samples: &[Vec<u32>],
+        batch_size: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if samples.is_empty() {
+            return Err(CordaError::Data(
+                "no calibration samples: the calibration set is empty".into(),
+            ));
+        }
+        let table = load_embeddings(weights, cfg, dtype, device)?;
+        let mut batches = vec![];
+        let mut num_tokens = 0;
+        for chunk in samples.chunks(batch_size.max(1)) {
+            let lengths: Vec<usize> = chunk.iter().map(Vec::len).collect();
+            if lengths.contains(&0) {
+                return Err(CordaError::Data(
+                    "a calibration sample has no tokens".into(),
+                ));
+            }
+            let tmax = lengths.iter().copied().max().unwrap_or(0);
+            num_tokens += lengths.iter().sum::<usize>();
+            let mut ids = vec![0u32; chunk.len() * tmax];
+            for (b, s) in chunk.iter().enumerate() {
+                if let Some(bad) = s.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+                    return Err(CordaError::Data(format!(
+                        "token id {bad} is outside the model's vocabulary ({}); the tokenizer does not belong to this model",
+                        cfg.vocab_size
+                    )));
+                }
+                ids[b * tmax..b * tmax + s.len()].copy_from_slice(s);
+            }
+            let ids = Tensor::from_vec(ids, (chunk.len(), tmax), device)?;
+            let hidden = embed(&table, &ids)?.to_dtype(dtype)?;
+            batches.push(Batch { hidden, lengths });
+        }
+        Ok(Self {
+            batches,
+            dtype,
+            num_tokens,
+        })
+    }
+
+    /// Run the original `layer` on every batch: collect the covariance of each site in `sites`
+    /// (site → d_in) and advance the hidden states to the next layer's input.
+    pub fn advance(
+        &mut self,
+        layer: &DecoderLayer,
+        cfg: &ModelConfig,
+        sites: &BTreeMap<InputSite, usize>,
+        precision: CovariancePrecision,
+        device: &Device,
+    ) -> Result<(BTreeMap<InputSite, Mat<f32>>, LayerProbe)> {
+        let mut accs: BTreeMap<InputSite, CovarianceAccumulator> = sites
+            .iter()
+            .map(|(&site, &d_in)| (site, CovarianceAccumulator::new(d_in, precision)))
+            .collect();
+        let mut probe = None;
+        for batch in self.batches.iter_mut() {
+            let context = batch.context(cfg, device)?;
+            let input = batch.hidden.to_dtype(DType::F32)?;
+            let mut obs = SiteObserver {
+                accs: &mut accs,
+                lengths: &batch.lengths,
+            };
+            let next = layer.forward(&input, &context, Some(&mut obs))?;
+            batch.hidden = next.to_dtype(self.dtype)?;
+            if probe.is_none() {
+                probe = Some(LayerProbe {
+                    input,
+                    context,
+                    expected: next,
+                });
+            }
+        }
+        let probe = probe.ok_or_else(|| CordaError::Data("no calibration batches".into()))?;
+        let mut covs = BTreeMap::new();
+        for (site, acc) in accs.iter_mut() {
+            covs.insert(*site, acc.finish(&site_label(layer.index, *site))?);
+        }
+        Ok((covs, probe))
+    }
+}
