@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use corda_core::adapter::Adapter;
-use corda_core::corda::{preprocess, CordaMode, PreprocessOptions};
+use corda_core::corda::{
+    preprocess, CordaMode, CovariancePrecision, PreprocessOptions, REPORT_FILE,
+};
 use corda_core::data::{calibration_samples, read_rows, CalibOptions, CalibSampling, Template};
 use corda_core::model::{CausalLM, LoadOptions, TokenizerInfo, Weights};
 
@@ -244,4 +246,134 @@ fn bfloat16_output_keeps_the_identity_within_rounding() {
         serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
             .unwrap();
     assert_eq!(cfg["torch_dtype"], "bfloat16");
+}
+
+/// The fixture model with one projection's weight replaced by zeros: its CorDA adapter has only
+/// zero singular values, so A = B = 0 and it could never train.
+fn model_with_zero_weight(dir: &Path, module: &str) {
+    let src = fixtures().join("base-model");
+    std::fs::create_dir_all(dir).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+    }
+    let mut t = load(&src.join("model.safetensors"));
+    let w = t[module].zeros_like().unwrap();
+    t.insert(module.to_string(), w);
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn degenerate_adapters_are_refused_unless_allowed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    model_with_zero_weight(&model, "model.layers.1.self_attn.k_proj.weight");
+    let s = samples("qa.jsonl", "{question}");
+    let mut opts = PreprocessOptions::new(8);
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let e = preprocess(&model, &s, &opts, Some(&out))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.layers.1.self_attn.k_proj")
+            && e.contains("degenerate")
+            && e.contains("rank pattern")
+            && e.contains("allow_degenerate_adapters"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("layers.0."),
+        "only the zero module is named: {e}"
+    );
+    // Allowed: written, and the report says which module and why.
+    opts.allow_degenerate_adapters = true;
+    let report = preprocess(&model, &s, &opts, Some(&out)).unwrap();
+    let bad: Vec<_> = report
+        .modules
+        .iter()
+        .filter(|m| m.degenerate.is_some())
+        .map(|m| m.name.as_str())
+        .collect();
+    assert_eq!(bad, ["model.layers.1.self_attn.k_proj"]);
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("corda_init").join(REPORT_FILE)).unwrap(),
+    )
+    .unwrap();
+    let k = json["modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "model.layers.1.self_attn.k_proj")
+        .unwrap();
+    assert!(k["degenerate"].as_str().unwrap().contains("singular value"));
+    // IPM on the same model is degenerate too (every singular value of a zero weight is 0).
+    opts.allow_degenerate_adapters = false;
+    opts.mode = CordaMode::Ipm;
+    assert!(preprocess(&model, &s, &opts, None).is_err());
+}
+
+#[test]
+fn the_report_has_every_module_with_its_figures() {
+    let out = tempfile::tempdir().unwrap();
+    let opts = PreprocessOptions::new(8);
+    let report = preprocess(
+        &fixtures().join("base-model"),
+        &samples("qa.jsonl", "{question}"),
+        &opts,
+        Some(out.path()),
+    )
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("corda_init").join(REPORT_FILE)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(json["corda_method"], "kpm");
+    let modules = json["modules"].as_array().unwrap();
+    assert_eq!(modules.len(), 14);
+    for m in modules {
+        assert!(m["damp"].as_f64().unwrap() >= 0.01, "{m}");
+        assert!(m["condition"].as_f64().unwrap() >= 1.0, "{m}");
+        let s = &m["spectrum"];
+        assert!(s["gap_at_cut"].as_f64().unwrap() >= 0.0, "{m}");
+        assert!(s["error_estimate"].as_f64().unwrap() < 1e-6, "{m}");
+        assert!(s["smallest_kept"].as_f64().unwrap() > 0.0, "{m}");
+        assert!(m["degenerate"].is_null(), "{m}");
+    }
+    assert!(report.max_error_estimate().unwrap() < 1e-6);
+}
+
+/// `--use_float16_for_covariance`: the running sum in half precision stays within the bound
+/// documented in docs/peft-compat.md of the float64-summed covariance, and the adapter it gives
+/// still reproduces the model.
+#[test]
+fn half_precision_covariance_meets_its_bound() {
+    let s = samples("qa.jsonl", "{question}");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut covs = vec![];
+    for (i, precision) in [
+        CovariancePrecision::Float32,
+        CovariancePrecision::Half(DType::F16),
+        CovariancePrecision::Half(DType::BF16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut opts = PreprocessOptions::new(8);
+        opts.covariance_precision = precision;
+        opts.covariance_file = Some(tmp.path().join(format!("cov{i}.safetensors")));
+        let report = preprocess(&fixtures().join("base-model"), &s, &opts, None).unwrap();
+        assert!(report.max_deviation() < 1e-5, "{precision:?}");
+        covs.push(load(opts.covariance_file.as_ref().unwrap()));
+    }
+    for (name, exact) in &covs[0] {
+        for (got, bound, what) in [(&covs[1], 2e-3, "float16"), (&covs[2], 1.6e-2, "bfloat16")] {
+            let rel = fro(&(&got[name] - exact).unwrap()) / fro(exact);
+            println!("{what} {name}: {rel:.2e}");
+            assert!(
+                rel < bound,
+                "{what} covariance of {name}: {rel:e} (bound {bound:e})"
+            );
+        }
+    }
 }
