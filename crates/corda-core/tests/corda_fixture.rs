@@ -377,3 +377,106 @@ fn half_precision_covariance_meets_its_bound() {
         }
     }
 }
+
+/// A covariance file or cache records the model and calibration that made it; reusing it with
+/// another model, or with other calibration samples, is refused.
+#[test]
+fn reuse_of_files_from_another_model_or_calibration_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = samples("qa.jsonl", "{question}");
+    let mut opts = PreprocessOptions::new(8);
+    opts.covariance_file = Some(tmp.path().join("cov.safetensors"));
+    opts.cache_file = Some(tmp.path().join("cache.safetensors"));
+    preprocess(&fixtures().join("base-model"), &s, &opts, None).unwrap();
+    let other = tmp.path().join("other");
+    model_with_zero_weight(&other, "model.layers.0.mlp.up_proj.weight");
+    let e = preprocess(&other, &[], &opts, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("another model") && e.contains("cache.safetensors"),
+        "{e}"
+    );
+    opts.cache_file = None;
+    let e = preprocess(&other, &[], &opts, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("another model") && e.contains("cov.safetensors"),
+        "{e}"
+    );
+    let fewer = &s[..8];
+    let e = preprocess(&fixtures().join("base-model"), fewer, &opts, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("other calibration samples"), "{e}");
+    // The same model and samples reuse it; no partial files are left behind.
+    preprocess(&fixtures().join("base-model"), &s, &opts, None).unwrap();
+    let mut names: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["cache.safetensors", "cov.safetensors", "other"]);
+}
+
+/// A damaged decomposition cache (a missing entry, a wrong shape, NaN or negative singular
+/// values, vectors that are no singular vectors) is an error naming the problem, never a
+/// panic or a silently wrong model.
+#[test]
+fn damaged_caches_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache.safetensors");
+    let mut opts = PreprocessOptions::new(8);
+    opts.cache_file = Some(cache.clone());
+    preprocess(
+        &fixtures().join("base-model"),
+        &samples("qa.jsonl", "{question}"),
+        &opts,
+        None,
+    )
+    .unwrap();
+    let good = load(&cache);
+    let m = "model.layers.0.self_attn.q_proj.eigens";
+    type Damage = Box<dyn Fn(&mut HashMap<String, Tensor>)>;
+    let cases: Vec<(&str, Damage)> = vec![
+        ("lacks", Box::new(|t| drop(t.remove(&format!("{m}.U_WC"))))),
+        (
+            "shape",
+            Box::new(|t| {
+                let u = t[&format!("{m}.U_WC")].narrow(1, 0, 4).unwrap();
+                t.insert(format!("{m}.U_WC"), u);
+            }),
+        ),
+        (
+            "NaN",
+            Box::new(|t| {
+                let s = (t[&format!("{m}.S_WC")].clone() * f64::NAN).unwrap();
+                t.insert(format!("{m}.S_WC"), s);
+            }),
+        ),
+        (
+            "negative",
+            Box::new(|t| {
+                let s = t[&format!("{m}.S_WC")].neg().unwrap();
+                t.insert(format!("{m}.S_WC"), s);
+            }),
+        ),
+        (
+            "orthonormal",
+            Box::new(|t| {
+                let u = (t[&format!("{m}.U_WC")].clone() * 2.0).unwrap();
+                t.insert(format!("{m}.U_WC"), u);
+            }),
+        ),
+    ];
+    for (expect, damage) in cases {
+        let mut t = good.clone();
+        damage(&mut t);
+        candle_core::safetensors::save(&t, &cache).unwrap();
+        let e = preprocess(&fixtures().join("base-model"), &[], &opts, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(expect) && e.contains("q_proj"), "{expect}: {e}");
+    }
+}

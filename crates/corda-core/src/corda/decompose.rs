@@ -468,7 +468,7 @@ pub fn degeneracy(eigens: &CordaEigens, a: MatRef<'_, f32>, b: MatRef<'_, f32>) 
         .s
         .iter()
         .enumerate()
-        .find(|(_, &s)| !(s > 0.0) || s < DEGENERATE_FLOOR * sigma_max)
+        .find(|(_, &s)| s.is_nan() || s <= 0.0 || s < DEGENERATE_FLOOR * sigma_max)
     {
         return Some(format!(
             "kept singular value {} of {} is {s:.3e} ({:.1e} of the largest, floor {DEGENERATE_FLOOR:.0e})",

@@ -58,7 +58,9 @@ impl StreamingSafetensors {
         while !text.len().is_multiple_of(8) {
             text.push(' ');
         }
-        let tmp = path.with_extension("safetensors.partial");
+        // Unique per process, so two runs writing the same file never interleave; the rename in
+        // `finish` publishes one whole file.
+        let tmp = path.with_extension(format!("safetensors.partial-{}", std::process::id()));
         let file = std::fs::File::create(&tmp).map_err(|e| CordaError::io(&tmp, e))?;
         let mut out = BufWriter::new(file);
         out.write_all(&(text.len() as u64).to_le_bytes())
@@ -182,6 +184,106 @@ pub fn load_existing(path: &Path, what: &str) -> Result<Option<SavedTensors>> {
     Ok(Some((tensors, meta)))
 }
 
+/// FNV-1a, 64 bit: a stable, dependency-free fingerprint (not a security hash).
+fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+const FNV_OFFSET: u64 = 0xcbf29ce484222325;
+
+/// A fingerprint of a model: its `config.json` and, of every weight file, the size and 16
+/// samples of 4 KiB spread over it. Cheap for a 7B model, and different for another model or
+/// another fine-tune of the same architecture.
+pub fn model_fingerprint(model: &Path) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut files = vec![];
+    if model.is_dir() {
+        let entries = std::fs::read_dir(model).map_err(|e| CordaError::io(model, e))?;
+        for e in entries {
+            let p = e.map_err(|e| CordaError::io(model, e))?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if name == "config.json" || name.ends_with(".safetensors") || name.ends_with(".gguf") {
+                files.push(p);
+            }
+        }
+    } else {
+        files.push(model.to_path_buf());
+    }
+    files.sort();
+    let mut h = FNV_OFFSET;
+    for p in files {
+        let mut f = std::fs::File::open(&p).map_err(|e| CordaError::io(&p, e))?;
+        let len = f.metadata().map_err(|e| CordaError::io(&p, e))?.len();
+        h = fnv1a(
+            h,
+            p.file_name()
+                .map(|n| n.as_encoded_bytes())
+                .unwrap_or_default(),
+        );
+        h = fnv1a(h, &len.to_le_bytes());
+        let mut buf = vec![0u8; 4096];
+        for i in 0..16u64 {
+            let at = (len.saturating_sub(4096)) * i / 15;
+            f.seek(SeekFrom::Start(at))
+                .map_err(|e| CordaError::io(&p, e))?;
+            let n = f.read(&mut buf).map_err(|e| CordaError::io(&p, e))?;
+            h = fnv1a(h, &buf[..n]);
+        }
+    }
+    Ok(format!("{h:016x}"))
+}
+
+/// A fingerprint of the tokenized calibration samples and the covariance precision.
+pub fn calibration_fingerprint(samples: &[Vec<u32>], precision: &str) -> String {
+    let mut h = fnv1a(FNV_OFFSET, precision.as_bytes());
+    for s in samples {
+        h = fnv1a(h, &(s.len() as u64).to_le_bytes());
+        for id in s {
+            h = fnv1a(h, &id.to_le_bytes());
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// What produced a covariance file or cache, kept in its metadata and compared on reuse.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provenance {
+    pub model: String,
+    /// `None` when the run reuses a file and so has no samples of its own.
+    pub calibration: Option<String>,
+}
+
+impl Provenance {
+    pub const MODEL_KEY: &str = "corda_model";
+    pub const CALIBRATION_KEY: &str = "corda_calibration";
+
+    /// The metadata entries to write.
+    pub fn metadata(&self) -> Vec<(&'static str, String)> {
+        let mut m = vec![(Self::MODEL_KEY, self.model.clone())];
+        if let Some(c) = &self.calibration {
+            m.push((Self::CALIBRATION_KEY, c.clone()));
+        }
+        m
+    }
+
+    /// Why a file with metadata `meta` cannot be reused by this run, if it cannot.
+    fn mismatch(&self, meta: &HashMap<String, String>) -> Option<String> {
+        if meta.get(Self::MODEL_KEY).is_some_and(|m| *m != self.model) {
+            return Some("was made from another model".into());
+        }
+        match (meta.get(Self::CALIBRATION_KEY), &self.calibration) {
+            (Some(theirs), Some(ours)) if theirs != ours => {
+                Some("was made from other calibration samples".into())
+            }
+            _ => None,
+        }
+    }
+}
+
 /// What a run reuses instead of computing (PEFT: a cache skips everything, a covariance file
 /// skips the calibration pass).
 pub enum Reused {
@@ -198,6 +300,7 @@ impl Reused {
         covariance_file: Option<&Path>,
         plan: &Plan,
         mode: CordaMode,
+        provenance: &Provenance,
     ) -> Result<Self> {
         if let Some(p) = cache_file {
             if let Some((t, meta)) = load_existing(p, "decomposition cache")? {
@@ -207,6 +310,9 @@ impl Reused {
                         p.display()
                     ))
                 };
+                if let Some(why) = provenance.mismatch(&meta) {
+                    return Err(bad(why));
+                }
                 if let Some(m) = meta.get("corda_method").filter(|m| *m != mode.as_str()) {
                     return Err(bad(format!(
                         "was made for {m} but this run is {}",
@@ -230,21 +336,27 @@ impl Reused {
                             )));
                         }
                         check_values(found, &name, key == "S_WC").map_err(bad)?;
+                        if key == "U_WC" {
+                            check_orthonormal(found, &name).map_err(bad)?;
+                        }
                     }
                 }
                 return Ok(Self::Cache(t));
             }
         }
         if let Some(p) = covariance_file {
-            if let Some((t, _)) = load_existing(p, "covariance file")? {
+            if let Some((t, meta)) = load_existing(p, "covariance file")? {
+                let bad = |what: String| {
+                    CordaError::Invalid(format!(
+                        "the covariance file {} {what}; delete it to recompute or pass another covariance file",
+                        p.display()
+                    ))
+                };
+                if let Some(why) = provenance.mismatch(&meta) {
+                    return Err(bad(why));
+                }
                 for target in plan.targets() {
                     let d = target.shape.1;
-                    let bad = |what: String| {
-                        CordaError::Invalid(format!(
-                            "the covariance file {} {what}; delete it to recompute or pass another covariance file",
-                            p.display()
-                        ))
-                    };
                     let found = t
                         .get(&target.name)
                         .ok_or_else(|| bad(format!("lacks {}", target.name)))?;
@@ -273,8 +385,8 @@ impl Reused {
         let mut covs = BTreeMap::new();
         if let Self::Covariances(t) = self {
             for target in targets {
-                if !covs.contains_key(&target.site) {
-                    covs.insert(target.site, tensor_to_mat(&t[&target.name])?);
+                if let std::collections::btree_map::Entry::Vacant(e) = covs.entry(target.site) {
+                    e.insert(tensor_to_mat(&t[&target.name])?);
                 }
             }
         }
@@ -307,6 +419,23 @@ impl Reused {
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }
+}
+
+/// The left singular vectors of a cache have orthonormal columns (to float32 rounding); vectors
+/// that do not were damaged or belong to no decomposition.
+fn check_orthonormal(t: &Tensor, name: &str) -> std::result::Result<(), String> {
+    let u = tensor_to_mat(t).map_err(|e| format!("has an unreadable {name} ({e})"))?;
+    let gram = u.transpose() * &u;
+    let worst = (0..gram.ncols())
+        .flat_map(|j| (0..gram.nrows()).map(move |i| (i, j)))
+        .map(|(i, j)| (gram[(i, j)] - if i == j { 1.0 } else { 0.0 }).abs())
+        .fold(0.0f32, f32::max);
+    if worst.is_nan() || worst > 1e-3 {
+        return Err(format!(
+            "holds {name} whose columns are not orthonormal (off by {worst:.1e})"
+        ));
+    }
+    Ok(())
 }
 
 /// Refuse NaN/inf (and, for singular values, negative) entries in a reused file.

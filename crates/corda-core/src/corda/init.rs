@@ -24,6 +24,39 @@ pub enum EigenSource<'a> {
     Cached(Vec<CordaEigens>),
 }
 
+/// Tolerated relative deviation of residual + adapter from the original, by dtype.
+pub fn deviation_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 | DType::F64 => 1e-3,
+        DType::F16 => 2e-2,
+        _ => 8e-2,
+    }
+}
+
+/// The weight-level identity: max|W − (W_res + s·B·A)| relative to max|W|, on every path (a
+/// reused cache included), so a broken decomposition never reaches the files.
+fn weight_identity(w: &Mat<f32>, m: &ModuleInit, scaling: f64) -> Result<f64> {
+    let residual = tensor_to_mat(&m.residual)?;
+    let (a, b) = (tensor_to_mat(&m.a)?, tensor_to_mat(&m.b)?);
+    let mut sum = residual;
+    faer::linalg::matmul::matmul(
+        sum.as_mut(),
+        faer::Accum::Add,
+        b.as_ref(),
+        a.as_ref(),
+        scaling as f32,
+        faer::Par::Seq,
+    );
+    let (mut dev, mut scale) = (0.0f64, 0.0f64);
+    for j in 0..w.ncols() {
+        for i in 0..w.nrows() {
+            dev = dev.max((w[(i, j)] - sum[(i, j)]).abs() as f64);
+            scale = scale.max(w[(i, j)].abs() as f64);
+        }
+    }
+    Ok(dev / scale.max(1e-30))
+}
+
 /// One module's initial adapter and residual weight.
 pub struct ModuleInit {
     pub eigens: CordaEigens,
@@ -109,13 +142,22 @@ pub fn init_layer(
             spectrum: eigens.spectrum,
             degenerate,
         };
-        out.push(ModuleInit {
+        let init = ModuleInit {
             eigens,
             a,
             b,
             residual,
             report,
-        });
+        };
+        let dev = weight_identity(w, &init, t.scaling)?;
+        if dev.is_nan() || dev > deviation_tolerance(dtype) {
+            return Err(CordaError::Numerics(format!(
+                "{}: residual + s·B·A deviates from the weight by {dev:.3e} of max|W| (expected below {:.0e}); the decomposition (or a reused cache) is broken: delete the cache file, check the model for NaN/huge weights",
+                t.name,
+                deviation_tolerance(dtype)
+            )));
+        }
+        out.push(init);
     }
     let bad: Vec<String> = out
         .iter()

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use faer::Mat;
 
-use super::files::{mat_data, StreamingSafetensors};
+use super::files::{mat_data, Provenance, StreamingSafetensors};
 use super::init::ModuleInit;
 use super::plan::{Plan, Target};
 use super::report::PreprocessReport;
@@ -43,15 +43,18 @@ impl<'a> Outputs<'a> {
         plan: &Plan,
         covariance_file: Option<&Path>,
         cache_file: Option<(&Path, &str)>,
+        provenance: &Provenance,
         dtype: DType,
     ) -> Result<Self> {
+        let mut metadata = provenance.metadata();
+        metadata.push(("format", "pt".into()));
         let covariances = covariance_file
             .map(|p| {
                 let entries: Vec<(String, Vec<usize>)> = plan
                     .targets()
                     .map(|t| (t.name.clone(), vec![t.shape.1, t.shape.1]))
                     .collect();
-                StreamingSafetensors::create(p, &entries, &[("format", "pt".into())])
+                StreamingSafetensors::create(p, &entries, &metadata)
             })
             .transpose()?;
         let cache = cache_file
@@ -63,11 +66,9 @@ impl<'a> Outputs<'a> {
                     entries.push((format!("{}.eigens.U_WC", t.name), vec![o, r]));
                     entries.push((format!("{}.eigens.V_WC", t.name), vec![i, r]));
                 }
-                StreamingSafetensors::create(
-                    p,
-                    &entries,
-                    &[("format", "pt".into()), ("corda_method", mode.into())],
-                )
+                let mut metadata = metadata.clone();
+                metadata.push(("corda_method", mode.into()));
+                StreamingSafetensors::create(p, &entries, &metadata)
             })
             .transpose()?;
         Ok(Self {

@@ -23,8 +23,8 @@ use candle_core::{DType, Device};
 use super::calibration::{HiddenStates, LayerProbe};
 use super::covariance::CovariancePrecision;
 use super::decompose::CordaMode;
-use super::files::Reused;
-use super::init::{init_layer, target_weights, EigenSource, ModuleInit};
+use super::files::{calibration_fingerprint, model_fingerprint, Provenance, Reused};
+use super::init::{deviation_tolerance, init_layer, target_weights, EigenSource, ModuleInit};
 use super::output::Outputs;
 use super::plan::{Plan, Target};
 use super::report::PreprocessReport;
@@ -113,15 +113,6 @@ impl PreprocessOptions {
     }
 }
 
-/// Tolerated relative deviation of residual + adapter from the original layer, by dtype.
-fn deviation_tolerance(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 | DType::F64 => 1e-3,
-        DType::F16 => 2e-2,
-        _ => 8e-2,
-    }
-}
-
 /// Phase 3: the layer with residual weights and adapters reproduces the original layer's
 /// output on the probe batch; returns the relative deviation.
 fn identity_check(
@@ -184,11 +175,17 @@ pub fn preprocess(
     let device = &opts.device;
     let adapter_cfg = opts.adapter_config();
     let plan = Plan::new(&cfg, &adapter_cfg)?;
+    let provenance = Provenance {
+        model: model_fingerprint(model_dir)?,
+        calibration: (!samples.is_empty())
+            .then(|| calibration_fingerprint(samples, &format!("{:?}", opts.covariance_precision))),
+    };
     let reused = Reused::load(
         opts.cache_file.as_deref(),
         opts.covariance_file.as_deref(),
         &plan,
         opts.mode,
+        &provenance,
     )?;
     let calibrate = reused.needs_calibration();
     let mut hidden = match calibrate {
@@ -211,6 +208,7 @@ pub fn preprocess(
             .as_deref()
             .filter(|_| !matches!(reused, Reused::Cache(_)))
             .map(|p| (p, opts.mode.as_str())),
+        &provenance,
         dtype,
     )?;
     let names = weights.names();
