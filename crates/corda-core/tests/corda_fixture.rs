@@ -438,7 +438,7 @@ fn damaged_caches_are_refused() {
     .unwrap();
     let good = load(&cache);
     let m = "model.layers.0.self_attn.q_proj.eigens";
-    type Damage = Box<dyn Fn(&mut HashMap<String, Tensor>)>;
+    type Damage<'a> = Box<dyn Fn(&mut HashMap<String, Tensor>) + 'a>;
     let cases: Vec<(&str, Damage)> = vec![
         ("lacks", Box::new(|t| drop(t.remove(&format!("{m}.U_WC"))))),
         (
