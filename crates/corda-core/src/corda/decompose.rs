@@ -120,7 +120,7 @@ fn float32_inverse_error(c: MatRef<'_, f32>, add: f32) -> f64 {
         cf.as_ref(),
         inv.as_ref(),
         1.0f32,
-        Par::rayon(0),
+        faer::get_global_parallelism(),
     );
     let mut err = 0.0f64;
     for j in 0..n {
@@ -376,51 +376,6 @@ fn spectrum(
         error_estimate,
         sensitivity,
     }
-}
-
-/// [`corda_eigens_damped`] for several modules at once, one module per thread, each
-/// single-threaded. faer's SVD gains little from a second core (8.4 s on two threads against
-/// 10.2 s on one for a 4-layer, 1024-wide model), while independent SVDs scale with the cores.
-/// Every module is computed sequentially whatever the thread count, so the results do not depend
-/// on the machine. Results come back in the order of `jobs`.
-pub fn corda_eigens_parallel(
-    jobs: &[(MatRef<'_, f32>, &Damped, usize, &str)],
-    mode: CordaMode,
-) -> Result<Vec<CordaEigens>> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Mutex;
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(jobs.len())
-        .max(1);
-    // Largest first, so the last job to start is a small one.
-    let mut order: Vec<usize> = (0..jobs.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(jobs[i].0.nrows() * jobs[i].0.ncols()));
-    let next = AtomicUsize::new(0);
-    let results: Vec<Mutex<Option<Result<CordaEigens>>>> =
-        jobs.iter().map(|_| Mutex::new(None)).collect();
-    let previous = faer::get_global_parallelism();
-    faer::set_global_parallelism(Par::Seq);
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&i) = order.get(k) else { break };
-                let (w, damped, r, module) = jobs[i];
-                let out = corda_eigens_damped(w, damped, r, mode, module, Par::Seq);
-                *results[i].lock().expect("no poisoned job") = Some(out);
-            });
-        }
-    });
-    faer::set_global_parallelism(previous);
-    results
-        .into_iter()
-        .map(|m| {
-            m.into_inner()
-                .expect("no poisoned job")
-                .expect("every job ran")
-        })
-        .collect()
 }
 
 /// The adapter factors and residual weight of one module, float32.

@@ -2,13 +2,14 @@
 //! input site, the modules' SVDs side by side, then A, B and the residual of each module, with
 //! the degenerate-adapter guard.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Condvar, Mutex};
 
 use candle_core::{DType, Device, Tensor};
-use faer::Mat;
+use faer::{Mat, Par};
 
 use super::decompose::{
-    corda_eigens_parallel, corda_init, damp_covariance, degeneracy, CordaEigens, CordaMode, Damped,
+    corda_eigens_damped, corda_init, damp_covariance, degeneracy, CordaEigens, CordaMode, Damped,
 };
 use super::files::{mat_to_tensor, tensor_to_mat};
 use super::plan::Target;
@@ -17,9 +18,9 @@ use crate::model::{DecoderLayer, InputSite};
 use crate::{CordaError, Result};
 
 /// Where a layer's decomposition comes from.
-pub enum EigenSource<'a> {
+pub enum EigenSource {
     /// Covariances of the layer's input sites: damp and decompose.
-    Covariances(&'a BTreeMap<InputSite, Mat<f32>>),
+    Covariances(BTreeMap<InputSite, Mat<f32>>),
     /// Already cropped eigens from a decomposition cache, in target order.
     Cached(Vec<CordaEigens>),
 }
@@ -84,12 +85,147 @@ pub fn target_weights(layer: &DecoderLayer, targets: &[Target]) -> Result<Vec<Ma
         .collect()
 }
 
+/// One unit of a layer's decomposition.
+#[derive(Clone, Copy)]
+enum Task {
+    /// The damping loop of an input site.
+    Damp(InputSite),
+    /// The SVD and crop of module i, once its site is damped.
+    Eigens(usize),
+}
+
+/// A layer's decomposition as a task graph on the machine's cores: the damping loop of each
+/// input site, then the SVD of each module that reads it as soon as the site is damped (damping
+/// first, since it gates the rest; then the largest SVD first). One task per thread, each
+/// single-threaded: independent decompositions scale with the cores while faer's SVD gains
+/// little from a second one, and the results do not depend on the core count.
+fn layer_eigens(
+    targets: &[Target],
+    weights: &[Mat<f32>],
+    covs: &BTreeMap<InputSite, Mat<f32>>,
+    mode: CordaMode,
+) -> Result<(Vec<CordaEigens>, BTreeMap<InputSite, Arc<Damped>>)> {
+    struct State {
+        ready: Vec<Task>,
+        damped: BTreeMap<InputSite, Arc<Damped>>,
+        eigens: Vec<Option<CordaEigens>>,
+        left: usize,
+        error: Option<CordaError>,
+    }
+    let sites: BTreeSet<InputSite> = targets.iter().map(|t| t.site).collect();
+    for t in targets {
+        if !covs.contains_key(&t.site) {
+            return Err(CordaError::Invalid(format!(
+                "no covariance for the input of {}",
+                t.name
+            )));
+        }
+    }
+    let cost = |task: &Task| -> (bool, usize) {
+        match *task {
+            Task::Damp(site) => (true, covs[&site].nrows().pow(3)),
+            Task::Eigens(i) => {
+                let (o, n) = targets[i].shape;
+                (false, o * n * o.min(n))
+            }
+        }
+    };
+    let state = Mutex::new(State {
+        ready: sites.iter().map(|&s| Task::Damp(s)).collect(),
+        damped: BTreeMap::new(),
+        eigens: targets.iter().map(|_| None).collect(),
+        left: sites.len() + targets.len(),
+        error: None,
+    });
+    let wake = Condvar::new();
+    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let previous = faer::get_global_parallelism();
+    faer::set_global_parallelism(Par::Seq);
+    std::thread::scope(|scope| {
+        for _ in 0..workers.min(targets.len()) {
+            scope.spawn(|| loop {
+                let (task, damped) = {
+                    let mut st = lock();
+                    loop {
+                        if st.error.is_some() || st.left == 0 {
+                            return;
+                        }
+                        let best = (0..st.ready.len()).max_by_key(|&i| cost(&st.ready[i]));
+                        if let Some(i) = best {
+                            let task = st.ready.swap_remove(i);
+                            let damped = match task {
+                                Task::Eigens(m) => st.damped.get(&targets[m].site).cloned(),
+                                Task::Damp(_) => None,
+                            };
+                            break (task, damped);
+                        }
+                        st = wake.wait(st).unwrap_or_else(|p| p.into_inner());
+                    }
+                };
+                match (task, damped) {
+                    (Task::Damp(site), _) => {
+                        let name = &targets
+                            .iter()
+                            .find(|t| t.site == site)
+                            .expect("site of a target")
+                            .name;
+                        let result = damp_covariance(covs[&site].as_ref(), name);
+                        let mut st = lock();
+                        match result {
+                            Ok(d) => {
+                                st.damped.insert(site, Arc::new(d));
+                                let next = (0..targets.len()).filter(|&i| targets[i].site == site);
+                                st.ready.extend(next.map(Task::Eigens));
+                            }
+                            Err(e) => st.error = Some(e),
+                        }
+                        st.left -= 1;
+                    }
+                    (Task::Eigens(i), Some(d)) => {
+                        let t = &targets[i];
+                        let result = corda_eigens_damped(
+                            weights[i].as_ref(),
+                            &d,
+                            t.rank,
+                            mode,
+                            &t.name,
+                            Par::Seq,
+                        );
+                        let mut st = lock();
+                        match result {
+                            Ok(e) => st.eigens[i] = Some(e),
+                            Err(e) => st.error = Some(e),
+                        }
+                        st.left -= 1;
+                    }
+                    (Task::Eigens(_), None) => {
+                        unreachable!("an SVD task is queued only after its site is damped")
+                    }
+                }
+                wake.notify_all();
+            });
+        }
+    });
+    faer::set_global_parallelism(previous);
+    let st = state.into_inner().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = st.error {
+        return Err(e);
+    }
+    let eigens = st
+        .eigens
+        .into_iter()
+        .map(|e| e.expect("every task ran"))
+        .collect();
+    Ok((eigens, st.damped))
+}
+
 /// Decompose and initialise every target of a layer. Unless `allow_degenerate`, a module whose
 /// adapter is degenerate ([`degeneracy`]) is an error naming it and what to do.
 pub fn init_layer(
     targets: &[Target],
     weights: &[Mat<f32>],
-    source: EigenSource<'_>,
+    source: EigenSource,
     mode: CordaMode,
     dtype: DType,
     allow_degenerate: bool,
@@ -97,21 +233,7 @@ pub fn init_layer(
     let (all_eigens, damped) = match source {
         EigenSource::Cached(e) => (e, BTreeMap::new()),
         EigenSource::Covariances(covs) => {
-            let mut damped: BTreeMap<InputSite, Damped> = BTreeMap::new();
-            for t in targets {
-                if let std::collections::btree_map::Entry::Vacant(e) = damped.entry(t.site) {
-                    let c = covs.get(&t.site).ok_or_else(|| {
-                        CordaError::Invalid(format!("no covariance for the input of {}", t.name))
-                    })?;
-                    e.insert(damp_covariance(c.as_ref(), &t.name)?);
-                }
-            }
-            let jobs: Vec<_> = targets
-                .iter()
-                .zip(weights)
-                .map(|(t, w)| (w.as_ref(), &damped[&t.site], t.rank, t.name.as_str()))
-                .collect();
-            let mut eigens = corda_eigens_parallel(&jobs, mode)?;
+            let (mut eigens, damped) = layer_eigens(targets, weights, &covs, mode)?;
             eigens.iter_mut().for_each(CordaEigens::round_to_f32);
             (eigens, damped)
         }

@@ -22,8 +22,8 @@ pub mod report;
 
 pub use covariance::{CovarianceAccumulator, CovariancePrecision};
 pub use decompose::{
-    corda_eigens, corda_eigens_damped, corda_eigens_parallel, corda_init, damp_covariance,
-    degeneracy, CordaEigens, CordaInit, CordaMode, Damped, Spectrum,
+    corda_eigens, corda_eigens_damped, corda_init, damp_covariance, degeneracy, CordaEigens,
+    CordaInit, CordaMode, Damped, Spectrum,
 };
 pub use output::CORDA_INIT_DIR;
 pub use pipeline::{preprocess, PreprocessOptions};

@@ -151,6 +151,14 @@ fn identity_check(
     Ok(rel)
 }
 
+/// A layer whose decomposition runs on a background thread while the next layer calibrates.
+struct InFlight {
+    index: usize,
+    layer: DecoderLayer,
+    probe: Option<LayerProbe>,
+    job: std::thread::JoinHandle<Result<Vec<ModuleInit>>>,
+}
+
 /// The input sites of `targets` with their widths.
 fn sites(targets: &[Target]) -> BTreeMap<InputSite, usize> {
     targets.iter().map(|t| (t.site, t.shape.1)).collect()
@@ -212,7 +220,7 @@ pub fn preprocess(
         dtype,
     )?;
     let names = weights.names();
-    let targets: BTreeSet<String> = plan
+    let target_names: BTreeSet<String> = plan
         .targets()
         .map(|t| format!("{}.weight", t.name))
         .collect();
@@ -228,11 +236,55 @@ pub fn preprocess(
     let pb = opts
         .progress
         .then(|| progress_bar(cfg.num_hidden_layers as u64, "layers"));
+    // Phases 3 and 4 of a layer whose decomposition ran in the background.
+    let mut finish =
+        |done: InFlight, phases: &mut PhaseReport, outputs: &mut Outputs| -> Result<()> {
+            let t = Instant::now();
+            let inits = done.job.join().map_err(|_| {
+                CordaError::Numerics(format!(
+                    "layer {}: the decomposition thread panicked",
+                    done.index
+                ))
+            })??;
+            phases.add("decomposition (not overlapped)", t.elapsed());
+            let targets = &plan.layers[done.index];
+            if let Some(probe) = &done.probe {
+                let t = Instant::now();
+                layer_deviation.push(identity_check(
+                    &done.layer,
+                    targets,
+                    &inits,
+                    probe,
+                    dtype,
+                    device,
+                )?);
+                phases.add("identity check", t.elapsed());
+            }
+            let t = Instant::now();
+            for (target, m) in targets.iter().zip(&inits) {
+                outputs.module(&target.name, m)?;
+            }
+            let prefix = format!("model.layers.{}.", done.index);
+            outputs.copy_tensors(
+                &weights,
+                names
+                    .iter()
+                    .filter(|n| n.starts_with(&prefix) && !target_names.contains(*n)),
+            )?;
+            modules.extend(inits.into_iter().map(|m| m.report));
+            phases.add("write", t.elapsed());
+            if let Some(pb) = &pb {
+                pb.inc(1);
+            }
+            Ok(())
+        };
+    let mut in_flight: Option<InFlight> = None;
     for (l, layer_targets) in plan.layers.iter().enumerate() {
         let layer = phases.time("load layer", || {
             DecoderLayer::load(&weights, &cfg, l, dtype, device)
         })?;
-        // 1. Covariances of this layer's input sites, while advancing the hidden states.
+        // 1. Covariances of this layer's input sites, while advancing the hidden states (and
+        //    while the previous layer decomposes).
         let t = Instant::now();
         let (covs, probe) = match hidden.as_mut() {
             Some(h) => {
@@ -249,56 +301,33 @@ pub fn preprocess(
         };
         outputs.covariances(layer_targets, &covs)?;
         phases.add("calibration forward + covariance", t.elapsed());
-
-        // 2. Damping, decomposition and corda_init of every target.
-        let t = Instant::now();
+        // 3–4 of the previous layer, in layer order.
+        if let Some(done) = in_flight.take() {
+            finish(done, &mut phases, &mut outputs)?;
+        }
+        // 2. Damping, decomposition and corda_init, in the background.
         let source = match reused.cached_eigens(layer_targets)? {
             Some(eigens) => EigenSource::Cached(eigens),
-            None => EigenSource::Covariances(&covs),
+            None => EigenSource::Covariances(covs),
         };
         let w = target_weights(&layer, layer_targets)?;
-        let inits = init_layer(
-            layer_targets,
-            &w,
-            source,
+        let (targets, mode, allow) = (
+            layer_targets.clone(),
             opts.mode,
-            dtype,
             opts.allow_degenerate_adapters,
-        )?;
-        phases.add("decomposition (damping, SVD, solve)", t.elapsed());
-
-        // 3. Identity check.
-        if let Some(probe) = &probe {
-            let t = Instant::now();
-            layer_deviation.push(identity_check(
-                &layer,
-                layer_targets,
-                &inits,
-                probe,
-                dtype,
-                device,
-            )?);
-            phases.add("identity check", t.elapsed());
-        }
-
-        // 4. Residual weights, adapter, cache entries; the layer's other tensors unchanged.
-        let t = Instant::now();
-        for (target, m) in layer_targets.iter().zip(&inits) {
-            outputs.module(&target.name, m)?;
-        }
-        let prefix = format!("model.layers.{l}.");
-        outputs.copy_tensors(
-            &weights,
-            names
-                .iter()
-                .filter(|n| n.starts_with(&prefix) && !targets.contains(*n)),
-        )?;
-        modules.extend(inits.into_iter().map(|m| m.report));
-        phases.add("write", t.elapsed());
-        if let Some(pb) = &pb {
-            pb.inc(1);
-        }
+        );
+        let job = std::thread::spawn(move || init_layer(&targets, &w, source, mode, dtype, allow));
+        in_flight = Some(InFlight {
+            index: l,
+            layer,
+            probe,
+            job,
+        });
     }
+    if let Some(done) = in_flight.take() {
+        finish(done, &mut phases, &mut outputs)?;
+    }
+    drop(finish);
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
