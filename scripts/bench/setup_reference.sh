@@ -19,7 +19,7 @@ fi
 "$VENV/bin/python" -m pip install --upgrade pip
 # peft >= 0.15 has CorDA (preprocess_corda); its corda.py imports `attr` (attrs), which peft does
 # not declare. Versions are recorded by the harness.
-"$VENV/bin/python" -m pip install "torch>=2.3" "transformers>=4.45" "peft>=0.15" safetensors accelerate psutil attrs
+"$VENV/bin/python" -m pip install "torch>=2.3" "transformers>=4.45" "peft>=0.15" safetensors accelerate psutil attrs gguf
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, peft, safetensors
 from peft.tuners.lora.corda import preprocess_corda  # noqa: F401  (fails loudly if peft lacks CorDA)

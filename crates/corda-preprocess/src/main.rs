@@ -384,16 +384,19 @@ fn run(args: Args) -> Result<()> {
         damps.iter().copied().fold(f64::INFINITY, f64::min),
         damps.iter().copied().fold(0.0, f64::max),
     );
-    for m in report
+    let damped: Vec<_> = report
         .modules
         .iter()
         .filter(|m| m.damp.is_some_and(|d| d > 0.01))
-    {
+        .collect();
+    if !damped.is_empty() {
         eprintln!(
-            "  {}: damping δ = {} (covariance poorly conditioned; more or longer samples help)",
-            m.name,
-            m.damp.unwrap_or(0.0)
+            "  {} modules needed δ > 0.01 (covariance poorly conditioned; more or longer samples help), e.g.:",
+            damped.len()
         );
+    }
+    for m in damped.iter().take(5) {
+        eprintln!("    {}: δ = {}", m.name, m.damp.unwrap_or(0.0));
     }
     if !report.layer_deviation.is_empty() {
         eprintln!("identity check: residual + adapter vs original layer, largest relative deviation {:.2e}", report.max_deviation());
