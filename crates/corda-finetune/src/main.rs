@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::Parser;
+use corda_cli::{parse_bool, parse_device};
 use corda_core::adapter::Adapter;
 use corda_core::data::{build_sft_examples, load_rows, SftOptions, Split};
 use corda_core::model::{resolve_model_dir, CausalLM, LoadOptions, TokenizerInfo};
@@ -16,20 +17,7 @@ use corda_core::train::{
     plain_lora_adapter, resolve_resume, target_tokens, LossNormalization, ResumeFrom, SaveStrategy,
     SchedulerType, TrainConfig, Trainer,
 };
-use corda_core::util::cli::{expand_config_args, parse_bool, parse_device};
 use corda_core::util::PhaseReport;
-
-fn parse_scheduler(s: &str) -> Result<SchedulerType, String> {
-    s.parse().map_err(|e: corda_core::CordaError| e.to_string())
-}
-
-fn parse_save_strategy(s: &str) -> Result<SaveStrategy, String> {
-    s.parse().map_err(|e: corda_core::CordaError| e.to_string())
-}
-
-fn parse_loss_norm(s: &str) -> Result<LossNormalization, String> {
-    s.parse().map_err(|e: corda_core::CordaError| e.to_string())
-}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,37 +48,28 @@ struct Args {
     // ---------------------------------------------------------------- model
     /// The model directory (or cached hub id). In CorDA mode: the output of corda-preprocess
     /// (the residual model, with the initial adapter in <dir>/corda_init).
-    #[arg(
-        long = "model_name_or_path",
-        alias = "model-name-or-path",
-        help_heading = "Model"
-    )]
+    #[arg(long = "model_name_or_path", help_heading = "Model")]
     model_name_or_path: String,
 
     /// Train the CorDA adapter in <model_name_or_path>/corda_init. With false, train a fresh
     /// plain LoRA of rank --lora_r on the unmodified model (the paper's baseline).
-    #[arg(long = "corda_mode", alias = "corda-mode", num_args = 0..=1, default_value = "true",
+    #[arg(long = "corda_mode", num_args = 0..=1, default_value = "true",
           default_missing_value = "true", value_parser = parse_bool, help_heading = "Model")]
     corda_mode: bool,
 
     /// Rank of the plain LoRA when --corda_mode false (lora_alpha = r, all seven projections;
     /// A Kaiming-uniform seeded by --seed, B = 0).
-    #[arg(long = "lora_r", alias = "lora-r", help_heading = "Model")]
+    #[arg(long = "lora_r", help_heading = "Model")]
     lora_r: Option<usize>,
 
     /// Where tokenizer.json is, when the model directory has none [default: the model directory,
     /// then the adapter's base_model_name_or_path].
-    #[arg(
-        long = "tokenizer_name_or_path",
-        alias = "tokenizer-name-or-path",
-        help_heading = "Model"
-    )]
+    #[arg(long = "tokenizer_name_or_path", help_heading = "Model")]
     tokenizer_name_or_path: Option<String>,
 
     /// Maximum tokens of prompt and of prompt + response (longer texts are truncated).
     #[arg(
         long = "model_max_length",
-        alias = "model-max-length",
         default_value_t = 512,
         help_heading = "Model"
     )]
@@ -109,7 +88,7 @@ struct Args {
 
     /// Accepted for compatibility; a no-op: candle keeps every activation until backward (the
     /// LoRA-only gradients already keep memory small).
-    #[arg(long = "gradient_checkpointing", alias = "gradient-checkpointing", num_args = 0..=1,
+    #[arg(long = "gradient_checkpointing", num_args = 0..=1,
           default_value = "false", default_missing_value = "true", value_parser = parse_bool,
           help_heading = "Model")]
     gradient_checkpointing: bool,
@@ -121,61 +100,50 @@ struct Args {
     // ---------------------------------------------------------------- data
     /// Training data: a hub dataset id from the local cache (its parquet files), or a local
     /// .parquet / .jsonl / .json file or directory.
-    #[arg(long = "data_path", alias = "data-path", help_heading = "Data")]
+    #[arg(long = "data_path", help_heading = "Data")]
     data_path: String,
 
     /// Split and slice, as in `datasets`: train, train[:N], train[N:M], train[:10%].
     #[arg(
         long = "dataset_split",
-        alias = "dataset-split",
         default_value = "train[:100000]",
         help_heading = "Data"
     )]
     dataset_split: String,
 
     /// The query and response columns (e.g. `query response` for MetaMathQA).
-    #[arg(long = "dataset_field", alias = "dataset-field", num_args = 2, value_names = ["QUERY", "RESPONSE"], action = clap::ArgAction::Set,
+    #[arg(long = "dataset_field", num_args = 2, value_names = ["QUERY", "RESPONSE"], action = clap::ArgAction::Set,
           required = true, help_heading = "Data")]
     dataset_field: Vec<String>,
 
     /// Accepted for compatibility with the reference script (tokenization is parallel anyway).
-    #[arg(
-        long = "dataloader_num_proc",
-        alias = "dataloader-num-proc",
-        hide = true
-    )]
+    #[arg(long = "dataloader_num_proc", hide = true)]
     dataloader_num_proc: Option<usize>,
     /// Accepted for compatibility with the reference script.
-    #[arg(
-        long = "dataloader_batch_size",
-        alias = "dataloader-batch-size",
-        hide = true
-    )]
+    #[arg(long = "dataloader_batch_size", hide = true)]
     dataloader_batch_size: Option<usize>,
 
     // ---------------------------------------------------------------- training
     /// Where checkpoints, trainer_state.json, loss.svg and the final adapter (ft/) go.
-    #[arg(long = "output_dir", alias = "output-dir", help_heading = "Training")]
+    #[arg(long = "output_dir", help_heading = "Training")]
     output_dir: PathBuf,
 
     /// Epochs (may be fractional).
     #[arg(
         long = "num_train_epochs",
-        alias = "num-train-epochs",
         default_value_t = 3.0,
         help_heading = "Training"
     )]
     num_train_epochs: f64,
 
     /// Total optimizer steps; when positive, overrides --num_train_epochs.
-    #[arg(long = "max_steps", alias = "max-steps", default_value_t = -1, allow_negative_numbers = true,
+    #[arg(long = "max_steps", default_value_t = -1, allow_negative_numbers = true,
           help_heading = "Training")]
     max_steps: i64,
 
     /// Examples per micro-batch.
     #[arg(
         long = "per_device_train_batch_size",
-        alias = "per-device-train-batch-size",
         default_value_t = 8,
         help_heading = "Training"
     )]
@@ -184,7 +152,6 @@ struct Args {
     /// Micro-batches per optimizer step.
     #[arg(
         long = "gradient_accumulation_steps",
-        alias = "gradient-accumulation-steps",
         default_value_t = 1,
         help_heading = "Training"
     )]
@@ -193,7 +160,6 @@ struct Args {
     /// Peak learning rate.
     #[arg(
         long = "learning_rate",
-        alias = "learning-rate",
         default_value_t = 5e-5,
         help_heading = "Training"
     )]
@@ -202,23 +168,16 @@ struct Args {
     /// Decoupled weight decay of AdamW.
     #[arg(
         long = "weight_decay",
-        alias = "weight-decay",
         default_value_t = 0.0,
         help_heading = "Training"
     )]
     weight_decay: f64,
 
-    #[arg(
-        long = "adam_beta1",
-        alias = "adam-beta1",
-        default_value_t = 0.9,
-        help_heading = "Training"
-    )]
+    #[arg(long = "adam_beta1", default_value_t = 0.9, help_heading = "Training")]
     adam_beta1: f64,
 
     #[arg(
         long = "adam_beta2",
-        alias = "adam-beta2",
         default_value_t = 0.999,
         help_heading = "Training"
     )]
@@ -226,7 +185,6 @@ struct Args {
 
     #[arg(
         long = "adam_epsilon",
-        alias = "adam-epsilon",
         default_value_t = 1e-8,
         help_heading = "Training"
     )]
@@ -239,21 +197,22 @@ struct Args {
     /// Clip the global gradient norm to this (0 disables clipping).
     #[arg(
         long = "max_grad_norm",
-        alias = "max-grad-norm",
         default_value_t = 1.0,
         help_heading = "Training"
     )]
     max_grad_norm: f64,
 
     /// linear, cosine, constant or constant_with_warmup.
-    #[arg(long = "lr_scheduler_type", alias = "lr-scheduler-type", default_value = "linear",
-          value_parser = parse_scheduler, help_heading = "Training")]
+    #[arg(
+        long = "lr_scheduler_type",
+        default_value = "linear",
+        help_heading = "Training"
+    )]
     lr_scheduler_type: SchedulerType,
 
     /// Warmup steps; a value below 1 is a ratio of the total steps (transformers 5).
     #[arg(
         long = "warmup_steps",
-        alias = "warmup-steps",
         default_value_t = 0.0,
         help_heading = "Training"
     )]
@@ -262,7 +221,6 @@ struct Args {
     /// Warmup as a ratio of the total steps (used when --warmup_steps is 0).
     #[arg(
         long = "warmup_ratio",
-        alias = "warmup-ratio",
         default_value_t = 0.0,
         help_heading = "Training"
     )]
@@ -274,58 +232,57 @@ struct Args {
 
     /// How the micro-batch losses of one step combine: tokens_in_step (transformers >= 4.46:
     /// mean over all target tokens of the step) or mean_of_micro_batches (older transformers).
-    #[arg(long = "loss_normalization", alias = "loss-normalization", default_value = "tokens_in_step",
-          value_parser = parse_loss_norm, help_heading = "Training")]
+    #[arg(
+        long = "loss_normalization",
+        default_value = "tokens_in_step",
+        help_heading = "Training"
+    )]
     loss_normalization: LossNormalization,
 
     // ---------------------------------------------------------------- logging and checkpoints
     /// Log every N optimizer steps (trainer_state.json and stderr).
     #[arg(
         long = "logging_steps",
-        alias = "logging-steps",
         default_value_t = 500,
         help_heading = "Logging and checkpoints"
     )]
     logging_steps: u64,
 
     /// steps, epoch or no.
-    #[arg(long = "save_strategy", alias = "save-strategy", default_value = "steps", value_parser = parse_save_strategy,
-          help_heading = "Logging and checkpoints")]
+    #[arg(
+        long = "save_strategy",
+        default_value = "steps",
+        help_heading = "Logging and checkpoints"
+    )]
     save_strategy: SaveStrategy,
 
     /// Checkpoint every N optimizer steps with --save_strategy steps.
     #[arg(
         long = "save_steps",
-        alias = "save-steps",
         default_value_t = 500,
         help_heading = "Logging and checkpoints"
     )]
     save_steps: u64,
 
     /// Keep at most this many checkpoints (oldest deleted first).
-    #[arg(
-        long = "save_total_limit",
-        alias = "save-total-limit",
-        help_heading = "Logging and checkpoints"
-    )]
+    #[arg(long = "save_total_limit", help_heading = "Logging and checkpoints")]
     save_total_limit: Option<usize>,
 
     /// Continue from a checkpoint directory, or `true` for the latest in --output_dir.
-    #[arg(long = "resume_from_checkpoint", alias = "resume-from-checkpoint", num_args = 0..=1,
+    #[arg(long = "resume_from_checkpoint", num_args = 0..=1,
           default_missing_value = "true", value_name = "PATH|true", help_heading = "Logging and checkpoints")]
     resume_from_checkpoint: Option<String>,
 
     /// Only `none` is meaningful here; other integrations are not available.
     #[arg(
         long = "report_to",
-        alias = "report-to",
         default_value = "none",
         help_heading = "Logging and checkpoints"
     )]
     report_to: String,
 
     /// Hide the progress bar.
-    #[arg(long = "disable_tqdm", alias = "disable-tqdm", num_args = 0..=1, default_value = "false",
+    #[arg(long = "disable_tqdm", num_args = 0..=1, default_value = "false",
           default_missing_value = "true", value_parser = parse_bool, help_heading = "Logging and checkpoints")]
     disable_tqdm: bool,
 }
@@ -361,19 +318,8 @@ fn train_config(a: &Args) -> Result<TrainConfig> {
     Ok(c)
 }
 
-fn main() {
-    corda_core::util::cli::init_logging("info");
-    let argv = match expand_config_args(std::env::args_os().collect()) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(2);
-        }
-    };
-    if let Err(e) = run(Args::parse_from(argv)) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+fn main() -> std::process::ExitCode {
+    corda_cli::main("info", run)
 }
 
 fn run(args: Args) -> Result<()> {
@@ -402,7 +348,7 @@ fn run(args: Args) -> Result<()> {
             "--gradient_checkpointing has no effect (not available in candle); continuing"
         );
     }
-    let device = parse_device(&args.device)?;
+    let device = parse_device(&args.device).context("--device")?;
     let model_dir = resolve_model_dir(&args.model_name_or_path)?;
     let corda_dir = model_dir.join("corda_init");
     if args.corda_mode {
@@ -581,11 +527,11 @@ mod tests {
         "query",
     ];
 
-    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+    fn parse(extra: &[&str]) -> Result<Args, corda_cli::ParseOutcome> {
         let mut v: Vec<&str> = BASE.to_vec();
         v.push("response");
         v.extend_from_slice(extra);
-        Args::try_parse_from(v)
+        corda_cli::parse_args(v.into_iter().map(Into::into).collect())
     }
 
     #[test]
@@ -680,7 +626,8 @@ mod tests {
         assert!(train_config(&a).is_err());
         assert!(parse_device("tpu").is_err());
         assert!(parse_device("cpu").is_ok());
-        let only_one_field = Args::try_parse_from(BASE);
+        let only_one_field =
+            corda_cli::parse_args::<Args>(BASE.into_iter().map(Into::into).collect());
         assert!(only_one_field.is_err());
     }
 }

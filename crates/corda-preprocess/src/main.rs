@@ -1,19 +1,17 @@
 //! `corda-preprocess`: sample calibration data, collect covariances, decompose, and write the
 //! residual model plus the initial CorDA adapter (`OUT/corda_init`).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use corda_cli::{key_value, parse_bool, parse_device, parse_size, pattern_map};
 use corda_core::corda::{preprocess, CordaMode, CovariancePrecision, PreprocessOptions};
 use corda_core::data::{
     calibration_samples, lookup, read_rows, CalibOptions, CalibSampling, RegistryEntry, Template,
 };
 use corda_core::model::{parse_dtype, resolve_model_dir, TokenizerInfo, TARGET_PROJECTIONS};
-use corda_core::util::cli::{expand_config_args, parse_bool, parse_device, parse_size};
-use corda_core::util::AtomicDir;
 
 /// Build a CorDA adapter: covariance-oriented SVD of every target linear layer.
 ///
@@ -28,7 +26,6 @@ struct Args {
     /// Model directory or Hugging Face hub id (read from the local cache).
     #[arg(
         long = "model_id",
-        alias = "model-id",
         default_value = "meta-llama/Llama-2-7b-hf",
         help_heading = "Input"
     )]
@@ -43,18 +40,16 @@ struct Args {
     /// Registry name (nqopen, trivia_qa, wikitext2, ptb, c4, MetaMATH, codefeedback, WizLMinstruct, alpaca) or a local .parquet/.jsonl/.json file or directory.
     #[arg(
         long = "calib_dataset",
-        alias = "calib-dataset",
         default_value = "wikitext2",
         help_heading = "Calibration"
     )]
     calib_dataset: String,
     /// Data files to read for a registry dataset instead of the Hugging Face cache.
-    #[arg(long = "calib_data_files", alias = "calib-data-files", num_args = 1.., help_heading = "Calibration")]
+    #[arg(long = "calib_data_files", num_args = 1.., help_heading = "Calibration")]
     calib_data_files: Vec<PathBuf>,
     /// Number of calibration samples.
     #[arg(
         long = "calib_loader_size",
-        alias = "calib-loader-size",
         default_value_t = 256,
         help_heading = "Calibration"
     )]
@@ -62,29 +57,19 @@ struct Args {
     /// Tokens per calibration sample at most.
     #[arg(
         long = "calib_max_length",
-        alias = "calib-max-length",
         default_value_t = 2048,
         help_heading = "Calibration"
     )]
     calib_max_length: usize,
     /// Row template for a local dataset, e.g. "{query} {response}" (default "{text}").
-    #[arg(
-        long = "calib_template",
-        alias = "calib-template",
-        help_heading = "Calibration"
-    )]
+    #[arg(long = "calib_template", help_heading = "Calibration")]
     calib_template: Option<String>,
     /// rows (one sample per row, truncated), windows (random windows of the joined text) or chat.
-    #[arg(
-        long = "calib_sampling",
-        alias = "calib-sampling",
-        help_heading = "Calibration"
-    )]
-    calib_sampling: Option<String>,
+    #[arg(long = "calib_sampling", help_heading = "Calibration")]
+    calib_sampling: Option<CalibSampling>,
     /// Calibration samples per forward pass (padded tokens are masked out of the covariance).
     #[arg(
         long = "calib_batch_size",
-        alias = "calib-batch-size",
         default_value_t = 1,
         help_heading = "Calibration"
     )]
@@ -97,18 +82,17 @@ struct Args {
     #[arg(long, help_heading = "Adapter")]
     r: Option<usize>,
     /// LoRA alpha (default: r, as the reference).
-    #[arg(long = "lora_alpha", alias = "lora-alpha", help_heading = "Adapter")]
+    #[arg(long = "lora_alpha", help_heading = "Adapter")]
     lora_alpha: Option<f64>,
     /// Scale by alpha/sqrt(r) instead of alpha/r.
-    #[arg(long = "use_rslora", alias = "use-rslora", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Adapter")]
+    #[arg(long = "use_rslora", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Adapter")]
     use_rslora: bool,
     /// IPM: train the largest r components (default KPM: the smallest).
-    #[arg(long = "first_eigen", alias = "first-eigen", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Adapter")]
+    #[arg(long = "first_eigen", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Adapter")]
     first_eigen: bool,
     /// Comma-separated target modules.
     #[arg(
         long = "target_modules",
-        alias = "target-modules",
         value_delimiter = ',',
         default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         help_heading = "Adapter"
@@ -117,39 +101,35 @@ struct Args {
     /// Per-module ranks, e.g. down_proj=64,q_proj=16 (a key matches modules ending with it).
     #[arg(
         long = "rank_pattern",
-        alias = "rank-pattern",
         value_delimiter = ',',
+        value_parser = key_value::<usize>,
         help_heading = "Adapter"
     )]
-    rank_pattern: Vec<String>,
+    rank_pattern: Vec<(String, usize)>,
     /// Per-module alphas, same syntax as --rank_pattern.
     #[arg(
         long = "alpha_pattern",
-        alias = "alpha-pattern",
         value_delimiter = ',',
+        value_parser = key_value::<f64>,
         help_heading = "Adapter"
     )]
-    alpha_pattern: Vec<String>,
+    alpha_pattern: Vec<(String, f64)>,
 
     /// Hold the covariance sum in the model's half dtype (half the memory; overflow is detected).
-    #[arg(long = "use_float16_for_covariance", alias = "use-float16-for-covariance", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Files")]
+    #[arg(long = "use_float16_for_covariance", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Files")]
     use_float16_for_covariance: bool,
     /// Save covariances here, or reuse them when the file exists.
-    #[arg(
-        long = "covariance_file",
-        alias = "covariance-file",
-        help_heading = "Files"
-    )]
+    #[arg(long = "covariance_file", help_heading = "Files")]
     covariance_file: Option<PathBuf>,
     /// Save the decomposition here, or reuse it when the file exists.
-    #[arg(long = "cache_file", alias = "cache-file", help_heading = "Files")]
+    #[arg(long = "cache_file", help_heading = "Files")]
     cache_file: Option<PathBuf>,
 
     /// Write the residual model and OUT/corda_init.
-    #[arg(long = "save_model", alias = "save-model", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    #[arg(long = "save_model", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
     save_model: bool,
     /// Output directory.
-    #[arg(long = "save_path", alias = "save-path", help_heading = "Output")]
+    #[arg(long = "save_path", help_heading = "Output")]
     save_path: Option<PathBuf>,
     /// Replace an existing non-empty --save_path.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
@@ -157,43 +137,16 @@ struct Args {
     /// Largest weight shard, e.g. 2GB or 500MB (default: like the source model, at most 2 GiB).
     #[arg(
         long = "max_shard_size",
-        alias = "max-shard-size",
+        value_parser = parse_size,
         help_heading = "Output"
     )]
-    max_shard_size: Option<String>,
+    max_shard_size: Option<u64>,
     /// Write the run's phases, timings and memory as JSON here (for benchmarks).
-    #[arg(long = "report_json", alias = "report-json", help_heading = "Output")]
+    #[arg(long = "report_json", help_heading = "Output")]
     report_json: Option<PathBuf>,
     /// No progress bars.
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
     quiet: bool,
-}
-
-fn parse_patterns<T: std::str::FromStr>(
-    items: &[String],
-    flag: &str,
-) -> Result<BTreeMap<String, T>> {
-    let mut m = BTreeMap::new();
-    for item in items.iter().filter(|s| !s.is_empty()) {
-        let (k, v) = item
-            .split_once('=')
-            .with_context(|| format!("{flag}: `{item}` is not KEY=VALUE (e.g. down_proj=64)"))?;
-        let v = v
-            .trim()
-            .parse::<T>()
-            .map_err(|_| anyhow::anyhow!("{flag}: `{v}` in `{item}` is not a number"))?;
-        m.insert(k.trim().to_string(), v);
-    }
-    Ok(m)
-}
-
-fn sampling(s: &str) -> Result<CalibSampling> {
-    Ok(match s {
-        "rows" => CalibSampling::Rows,
-        "windows" => CalibSampling::Windows,
-        "chat" => CalibSampling::Chat,
-        other => bail!("--calib_sampling `{other}`: use rows, windows or chat"),
-    })
 }
 
 /// Rows, template and sampling of `--calib_dataset`.
@@ -203,7 +156,7 @@ fn calibration_source(args: &Args) -> Result<(Vec<serde_json::Value>, Template, 
         let rows = read_rows(path)
             .with_context(|| format!("reading calibration data {}", path.display()))?;
         let template = Template::parse(args.calib_template.as_deref().unwrap_or("{text}"))?;
-        let mode = sampling(args.calib_sampling.as_deref().unwrap_or("rows"))?;
+        let mode = args.calib_sampling.unwrap_or(CalibSampling::Rows);
         return Ok((rows, template, mode));
     }
     let entry: RegistryEntry = lookup(&args.calib_dataset).with_context(|| {
@@ -225,10 +178,7 @@ fn calibration_source(args: &Args) -> Result<(Vec<serde_json::Value>, Template, 
         Some(t) => Template::parse(t)?,
         None => entry.template()?,
     };
-    let mode = match &args.calib_sampling {
-        Some(s) => sampling(s)?,
-        None => entry.sampling,
-    };
+    let mode = args.calib_sampling.unwrap_or(entry.sampling);
     Ok((rows, template, mode))
 }
 
@@ -252,14 +202,14 @@ fn run(args: Args) -> Result<()> {
         }
     }
     let model_dir = resolve_model_dir(&args.model_id)?;
-    let device = parse_device(&args.device)?;
+    let device = parse_device(&args.device).context("--device")?;
     let dtype = match args.dtype.as_str() {
         "auto" => None,
-        d => Some(parse_dtype(d)?),
+        d => Some(parse_dtype(d).context("--dtype")?),
     };
     // Refuse an existing output before any work.
     let out = match (&args.save_model, &args.save_path) {
-        (true, Some(p)) => Some(AtomicDir::create(p, args.overwrite)?),
+        (true, Some(p)) => Some(corda_cli::output_dir(p, args.overwrite)?),
         _ => None,
     };
     let mut opts = PreprocessOptions::new(r);
@@ -271,14 +221,14 @@ fn run(args: Args) -> Result<()> {
         CordaMode::Kpm
     };
     opts.target_modules = args.target_modules.clone();
-    opts.rank_pattern = parse_patterns(&args.rank_pattern, "--rank_pattern")?;
-    opts.alpha_pattern = parse_patterns(&args.alpha_pattern, "--alpha_pattern")?;
+    opts.rank_pattern = pattern_map(&args.rank_pattern);
+    opts.alpha_pattern = pattern_map(&args.alpha_pattern);
     opts.covariance_file = args.covariance_file.clone();
     opts.cache_file = args.cache_file.clone();
     opts.dtype = dtype;
     opts.device = device;
     opts.batch_size = args.calib_batch_size.max(1);
-    opts.max_shard_bytes = args.max_shard_size.as_deref().map(parse_size).transpose()?;
+    opts.max_shard_bytes = args.max_shard_size;
     opts.base_model_name = args.model_id.clone();
     opts.progress = !args.quiet;
     if args.use_float16_for_covariance {
@@ -328,7 +278,7 @@ fn run(args: Args) -> Result<()> {
     let report = preprocess(&model_dir, &samples, &opts, out.as_ref().map(|o| o.path()))
         .with_context(|| format!("preprocessing {}", model_dir.display()))?;
     let final_path = match out {
-        Some(o) => Some(o.commit()?),
+        Some(o) => Some(o.commit().map_err(corda_cli::overwrite_hint)?),
         None => None,
     };
 
@@ -376,19 +326,7 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
     corda_core::util::alloc::release_large_blocks_promptly();
-    corda_core::util::cli::init_logging("warn");
-    let argv = match expand_config_args(std::env::args_os().collect()) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("Error: {e}");
-            std::process::exit(2);
-        }
-    };
-    let args = Args::parse_from(argv);
-    if let Err(e) = run(args) {
-        eprintln!("Error: {e:#}");
-        std::process::exit(1);
-    }
+    corda_cli::main("warn", run)
 }

@@ -31,7 +31,7 @@ pub fn logits_with_adapter(
 ) -> Result<Tensor> {
     if input_ids.is_empty() {
         return Err(CordaError::Invalid(
-            "the probe text tokenizes to no tokens; pass a non-empty --probe_text".to_string(),
+            "the probe text tokenizes to no tokens; use a non-empty probe text".to_string(),
         ));
     }
     let opts = LoadOptions {

@@ -165,20 +165,20 @@ pub fn resolve_resume(output_dir: &Path, from: &ResumeFrom) -> Result<PathBuf> {
             .map(|(_, p)| p)
             .ok_or_else(|| {
                 CordaError::Invalid(format!(
-                "--resume_from_checkpoint true: no valid checkpoint found in output directory {}",
-                output_dir.display()
-            ))
+                    "resume_from_checkpoint true: no valid checkpoint found in output directory {}",
+                    output_dir.display()
+                ))
             }),
         ResumeFrom::Path(p) => {
             if !p.is_dir() {
                 return Err(CordaError::Invalid(format!(
-                    "--resume_from_checkpoint {}: no such checkpoint directory",
+                    "resume_from_checkpoint {}: no such checkpoint directory",
                     p.display()
                 )));
             }
             if let Some(missing) = REQUIRED.iter().find(|f| !p.join(f).is_file()) {
                 return Err(CordaError::Invalid(format!(
-                    "--resume_from_checkpoint {}: {missing} is missing, so this is not a complete checkpoint",
+                    "resume_from_checkpoint {}: {missing} is missing, so this is not a complete checkpoint",
                     p.display()
                 )));
             }
@@ -298,7 +298,7 @@ pub fn check_adapter_matches(
     ours.sort();
     let mismatch = |what: String| {
         Err(CordaError::Adapter(format!(
-            "checkpoint {} does not belong to this model and adapter: {what}; resume from a checkpoint of this run or start without --resume_from_checkpoint",
+            "checkpoint {} does not belong to this model and adapter: {what}; resume from a checkpoint of this run or start without resume_from_checkpoint",
             origin.display()
         )))
     };

@@ -210,7 +210,7 @@ impl TrainConfig {
             return bad("logging_steps must be at least 1".into());
         }
         if self.save_strategy == SaveStrategy::Steps && self.save_steps == 0 {
-            return bad("save_steps must be at least 1 with --save_strategy steps".into());
+            return bad("save_steps must be at least 1 with save_strategy steps".into());
         }
         if self.save_total_limit == Some(0) {
             return bad(
@@ -264,7 +264,7 @@ impl StepPlan {
     pub fn new(cfg: &TrainConfig, num_examples: usize) -> Result<Self> {
         if num_examples == 0 {
             return Err(CordaError::Data(
-                "the training set is empty; check --dataset_split and --data_path".into(),
+                "the training set is empty; check the data source and its split".into(),
             ));
         }
         let b = cfg.per_device_train_batch_size as u64;

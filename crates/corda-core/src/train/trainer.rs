@@ -144,7 +144,7 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
         config.validate()?;
         if examples.is_empty() {
             return Err(CordaError::Data(
-                "the training set is empty; check --dataset_split and --data_path".into(),
+                "the training set is empty; check the data source and its split".into(),
             ));
         }
         let mut adapter_config = adapter_config;
@@ -347,7 +347,7 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
                 }
                 if !step_loss.is_finite() {
                     return Err(CordaError::Numerics(format!(
-                        "the training loss is {step_loss} at step {}; lower --learning_rate or check the data",
+                        "the training loss is {step_loss} at step {}; lower learning_rate or check the data",
                         progress.global_step + 1
                     )));
                 }
