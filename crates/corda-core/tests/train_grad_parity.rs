@@ -1,6 +1,7 @@
 //! One training step on the CorDA-initialised fixture model against PEFT: the loss and the
 //! gradient of every LoRA factor, for the batch stored in `train_step.safetensors`.
 
+use corda_core::layout::CORDA_INIT_DIR;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -31,8 +32,9 @@ fn model_with_adapter(mode: &str, dtype: DType) -> CausalLM {
         device: Device::Cpu,
     };
     let mut model = CausalLM::load(&root.join("residual-model"), &opts).unwrap();
-    model
-        .attach_adapter(&Adapter::load(&root.join("corda_init")).unwrap())
+    Adapter::load(&root.join(CORDA_INIT_DIR))
+        .unwrap()
+        .attach_to(&mut model)
         .unwrap();
     model
 }

@@ -1,16 +1,15 @@
 //! `corda-preprocess`: sample calibration data, collect covariances, decompose, and write the
 //! residual model plus the initial CorDA adapter (`OUT/corda_init`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use corda_cli::{key_value, parse_bool, parse_device, parse_size, pattern_map};
 use corda_core::corda::{preprocess, CordaMode, CovariancePrecision, PreprocessOptions};
-use corda_core::data::{
-    calibration_samples, lookup, read_rows, CalibOptions, CalibSampling, RegistryEntry, Template,
-};
+use corda_core::data::{calibration_samples, CalibOptions, CalibSampling, CalibrationSource};
+use corda_core::layout::CORDA_INIT_DIR;
 use corda_core::model::{parse_dtype, resolve_model_dir, TokenizerInfo, TARGET_PROJECTIONS};
 
 /// Build a CorDA adapter: covariance-oriented SVD of every target linear layer.
@@ -149,39 +148,6 @@ struct Args {
     quiet: bool,
 }
 
-/// Rows, template and sampling of `--calib_dataset`.
-fn calibration_source(args: &Args) -> Result<(Vec<serde_json::Value>, Template, CalibSampling)> {
-    let path = Path::new(&args.calib_dataset);
-    if path.exists() {
-        let rows = read_rows(path)
-            .with_context(|| format!("reading calibration data {}", path.display()))?;
-        let template = Template::parse(args.calib_template.as_deref().unwrap_or("{text}"))?;
-        let mode = args.calib_sampling.unwrap_or(CalibSampling::Rows);
-        return Ok((rows, template, mode));
-    }
-    let entry: RegistryEntry = lookup(&args.calib_dataset).with_context(|| {
-        format!(
-            "--calib_dataset `{}` is neither a registry name nor an existing file",
-            args.calib_dataset
-        )
-    })?;
-    let rows = if args.calib_data_files.is_empty() {
-        entry.load_rows()?
-    } else {
-        let mut rows = vec![];
-        for f in &args.calib_data_files {
-            rows.extend(read_rows(f).with_context(|| format!("reading {}", f.display()))?);
-        }
-        entry.filter_rows(rows)?
-    };
-    let template = match &args.calib_template {
-        Some(t) => Template::parse(t)?,
-        None => entry.template()?,
-    };
-    let mode = args.calib_sampling.unwrap_or(entry.sampling);
-    Ok((rows, template, mode))
-}
-
 fn run(args: Args) -> Result<()> {
     let start = Instant::now();
     let r = args
@@ -256,14 +222,20 @@ fn run(args: Args) -> Result<()> {
         vec![]
     } else {
         let tok = TokenizerInfo::load(&model_dir)?;
-        let (rows, template, mode) = calibration_source(&args)?;
+        let source = CalibrationSource {
+            dataset: args.calib_dataset.clone(),
+            data_files: args.calib_data_files.clone(),
+            template: args.calib_template.clone(),
+            sampling: args.calib_sampling,
+        };
+        let calib = source.load().context("--calib_dataset")?;
         let copts = CalibOptions {
             n: args.calib_loader_size,
             max_length: args.calib_max_length,
             seed: args.seed,
-            sampling: mode,
+            sampling: calib.sampling,
         };
-        calibration_samples(&rows, &template, &tok.tokenizer, &copts)
+        calibration_samples(&calib.rows, &calib.template, &tok.tokenizer, &copts)
             .context("building calibration samples")?
     };
     let tokens: usize = samples.iter().map(Vec::len).sum();
@@ -310,7 +282,7 @@ fn run(args: Args) -> Result<()> {
         eprintln!(
             "wrote residual model {} and adapter {}",
             p.display(),
-            p.join("corda_init").display()
+            p.join(CORDA_INIT_DIR).display()
         );
     }
     eprintln!("{}", report.phases.render());

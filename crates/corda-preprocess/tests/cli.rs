@@ -1,6 +1,7 @@
 //! `corda-preprocess` end to end: outputs PEFT can load, config files, and clear errors with
 //! nothing half-written.
 
+use corda_core::layout::CORDA_INIT_DIR;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -55,7 +56,7 @@ fn run(args: &[String]) -> (bool, String) {
 fn probe_logits(dir: &Path, adapter: Option<&Path>) -> (Tensor, Tensor) {
     let mut m = CausalLM::load(dir, &LoadOptions::default()).unwrap();
     if let Some(a) = adapter {
-        m.attach_adapter(&Adapter::load(a).unwrap()).unwrap();
+        Adapter::load(a).unwrap().attach_to(&mut m).unwrap();
     }
     let t =
         candle_core::safetensors::load(fixtures().join("base_logits.safetensors"), &Device::Cpu)
@@ -114,7 +115,7 @@ fn kpm_run_writes_a_peft_loadable_model_and_adapter() {
     assert_eq!(cfg["lora_alpha"], 16);
     assert_eq!(cfg["corda_config"]["corda_method"], "kpm");
     assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
-    let (got, base) = probe_logits(&out, Some(&out.join("corda_init")));
+    let (got, base) = probe_logits(&out, Some(&out.join(CORDA_INIT_DIR)));
     assert!(max_abs_diff(&got, &base) < 1e-4);
     let (residual_only, _) = probe_logits(&out, None);
     assert!(
@@ -168,14 +169,14 @@ fn ipm_from_a_yaml_config_with_parquet_data() {
         out.join("model.safetensors.index.json").is_file(),
         "200KB shards expected"
     );
-    let ad = Adapter::load(&out.join("corda_init")).unwrap();
+    let ad = Adapter::load(&out.join(CORDA_INIT_DIR)).unwrap();
     assert_eq!(ad.config.extra["corda_config"]["corda_method"], "ipm");
     assert_eq!(ad.config.lora_alpha, 16.0);
     assert_eq!(
         ad.modules["model.layers.0.mlp.down_proj"].a.dim(0).unwrap(),
         4
     );
-    let (got, base) = probe_logits(&out, Some(&out.join("corda_init")));
+    let (got, base) = probe_logits(&out, Some(&out.join(CORDA_INIT_DIR)));
     assert!(max_abs_diff(&got, &base) < 1e-4);
 }
 
@@ -234,7 +235,7 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
     args.push("--overwrite".into());
     let (ok, err) = run(&args);
     assert!(ok, "{err}");
-    assert!(!out.join("keep.txt").exists() && out.join("corda_init").is_dir());
+    assert!(!out.join("keep.txt").exists() && out.join(CORDA_INIT_DIR).is_dir());
 
     // An unwritable path.
     let (ok, err) = run(&base_args(Path::new("/proc/corda-out")));

@@ -39,7 +39,7 @@ pub fn logits_with_adapter(
         device: device.clone(),
     };
     let mut model = CausalLM::load(model_dir, &opts)?;
-    model.attach_adapter(adapter)?;
+    adapter.attach_to(&mut model)?;
     let ids = Tensor::from_vec(input_ids.to_vec(), (1, input_ids.len()), device)?;
     Ok(model
         .forward(&ids, None)?

@@ -11,6 +11,30 @@ use super::optimizer::AdamWConfig;
 use super::schedule::SchedulerType;
 use crate::{CordaError, Result};
 
+/// The defaults of Hugging Face `TrainingArguments` (and of the reference script), used by
+/// [`TrainConfig::new`] and by corda-finetune's flags: one source for both.
+pub mod defaults {
+    use super::{LossNormalization, SaveStrategy, SchedulerType};
+
+    pub const NUM_TRAIN_EPOCHS: f64 = 3.0;
+    pub const PER_DEVICE_TRAIN_BATCH_SIZE: usize = 8;
+    pub const GRADIENT_ACCUMULATION_STEPS: usize = 1;
+    pub const LEARNING_RATE: f64 = 5e-5;
+    pub const WEIGHT_DECAY: f64 = 0.0;
+    pub const ADAM_BETA1: f64 = 0.9;
+    pub const ADAM_BETA2: f64 = 0.999;
+    pub const ADAM_EPSILON: f64 = 1e-8;
+    pub const MAX_GRAD_NORM: f64 = 1.0;
+    pub const LR_SCHEDULER_TYPE: SchedulerType = SchedulerType::Linear;
+    pub const WARMUP_STEPS: f64 = 0.0;
+    pub const WARMUP_RATIO: f64 = 0.0;
+    pub const LOGGING_STEPS: u64 = 500;
+    pub const SAVE_STRATEGY: SaveStrategy = SaveStrategy::Steps;
+    pub const SAVE_STEPS: u64 = 500;
+    pub const SEED: u64 = 42;
+    pub const LOSS_NORMALIZATION: LossNormalization = LossNormalization::TokensInStep;
+}
+
 /// When checkpoints are written (`--save_strategy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -78,6 +102,15 @@ impl FromStr for LossNormalization {
     }
 }
 
+impl fmt::Display for LossNormalization {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LossNormalization::TokensInStep => "tokens_in_step",
+            LossNormalization::MeanOfMicroBatches => "mean_of_micro_batches",
+        })
+    }
+}
+
 /// `--resume_from_checkpoint`: a checkpoint directory, or the latest one in `output_dir`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ResumeFrom {
@@ -139,28 +172,29 @@ pub struct TrainConfig {
 impl TrainConfig {
     /// Hugging Face `TrainingArguments` defaults for `output_dir`.
     pub fn new(output_dir: impl Into<PathBuf>) -> Self {
+        use defaults as d;
         Self {
             output_dir: output_dir.into(),
-            num_train_epochs: 3.0,
+            num_train_epochs: d::NUM_TRAIN_EPOCHS,
             max_steps: None,
-            per_device_train_batch_size: 8,
-            gradient_accumulation_steps: 1,
-            learning_rate: 5e-5,
-            weight_decay: 0.0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
-            max_grad_norm: 1.0,
-            lr_scheduler_type: SchedulerType::Linear,
-            warmup_steps: 0.0,
-            warmup_ratio: 0.0,
-            logging_steps: 500,
-            save_strategy: SaveStrategy::Steps,
-            save_steps: 500,
+            per_device_train_batch_size: d::PER_DEVICE_TRAIN_BATCH_SIZE,
+            gradient_accumulation_steps: d::GRADIENT_ACCUMULATION_STEPS,
+            learning_rate: d::LEARNING_RATE,
+            weight_decay: d::WEIGHT_DECAY,
+            adam_beta1: d::ADAM_BETA1,
+            adam_beta2: d::ADAM_BETA2,
+            adam_epsilon: d::ADAM_EPSILON,
+            max_grad_norm: d::MAX_GRAD_NORM,
+            lr_scheduler_type: d::LR_SCHEDULER_TYPE,
+            warmup_steps: d::WARMUP_STEPS,
+            warmup_ratio: d::WARMUP_RATIO,
+            logging_steps: d::LOGGING_STEPS,
+            save_strategy: d::SAVE_STRATEGY,
+            save_steps: d::SAVE_STEPS,
             save_total_limit: None,
-            seed: 42,
+            seed: d::SEED,
             resume_from_checkpoint: None,
-            loss_normalization: LossNormalization::TokensInStep,
+            loss_normalization: d::LOSS_NORMALIZATION,
             progress: true,
             print_logs: true,
         }

@@ -37,10 +37,7 @@ use crate::util::atomic::write_file_atomic;
 use crate::util::{progress_bar, AtomicDir, PhaseReport};
 use crate::{CordaError, Result};
 
-/// Sub-directory of `output_dir` that receives the final adapter (as in the reference script).
-pub const FINAL_ADAPTER_DIR: &str = "ft";
-/// The loss curve written at the end.
-pub const LOSS_CURVE_FILE: &str = "loss.svg";
+pub use crate::layout::{FINAL_ADAPTER_DIR, LOSS_CURVE_FILE};
 
 /// What a finished run produced.
 #[derive(Debug, Clone)]
