@@ -262,6 +262,19 @@ impl TrainConfig {
     }
 }
 
+impl Default for AdamWConfig {
+    /// The Hugging Face `TrainingArguments` defaults (weight decay 0, unlike torch's 0.01).
+    fn default() -> Self {
+        use defaults as d;
+        Self {
+            beta1: d::ADAM_BETA1,
+            beta2: d::ADAM_BETA2,
+            eps: d::ADAM_EPSILON,
+            weight_decay: d::WEIGHT_DECAY,
+        }
+    }
+}
+
 /// The optimizer settings torch would reject, checked without building an optimizer.
 fn check_adamw(c: &AdamWConfig) -> Result<()> {
     if !(0.0..1.0).contains(&c.beta1) || !(0.0..1.0).contains(&c.beta2) {

@@ -63,19 +63,6 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
-impl Default for AdamWConfig {
-    /// The Hugging Face `TrainingArguments` defaults (weight decay 0, unlike torch's 0.01).
-    fn default() -> Self {
-        use super::config::defaults as d;
-        Self {
-            beta1: d::ADAM_BETA1,
-            beta2: d::ADAM_BETA2,
-            eps: d::ADAM_EPSILON,
-            weight_decay: d::WEIGHT_DECAY,
-        }
-    }
-}
-
 /// One trainable tensor and its moment estimates.
 struct ParamState {
     name: String,
