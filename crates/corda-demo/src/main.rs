@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Parser;
 use corda_cli::{parse_bool, parse_size};
-use corda_core::demo::{
+use corda_demo::{
     write_datasets, write_random_model, ConfigStyle, DemoDataSpec, DemoModelSpec,
 };
 use corda_core::model::parse_dtype;

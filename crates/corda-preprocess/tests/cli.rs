@@ -245,7 +245,7 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
 /// Peak resident memory of a run on a random model of `layers` layers (hidden 512), from the
 /// `--report_json` of the binary.
 fn peak_rss_for_layers(root: &Path, layers: usize) -> u64 {
-    use corda_core::demo::{write_random_model, DemoModelSpec};
+    use corda_demo::{write_random_model, DemoModelSpec};
     let model = root.join(format!("model-{layers}"));
     std::fs::create_dir_all(&model).unwrap();
     let spec = DemoModelSpec {
