@@ -3,7 +3,7 @@
 
 use corda_core::layout::CORDA_INIT_DIR;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use corda_core::adapter::Adapter;
@@ -11,9 +11,7 @@ use corda_core::corda::{preprocess, CordaMode, PreprocessOptions};
 use corda_core::data::{calibration_samples, read_rows, CalibOptions, CalibSampling, Template};
 use corda_core::model::{CausalLM, LoadOptions, TokenizerInfo, Weights};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
-}
+use corda_testdata::peft_tiny_llama as fixtures;
 
 fn samples(file: &str, template: &str) -> Vec<Vec<u32>> {
     let tok = TokenizerInfo::load(&fixtures().join("base-model")).unwrap();

@@ -3,7 +3,6 @@
 
 use corda_core::layout::CORDA_INIT_DIR;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use corda_core::adapter::Adapter;
@@ -13,9 +12,7 @@ use corda_core::train::{
     causal_lm_loss, factor_names, LogEntry, SaveStrategy, TrainConfig, Trainer, TRAINER_STATE_FILE,
 };
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
-}
+use corda_testdata::peft_tiny_llama as fixtures;
 
 fn load_step(mode: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(

@@ -3,7 +3,7 @@
 //! of another model is refused before any step.
 
 use corda_core::layout::CORDA_INIT_DIR;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device};
 use corda_core::adapter::Adapter;
@@ -14,9 +14,7 @@ use corda_core::train::{
     StepLog, TrainConfig, TrainOutcome, Trainer,
 };
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
-}
+use corda_testdata::peft_tiny_llama as fixtures;
 
 fn examples() -> (Vec<SftExample>, u32) {
     let root = fixtures();

@@ -7,10 +7,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Parser;
 use corda_cli::{parse_bool, parse_size};
-use corda_demo::{
-    write_datasets, write_random_model, ConfigStyle, DemoDataSpec, DemoModelSpec,
-};
 use corda_core::model::parse_dtype;
+use corda_demo::{write_datasets, write_random_model, ConfigStyle, DemoDataSpec, DemoModelSpec};
 
 /// Write a random Llama-family model and demo datasets (no download).
 ///

@@ -5,9 +5,7 @@ use corda_core::layout::CORDA_INIT_DIR;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
-}
+use corda_testdata::peft_tiny_llama as fixtures;
 
 /// A corda-preprocess-like output directory: residual model + corda_init (+ tokenizer).
 fn corda_out(root: &Path) -> PathBuf {

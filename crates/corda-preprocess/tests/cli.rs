@@ -2,16 +2,14 @@
 //! nothing half-written.
 
 use corda_core::layout::CORDA_INIT_DIR;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use corda_core::adapter::Adapter;
 use corda_core::model::{CausalLM, LoadOptions, ShardWriter, Weights};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
-}
+use corda_testdata::peft_tiny_llama as fixtures;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_corda-preprocess"));
