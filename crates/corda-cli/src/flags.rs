@@ -1,7 +1,6 @@
 //! Flag spelling and value parsers shared by the binaries. The parsers are clap
 //! `value_parser`s: clap names the flag in their errors, so the messages only name the value.
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::str::FromStr;
 
@@ -90,11 +89,6 @@ pub fn key_value<T: FromStr>(s: &str) -> std::result::Result<(String, T), String
         .parse::<T>()
         .map_err(|_| format!("`{}` in `{s}` is not a number", v.trim()))?;
     Ok((k.trim().to_string(), v))
-}
-
-/// Collect `KEY=VALUE` items into a map (a later key wins).
-pub fn pattern_map<T: Clone>(items: &[(String, T)]) -> BTreeMap<String, T> {
-    items.iter().cloned().collect()
 }
 
 /// `cpu`, `cuda` (= `cuda:0`, also `gpu`) or `cuda:N`. CUDA needs a build with the `cuda`

@@ -18,9 +18,7 @@ use corda_core::util::AtomicDir;
 use corda_core::CordaError;
 
 pub use config::{expand_config_args, read_config_file};
-pub use flags::{
-    key_value, normalize_flag_names, parse_bool, parse_device, parse_size, pattern_map,
-};
+pub use flags::{key_value, normalize_flag_names, parse_bool, parse_device, parse_size};
 
 /// Log to stderr at `default_level` unless `RUST_LOG` says otherwise; colours only on a terminal.
 pub fn init_logging(default_level: &str) {

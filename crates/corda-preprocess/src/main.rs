@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use corda_cli::{key_value, parse_bool, parse_device, parse_size, pattern_map};
+use corda_cli::{key_value, parse_bool, parse_device, parse_size};
 use corda_core::corda::{preprocess, CordaMode, CovariancePrecision, PreprocessOptions};
 use corda_core::data::{calibration_samples, CalibOptions, CalibSampling, CalibrationSource};
 use corda_core::layout::CORDA_INIT_DIR;
@@ -187,8 +187,9 @@ fn run(args: Args) -> Result<()> {
         CordaMode::Kpm
     };
     opts.target_modules = args.target_modules.clone();
-    opts.rank_pattern = pattern_map(&args.rank_pattern);
-    opts.alpha_pattern = pattern_map(&args.alpha_pattern);
+    // A later KEY=VALUE for the same key wins.
+    opts.rank_pattern = args.rank_pattern.iter().cloned().collect();
+    opts.alpha_pattern = args.alpha_pattern.iter().cloned().collect();
     opts.covariance_file = args.covariance_file.clone();
     opts.cache_file = args.cache_file.clone();
     opts.dtype = dtype;

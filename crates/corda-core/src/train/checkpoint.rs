@@ -231,15 +231,11 @@ impl Checkpoint {
         })
     }
 
-    /// Check that this checkpoint's adapter has exactly the modules and shapes of the model's
-    /// trainable factors `vars` (module, A, B); otherwise it comes from another model or adapter.
-    pub fn check_matches(&self, vars: &[(String, Var, Var)]) -> Result<()> {
-        check_adapter_matches(&self.adapter, vars, &self.dir)
-    }
-
-    /// Copy the adapter's factors into the model's variables (after [`Checkpoint::check_matches`]).
+    /// Copy the adapter's factors into the model's variables `vars` (module, A, B), after
+    /// checking that it has exactly their modules and shapes (otherwise it comes from another
+    /// model or adapter).
     pub fn restore_adapter(&self, vars: &[(String, Var, Var)]) -> Result<()> {
-        self.check_matches(vars)?;
+        check_adapter_matches(&self.adapter, vars, &self.dir)?;
         for (module, a, b) in vars {
             let LoraPair { a: ca, b: cb } = &self.adapter.modules[module];
             a.set(&ca.to_dtype(a.dtype())?.to_device(a.device())?)?;

@@ -2,7 +2,7 @@
 //! fields the reference script adds), so a command line written for the reference works here.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -198,10 +198,6 @@ impl TrainConfig {
             progress: true,
             print_logs: true,
         }
-    }
-
-    pub fn output_dir(&self) -> &Path {
-        &self.output_dir
     }
 
     /// The optimizer's hyper-parameters.
