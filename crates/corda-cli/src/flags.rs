@@ -45,8 +45,33 @@ pub fn normalize_flag_names(cmd: &clap::Command, args: Vec<OsString>) -> Vec<OsS
     out
 }
 
+/// Make every plain on/off flag (a `bool` field, which clap derives as `SetTrue`) a Hugging
+/// Face style boolean: `--flag` and `--flag true` (any case, also 1/yes) mean true,
+/// `--flag false` mean false; leaving it out means its declared default (false unless the
+/// field says `default_value = "true"`). Done once here instead of per flag.
+pub fn hf_booleans(cmd: clap::Command) -> clap::Command {
+    let flags: Vec<(clap::Id, String)> = cmd
+        .get_arguments()
+        .filter(|a| matches!(a.get_action(), clap::ArgAction::SetTrue))
+        .map(|a| {
+            let default = a.get_default_values().first().and_then(|v| v.to_str());
+            (a.get_id().clone(), default.unwrap_or("false").to_string())
+        })
+        .collect();
+    flags.into_iter().fold(cmd, |cmd, (id, default)| {
+        let value_name = id.as_str().to_ascii_uppercase();
+        cmd.mut_arg(id, |a| {
+            a.action(clap::ArgAction::Set)
+                .num_args(0..=1)
+                .value_name(value_name)
+                .default_value(default)
+                .default_missing_value("true")
+                .value_parser(parse_bool)
+        })
+    })
+}
+
 /// Booleans as transformers' `HfArgumentParser` reads them: `true/false/1/0/yes/no` in any case.
-/// With `num_args = 0..=1, default_missing_value = "true"` a bare `--flag` means true.
 pub fn parse_bool(s: &str) -> std::result::Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "y" | "on" => Ok(true),

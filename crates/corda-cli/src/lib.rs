@@ -18,7 +18,9 @@ use corda_core::util::AtomicDir;
 use corda_core::CordaError;
 
 pub use config::{expand_config_args, read_config_file};
-pub use flags::{key_value, normalize_flag_names, parse_bool, parse_device, parse_size};
+pub use flags::{
+    hf_booleans, key_value, normalize_flag_names, parse_bool, parse_device, parse_size,
+};
 
 /// Log to stderr at `default_level` unless `RUST_LOG` says otherwise; colours only on a terminal.
 pub fn init_logging(default_level: &str) {
@@ -63,7 +65,7 @@ pub enum ParseOutcome {
 /// `--config` expansion, flag spelling, then clap.
 pub fn parse_args<A: clap::Parser>(argv: Vec<OsString>) -> Result<A, ParseOutcome> {
     let argv = expand_config_args(argv).map_err(|e| ParseOutcome::Error(format!("{e:#}")))?;
-    let cmd = A::command();
+    let cmd = hf_booleans(A::command());
     let argv = normalize_flag_names(&cmd, argv);
     let parsed = cmd
         .try_get_matches_from(argv)
@@ -118,9 +120,10 @@ mod tests {
         config: Option<std::path::PathBuf>,
         #[arg(long = "save_path")]
         save_path: Option<String>,
-        #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true",
-              value_parser = parse_bool)]
+        #[arg(long)]
         bf16: bool,
+        #[arg(long, default_value = "true")]
+        on: bool,
     }
 
     fn parse(args: &[&str]) -> Result<T, ParseOutcome> {
@@ -146,6 +149,9 @@ mod tests {
         .unwrap();
         assert_eq!((t.save_path.as_deref(), t.bf16), (Some("cli"), false));
         assert!(parse(&["t", "--bf16"]).unwrap().bf16);
+        assert!(parse(&["t"]).unwrap().on);
+        assert!(!parse(&["t", "--on", "FALSE"]).unwrap().on);
+        assert!(parse(&["t", "--on"]).unwrap().on);
     }
 
     #[test]

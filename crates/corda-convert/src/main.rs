@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use corda_cli::parse_bool;
+
 use corda_core::adapter::{self, Adapter};
 use corda_core::model::{resolve_model_dir, TokenizerInfo};
 use corda_core::util::{progress_bar, AtomicDir};
@@ -55,7 +55,7 @@ struct Cli {
     output_dir: Option<PathBuf>,
 
     /// Replace existing non-empty output directories.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    #[arg(long, help_heading = "Output")]
     overwrite: bool,
 
     /// Compress every module's update to rank K by SVD (uniform r = lora_alpha = K) instead of
@@ -64,7 +64,7 @@ struct Cli {
     rank: Option<usize>,
 
     /// Also write the full fine-tuned model (base + update) as a model directory.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, requires_all = ["base_model", "merged_path"], help_heading = "Merge")]
+    #[arg(long, requires_all = ["base_model", "merged_path"], help_heading = "Merge")]
     merge: bool,
 
     /// The original base model: a Hugging Face model directory or a cached hub id.
@@ -76,7 +76,7 @@ struct Cli {
     merged_path: Option<PathBuf>,
 
     /// Compare base + converted LoRA with residual + trained adapter on a probe text.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, requires_all = ["base_model", "residual_model"], help_heading = "Verify")]
+    #[arg(long, requires_all = ["base_model", "residual_model"], help_heading = "Verify")]
     verify: bool,
 
     /// The residual model written by preprocessing (the directory holding corda_init/).

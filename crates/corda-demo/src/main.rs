@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use corda_cli::{parse_bool, parse_size};
+use corda_cli::parse_size;
 use corda_core::model::parse_dtype;
 use corda_demo::{write_datasets, write_random_model, ConfigStyle, DemoDataSpec, DemoModelSpec};
 
@@ -38,13 +38,13 @@ struct Args {
     )]
     out: PathBuf,
     /// Replace existing non-empty OUT/model and OUT/data.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    #[arg(long, help_heading = "Output")]
     overwrite: bool,
     /// Write only the datasets.
-    #[arg(long = "skip_model", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    #[arg(long = "skip_model", help_heading = "Output")]
     skip_model: bool,
     /// Write only the model (e.g. a large benchmark shape).
-    #[arg(long = "skip_data", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    #[arg(long = "skip_data", help_heading = "Output")]
     skip_data: bool,
     /// Seed of the weights and of the datasets.
     #[arg(long, default_value_t = 42, help_heading = "Output")]
@@ -72,7 +72,7 @@ struct Args {
     #[arg(long, default_value = "float32", help_heading = "Model")]
     dtype: String,
     /// Share the embedding with the LM head (no lm_head.weight).
-    #[arg(long = "tie_word_embeddings", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Model")]
+    #[arg(long = "tie_word_embeddings", help_heading = "Model")]
     tie_word_embeddings: bool,
     /// config.json layout: v4 (torch_dtype, rope_theta) or v5 (dtype, rope_parameters).
     #[arg(long = "config_style", default_value = "v4", help_heading = "Model")]

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Parser;
-use corda_cli::{parse_bool, parse_device};
+use corda_cli::parse_device;
 use corda_core::data::Split;
 use corda_core::train::{
     defaults, resolve_resume, AdapterChoice, FineTuneSpec, LossNormalization, OptimizerName,
@@ -50,8 +50,7 @@ struct Args {
 
     /// Train the CorDA adapter in <model_name_or_path>/corda_init. With false, train a fresh
     /// plain LoRA of rank --lora_r on the unmodified model (the paper's baseline).
-    #[arg(long = "corda_mode", num_args = 0..=1, default_value = "true",
-          default_missing_value = "true", value_parser = parse_bool, help_heading = "Model")]
+    #[arg(long = "corda_mode", default_value = "true", help_heading = "Model")]
     corda_mode: bool,
 
     /// Rank of the plain LoRA when --corda_mode false (lora_alpha = r, all seven projections;
@@ -73,21 +72,17 @@ struct Args {
     model_max_length: usize,
 
     /// Hold the frozen base weights in bfloat16 (LoRA factors and optimizer state stay float32).
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true",
-          value_parser = parse_bool, help_heading = "Model")]
+    #[arg(long, help_heading = "Model")]
     bf16: bool,
 
     /// Let float32 matmuls on CUDA use TF32 tensor cores (candle's reduced-precision switch).
     /// No effect on CPU, where there are no TF32 matmuls.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true",
-          value_parser = parse_bool, help_heading = "Model")]
+    #[arg(long, help_heading = "Model")]
     tf32: bool,
 
     /// Recompute activations in backward instead of keeping them. Not supported yet: `true` is
     /// refused (the LoRA-only gradients already skip the frozen weights' gradients).
-    #[arg(long = "gradient_checkpointing", num_args = 0..=1,
-          default_value = "false", default_missing_value = "true", value_parser = parse_bool,
-          help_heading = "Model")]
+    #[arg(long = "gradient_checkpointing", help_heading = "Model")]
     gradient_checkpointing: bool,
 
     /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
@@ -273,8 +268,7 @@ struct Args {
     report_to: String,
 
     /// Hide the progress bar.
-    #[arg(long = "disable_tqdm", num_args = 0..=1, default_value = "false",
-          default_missing_value = "true", value_parser = parse_bool, help_heading = "Logging and checkpoints")]
+    #[arg(long = "disable_tqdm", help_heading = "Logging and checkpoints")]
     disable_tqdm: bool,
 }
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use corda_cli::{key_value, parse_bool, parse_device, parse_size};
+use corda_cli::{key_value, parse_device, parse_size};
 use corda_core::corda::{preprocess, CordaMode, CovariancePrecision, PreprocessOptions};
 use corda_core::data::{calibration_samples, CalibOptions, CalibSampling, CalibrationSource};
 use corda_core::layout::CORDA_INIT_DIR;
@@ -84,10 +84,10 @@ struct Args {
     #[arg(long = "lora_alpha", help_heading = "Adapter")]
     lora_alpha: Option<f64>,
     /// Scale by alpha/sqrt(r) instead of alpha/r.
-    #[arg(long = "use_rslora", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Adapter")]
+    #[arg(long = "use_rslora", help_heading = "Adapter")]
     use_rslora: bool,
     /// IPM: train the largest r components (default KPM: the smallest).
-    #[arg(long = "first_eigen", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Adapter")]
+    #[arg(long = "first_eigen", help_heading = "Adapter")]
     first_eigen: bool,
     /// Comma-separated target modules.
     #[arg(
@@ -115,7 +115,7 @@ struct Args {
     alpha_pattern: Vec<(String, f64)>,
 
     /// Hold the covariance sum in the model's half dtype (half the memory; overflow is detected).
-    #[arg(long = "use_float16_for_covariance", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Files")]
+    #[arg(long = "use_float16_for_covariance", help_heading = "Files")]
     use_float16_for_covariance: bool,
     /// Save covariances here, or reuse them when the file exists.
     #[arg(long = "covariance_file", help_heading = "Files")]
@@ -125,13 +125,13 @@ struct Args {
     cache_file: Option<PathBuf>,
 
     /// Write the residual model and OUT/corda_init.
-    #[arg(long = "save_model", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    #[arg(long = "save_model", help_heading = "Output")]
     save_model: bool,
     /// Output directory.
     #[arg(long = "save_path", help_heading = "Output")]
     save_path: Option<PathBuf>,
     /// Replace an existing non-empty --save_path.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    #[arg(long, help_heading = "Output")]
     overwrite: bool,
     /// Largest weight shard, e.g. 2GB or 500MB (default: like the source model, at most 2 GiB).
     #[arg(
@@ -144,7 +144,7 @@ struct Args {
     #[arg(long = "report_json", help_heading = "Output")]
     report_json: Option<PathBuf>,
     /// No progress bars.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    #[arg(long, help_heading = "Output")]
     quiet: bool,
 }
 
