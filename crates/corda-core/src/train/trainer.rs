@@ -173,9 +173,9 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
     /// Every check (options, data, the model's factors, the resume checkpoint) happens before
     /// the first step.
     ///
-    /// The phases: [`Self::start`] (plan, optimizer, schedule), [`Self::resume`], then per
-    /// optimizer step [`Self::step`], [`Self::advance`], [`Self::log`] and [`Self::save`], and
-    /// [`Self::finish`] (summary, final adapter, state, loss curve).
+    /// The phases, each a method below: `start` (plan, optimizer, schedule), `resume`, then per
+    /// optimizer step `step`, `advance`, `log` and `save`, and `finish` (summary, final
+    /// adapter, state, loss curve).
     pub fn train(mut self) -> Result<TrainOutcome> {
         let mut on_step = self.on_step.take();
         let mut run = self.start()?;
