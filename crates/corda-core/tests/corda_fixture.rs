@@ -1,7 +1,6 @@
 //! CorDA preprocessing against PEFT's fixture runs (KPM on qa.jsonl `{question}`, IPM on
 //! math.jsonl `{query} {response}`, rows sampling, 16 samples of at most 64 tokens, r 8, alpha 16).
 
-use corda_core::layout::CORDA_INIT_DIR;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -9,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use corda_core::adapter::Adapter;
 use corda_core::corda::{preprocess, CordaMode, PreprocessOptions};
 use corda_core::data::{calibration_samples, read_rows, CalibOptions, CalibSampling, Template};
+use corda_core::layout::CORDA_INIT_DIR;
 use corda_core::model::{CausalLM, LoadOptions, TokenizerInfo, Weights};
 
 use corda_testdata::peft_tiny_llama as fixtures;

@@ -1,12 +1,12 @@
 //! One training step on the CorDA-initialised fixture model against PEFT: the loss and the
 //! gradient of every LoRA factor, for the batch stored in `train_step.safetensors`.
 
-use corda_core::layout::CORDA_INIT_DIR;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use corda_core::adapter::Adapter;
 use corda_core::data::{build_sft_examples, load_rows, SftOptions, Split};
+use corda_core::layout::CORDA_INIT_DIR;
 use corda_core::model::{CausalLM, LoadOptions, TokenizerInfo};
 use corda_core::train::{
     causal_lm_loss, factor_names, LogEntry, SaveStrategy, TrainConfig, Trainer, TRAINER_STATE_FILE,

@@ -2,12 +2,12 @@
 //! uninterrupted run, checkpoints are pruned and trusted only when complete, and a checkpoint
 //! of another model is refused before any step.
 
-use corda_core::layout::CORDA_INIT_DIR;
 use std::path::Path;
 
 use candle_core::{DType, Device};
 use corda_core::adapter::Adapter;
 use corda_core::data::{build_sft_examples, load_rows, SftExample, SftOptions, Split};
+use corda_core::layout::CORDA_INIT_DIR;
 use corda_core::model::{CausalLM, LoadOptions, TokenizerInfo};
 use corda_core::train::{
     causal_lm_loss, list_checkpoints, plain_lora_adapter, ResumeFrom, SaveStrategy, SchedulerType,

@@ -1,10 +1,10 @@
 //! The `corda-finetune` binary on the tiny fixture: a CorDA run and a plain-LoRA run write the
 //! expected outputs, and bad input fails with a clear message before any training.
 
-use corda_core::layout::CORDA_INIT_DIR;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use corda_core::layout::CORDA_INIT_DIR;
 use corda_testdata::peft_tiny_llama as fixtures;
 
 /// A corda-preprocess-like output directory: residual model + corda_init (+ tokenizer).

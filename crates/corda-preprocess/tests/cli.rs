@@ -1,12 +1,12 @@
 //! `corda-preprocess` end to end: outputs PEFT can load, config files, and clear errors with
 //! nothing half-written.
 
-use corda_core::layout::CORDA_INIT_DIR;
 use std::path::Path;
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use corda_core::adapter::Adapter;
+use corda_core::layout::CORDA_INIT_DIR;
 use corda_core::model::{CausalLM, LoadOptions, ShardWriter, Weights};
 
 use corda_testdata::peft_tiny_llama as fixtures;
