@@ -46,7 +46,8 @@ Common to all of them:
 - Flag names use underscores like the reference scripts (`--save_path`); the kebab-case
   spelling (`--save-path`) is accepted too.
 - Boolean flags accept `--flag`, `--flag true` / `--flag True` and `--flag false`.
-- Errors are one line that says what to do next, and the exit status is non-zero.
+- Errors print as `Error: ...` on stderr, one line that says what to do next (a flag error
+  adds the usage line). The exit status is 1 for any error, 0 for success and `--help`/`--version`.
 EOF
   for b in "${BINARIES[@]}"; do
     printf '\n## %s\n\n```text\n' "$b"

@@ -8,9 +8,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+
 use corda_core::adapter::{self, Adapter};
 use corda_core::model::{resolve_model_dir, TokenizerInfo};
-use corda_core::util::cli::{expand_config_args, parse_bool};
 use corda_core::util::{progress_bar, AtomicDir};
 
 /// The probe sentence `--verify` runs through both models by default.
@@ -37,7 +37,6 @@ struct Cli {
     /// The initial CorDA adapter saved by preprocessing (OUT/corda_init).
     #[arg(
         long = "initial_adapter",
-        visible_alias = "initial-adapter",
         value_name = "DIR",
         help_heading = "Adapters"
     )]
@@ -46,23 +45,17 @@ struct Cli {
     /// The fine-tuned adapter (trained starting from the initial one on the residual model).
     #[arg(
         long = "trained_adapter",
-        visible_alias = "trained-adapter",
         value_name = "DIR",
         help_heading = "Adapters"
     )]
     trained_adapter: PathBuf,
 
     /// Where to write the plain LoRA (adapter_config.json + adapter_model.safetensors).
-    #[arg(
-        long = "output_dir",
-        visible_alias = "output-dir",
-        value_name = "DIR",
-        help_heading = "Output"
-    )]
+    #[arg(long = "output_dir", value_name = "DIR", help_heading = "Output")]
     output_dir: Option<PathBuf>,
 
     /// Replace existing non-empty output directories.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    #[arg(long, help_heading = "Output")]
     overwrite: bool,
 
     /// Compress every module's update to rank K by SVD (uniform r = lora_alpha = K) instead of
@@ -71,49 +64,33 @@ struct Cli {
     rank: Option<usize>,
 
     /// Also write the full fine-tuned model (base + update) as a model directory.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, requires_all = ["base_model", "merged_path"], help_heading = "Merge")]
+    #[arg(long, requires_all = ["base_model", "merged_path"], help_heading = "Merge")]
     merge: bool,
 
     /// The original base model: a Hugging Face model directory or a cached hub id.
-    #[arg(
-        long = "base_model",
-        visible_alias = "base-model",
-        value_name = "MODEL",
-        help_heading = "Merge"
-    )]
+    #[arg(long = "base_model", value_name = "MODEL", help_heading = "Merge")]
     base_model: Option<String>,
 
     /// Where --merge writes the merged model.
-    #[arg(
-        long = "merged_path",
-        visible_alias = "merged-path",
-        value_name = "DIR",
-        help_heading = "Merge"
-    )]
+    #[arg(long = "merged_path", value_name = "DIR", help_heading = "Merge")]
     merged_path: Option<PathBuf>,
 
     /// Compare base + converted LoRA with residual + trained adapter on a probe text.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, requires_all = ["base_model", "residual_model"], help_heading = "Verify")]
+    #[arg(long, requires_all = ["base_model", "residual_model"], help_heading = "Verify")]
     verify: bool,
 
     /// The residual model written by preprocessing (the directory holding corda_init/).
-    #[arg(
-        long = "residual_model",
-        visible_alias = "residual-model",
-        value_name = "DIR",
-        help_heading = "Verify"
-    )]
+    #[arg(long = "residual_model", value_name = "DIR", help_heading = "Verify")]
     residual_model: Option<PathBuf>,
 
     /// The text --verify runs through both models.
-    #[arg(long = "probe_text", visible_alias = "probe-text", value_name = "TEXT", default_value = DEFAULT_PROBE, help_heading = "Verify")]
+    #[arg(long = "probe_text", value_name = "TEXT", default_value = DEFAULT_PROBE, help_heading = "Verify")]
     probe_text: String,
 
     /// Largest accepted logit difference, relative to the largest |logit|. f32 models agree to
     /// round-off; fp16/bf16 residual models differ by about one ulp of the weights.
     #[arg(
         long = "verify_tolerance",
-        visible_alias = "verify-tolerance",
         value_name = "REL",
         default_value_t = 1e-3,
         help_heading = "Verify"
@@ -131,32 +108,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let argv = match expand_config_args(std::env::args_os().collect()) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("Error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let cli = match Cli::try_parse_from(argv) {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
-    };
-    corda_core::util::cli::init_logging("warn");
-    match run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    corda_cli::main("warn", |cli: Cli| run(&cli))
 }
 
 /// Refuse to write over one of the inputs (it would destroy the adapter being converted).
@@ -212,14 +164,14 @@ fn run(cli: &Cli) -> Result<()> {
     let lora_out = match &cli.output_dir {
         Some(dir) => {
             ensure_not_input(dir, &inputs)?;
-            Some(AtomicDir::create(dir, cli.overwrite).context("preparing --output_dir")?)
+            Some(corda_cli::output_dir(dir, cli.overwrite).context("preparing --output_dir")?)
         }
         None => None,
     };
     let merged_out = match (&cli.merge, &cli.merged_path) {
         (true, Some(dir)) => {
             ensure_not_input(dir, &inputs)?;
-            Some(AtomicDir::create(dir, cli.overwrite).context("preparing --merged_path")?)
+            Some(corda_cli::output_dir(dir, cli.overwrite).context("preparing --merged_path")?)
         }
         _ => None,
     };
@@ -255,11 +207,15 @@ fn run(cli: &Cli) -> Result<()> {
     if let Some(out) = lora_out {
         let dir = out
             .commit()
+            .map_err(corda_cli::overwrite_hint)
             .context("moving the converted LoRA into place")?;
         println!("wrote {}", dir.display());
     }
     if let Some(out) = merged_out {
-        let dir = out.commit().context("moving the merged model into place")?;
+        let dir = out
+            .commit()
+            .map_err(corda_cli::overwrite_hint)
+            .context("moving the merged model into place")?;
         println!("wrote {}", dir.display());
     }
     Ok(())
@@ -334,7 +290,7 @@ fn verify(
     let converted = Adapter::load(converted_dir).context("re-reading the converted LoRA")?;
     let tokenizer = TokenizerInfo::load(base).context("loading the base model's tokenizer")?;
     let ids = tokenizer.encode(&cli.probe_text)?;
-    let dev = corda_core::util::cli::parse_device(&cli.device)?;
+    let dev = corda_cli::parse_device(&cli.device).context("--device")?;
     let report = adapter::verify_conversion(base, &converted, residual, trained, &ids, &dev)
         .context("running the verification forward passes")?;
     let rel = report.max_abs_diff / report.max_abs_logit.max(f64::MIN_POSITIVE);

@@ -1,14 +1,12 @@
 //! End-to-end tests of the `corda-convert` binary against the PEFT fixtures.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use candle_core::{DType, Tensor};
 use corda_core::adapter::Adapter;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
-}
+use corda_testdata::peft_tiny_llama as fixtures;
 
 fn fx(rel: &str) -> String {
     fixtures().join(rel).display().to_string()

@@ -41,6 +41,9 @@ pub enum CordaError {
     /// A numerical failure (NaN, divergence) with advice.
     #[error("{0}")]
     Numerics(String),
+    /// An output directory that exists and is not empty, where replacing it was not allowed.
+    #[error("{} already exists and is not empty; choose another path or allow replacing it", path.display())]
+    OutputExists { path: PathBuf },
     /// Invalid arguments or options.
     #[error("{0}")]
     Invalid(String),

@@ -9,14 +9,14 @@
 //! - [`corda`]: covariance collection and the covariance-oriented decomposition.
 //! - [`adapter`]: the PEFT adapter format and conversion to a plain LoRA.
 //! - [`train`]: optimizer, schedules, trainer and checkpoints.
-//! - [`demo`]: small random models and synthetic datasets for the quickstart, tests and benchmarks.
+//! - [`layout`]: the names of every output directory and file.
 //! - [`util`]: atomic output directories, phase timing and memory reports.
 
 pub mod adapter;
 pub mod corda;
 pub mod data;
-pub mod demo;
 pub mod error;
+pub mod layout;
 pub mod model;
 pub mod train;
 pub mod util;

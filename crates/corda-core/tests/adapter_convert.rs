@@ -1,8 +1,7 @@
 //! Acceptance tests of the adapter conversion against the reference produced by PEFT
-//! (`shared/fixtures/peft-tiny-llama/{kpm,ipm}`).
+//! (`tests/fixtures/peft-tiny-llama/{kpm,ipm}`).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use corda_core::adapter::{
@@ -13,9 +12,7 @@ use corda_core::model::Weights;
 
 const MODES: [&str; 2] = ["kpm", "ipm"];
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
-}
+use corda_testdata::peft_tiny_llama as fixtures;
 
 fn load(mode: &str, kind: &str) -> Adapter {
     Adapter::load(&fixtures().join(mode).join(kind)).unwrap()

@@ -2,7 +2,7 @@
 //! math.jsonl `{query} {response}`, rows sampling, 16 samples of at most 64 tokens, r 8, alpha 16).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use corda_core::adapter::Adapter;
@@ -10,11 +10,10 @@ use corda_core::corda::{
     preprocess, CordaMode, CovariancePrecision, PreprocessOptions, REPORT_FILE,
 };
 use corda_core::data::{calibration_samples, read_rows, CalibOptions, CalibSampling, Template};
+use corda_core::layout::CORDA_INIT_DIR;
 use corda_core::model::{CausalLM, LoadOptions, TokenizerInfo, Weights};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
-}
+use corda_testdata::peft_tiny_llama as fixtures;
 
 fn samples(file: &str, template: &str) -> Vec<Vec<u32>> {
     let tok = TokenizerInfo::load(&fixtures().join("base-model")).unwrap();
@@ -94,8 +93,8 @@ fn run_mode(mode: CordaMode) {
     let base = Weights::open(&fixtures().join("base-model")).unwrap();
     let res_ours = Weights::open(&model_out).unwrap();
     let res_peft = Weights::open(&reference.join("residual-model")).unwrap();
-    let ad_ours = Adapter::load(&model_out.join("corda_init")).unwrap();
-    let ad_peft = Adapter::load(&reference.join("corda_init")).unwrap();
+    let ad_ours = Adapter::load(&model_out.join(CORDA_INIT_DIR)).unwrap();
+    let ad_peft = Adapter::load(&reference.join(CORDA_INIT_DIR)).unwrap();
     assert_eq!(ad_ours.config.r, 8);
     assert_eq!(ad_ours.config.lora_alpha, 16.0);
     assert_eq!(
@@ -130,7 +129,7 @@ fn run_mode(mode: CordaMode) {
 
     // Residual + adapter reproduces the base logits.
     let mut model = CausalLM::load(&model_out, &LoadOptions::default()).unwrap();
-    model.attach_adapter(&ad_ours).unwrap();
+    ad_ours.attach_to(&mut model).unwrap();
     let probe = load(&fixtures().join("base_logits.safetensors"));
     let ids = probe["input_ids"]
         .to_dtype(DType::U32)
@@ -148,7 +147,7 @@ fn run_mode(mode: CordaMode) {
     let again = out.path().join("again");
     std::fs::create_dir(&again).unwrap();
     preprocess(&fixtures().join("base-model"), &[], &opts, Some(&again)).unwrap();
-    let ad_again = Adapter::load(&again.join("corda_init")).unwrap();
+    let ad_again = Adapter::load(&again.join(CORDA_INIT_DIR)).unwrap();
     for (m, p) in &ad_ours.modules {
         assert_eq!(
             max_abs(&(&ad_again.modules[m].a - &p.a).unwrap()),
@@ -184,7 +183,7 @@ fn decomposition_cache_roundtrip_and_rank_pattern() {
     let a = out.path().join("a");
     std::fs::create_dir(&a).unwrap();
     preprocess(&fixtures().join("base-model"), &s, &opts, Some(&a)).unwrap();
-    let ad = Adapter::load(&a.join("corda_init")).unwrap();
+    let ad = Adapter::load(&a.join(CORDA_INIT_DIR)).unwrap();
     assert_eq!(
         ad.modules["model.layers.1.mlp.down_proj"].a.dim(0).unwrap(),
         4

@@ -1,7 +1,5 @@
 //! Data loading and calibration sampling against the reference fixtures.
 
-use std::path::{Path, PathBuf};
-
 use corda_core::data::{
     calibration_samples, llama_chat_template, load_rows, CalibOptions, CalibSampling, RowSource,
     Split, Template,
@@ -9,9 +7,7 @@ use corda_core::data::{
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
-}
+use corda_testdata::peft_tiny_llama as fixtures;
 
 fn tokenizer() -> Tokenizer {
     Tokenizer::from_file(fixtures().join("base-model/tokenizer.json")).unwrap()

@@ -1,15 +1,11 @@
 //! The SFT batch of the reference fine-tuning script, reproduced token for token: the first
 //! three rows of the fixture's `math.jsonl`, Alpaca prompt, `model_max_length` 192, pad = EOS.
 
-use std::path::{Path, PathBuf};
-
 use candle_core::{DType, Device};
 use corda_core::data::{build_sft_examples, collate, load_rows, SftOptions, Split, IGNORE_INDEX};
 use tokenizers::Tokenizer;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
-}
+use corda_testdata::peft_tiny_llama as fixtures;
 
 fn manifest_max_length() -> usize {
     let text = std::fs::read_to_string(fixtures().join("manifest.json")).unwrap();

@@ -1,14 +1,12 @@
 //! The decoder against transformers: logits of the fixture model on the probe sentence, with
 //! the transformers-4 config, a transformers-5 config and a sharded copy of the weights.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use corda_core::model::{CausalLM, LoadOptions, ShardWriter, Weights};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
-}
+use corda_testdata::peft_tiny_llama as fixtures;
 
 fn probe() -> (Tensor, Tensor) {
     let t =

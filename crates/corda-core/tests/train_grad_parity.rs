@@ -2,19 +2,17 @@
 //! gradient of every LoRA factor, for the batch stored in `train_step.safetensors`.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use corda_core::adapter::Adapter;
 use corda_core::data::{build_sft_examples, load_rows, SftOptions, Split};
+use corda_core::layout::CORDA_INIT_DIR;
 use corda_core::model::{CausalLM, LoadOptions, TokenizerInfo};
 use corda_core::train::{
     causal_lm_loss, factor_names, LogEntry, SaveStrategy, TrainConfig, Trainer, TRAINER_STATE_FILE,
 };
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
-}
+use corda_testdata::peft_tiny_llama as fixtures;
 
 fn load_step(mode: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(
@@ -31,8 +29,9 @@ fn model_with_adapter(mode: &str, dtype: DType) -> CausalLM {
         device: Device::Cpu,
     };
     let mut model = CausalLM::load(&root.join("residual-model"), &opts).unwrap();
-    model
-        .attach_adapter(&Adapter::load(&root.join("corda_init")).unwrap())
+    Adapter::load(&root.join(CORDA_INIT_DIR))
+        .unwrap()
+        .attach_to(&mut model)
         .unwrap();
     model
 }

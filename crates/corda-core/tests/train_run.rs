@@ -2,20 +2,19 @@
 //! uninterrupted run, checkpoints are pruned and trusted only when complete, and a checkpoint
 //! of another model is refused before any step.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device};
 use corda_core::adapter::Adapter;
 use corda_core::data::{build_sft_examples, load_rows, SftExample, SftOptions, Split};
+use corda_core::layout::CORDA_INIT_DIR;
 use corda_core::model::{CausalLM, LoadOptions, TokenizerInfo};
 use corda_core::train::{
     causal_lm_loss, list_checkpoints, plain_lora_adapter, ResumeFrom, SaveStrategy, SchedulerType,
     StepLog, TrainConfig, TrainOutcome, Trainer,
 };
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
-}
+use corda_testdata::peft_tiny_llama as fixtures;
 
 fn examples() -> (Vec<SftExample>, u32) {
     let root = fixtures();
@@ -41,8 +40,8 @@ fn examples() -> (Vec<SftExample>, u32) {
 fn corda_model() -> (CausalLM, Adapter) {
     let root = fixtures().join("kpm");
     let mut model = CausalLM::load(&root.join("residual-model"), &LoadOptions::default()).unwrap();
-    let adapter = Adapter::load(&root.join("corda_init")).unwrap();
-    model.attach_adapter(&adapter).unwrap();
+    let adapter = Adapter::load(&root.join(CORDA_INIT_DIR)).unwrap();
+    adapter.attach_to(&mut model).unwrap();
     (model, adapter)
 }
 
@@ -201,15 +200,8 @@ fn checkpoint_of_another_model_is_refused_before_training() {
     // A plain LoRA of rank 4 on the base model writes a checkpoint...
     let (ex, pad) = examples();
     let mut base = CausalLM::load(&fixtures().join("base-model"), &LoadOptions::default()).unwrap();
-    let modules: Vec<(String, usize, usize)> = base
-        .targets()
-        .map(|t| {
-            let (o, i) = t.dims();
-            (t.name.clone(), o, i)
-        })
-        .collect();
-    let lora = plain_lora_adapter(&modules, 4, 42).unwrap();
-    base.attach_adapter(&lora).unwrap();
+    let lora = plain_lora_adapter(&base.target_shapes(), 4, 42).unwrap();
+    lora.attach_to(&mut base).unwrap();
     let other = tempfile::tempdir().unwrap();
     let mut cfg = quiet(other.path());
     cfg.per_device_train_batch_size = 4;
@@ -256,15 +248,8 @@ fn plain_lora_starts_at_the_base_model() {
     .unwrap() as f64;
 
     let mut model = CausalLM::load(&dir, &LoadOptions::default()).unwrap();
-    let modules: Vec<(String, usize, usize)> = model
-        .targets()
-        .map(|t| {
-            let (o, i) = t.dims();
-            (t.name.clone(), o, i)
-        })
-        .collect();
-    let lora = plain_lora_adapter(&modules, 4, 1).unwrap();
-    model.attach_adapter(&lora).unwrap();
+    let lora = plain_lora_adapter(&model.target_shapes(), 4, 1).unwrap();
+    lora.attach_to(&mut model).unwrap();
     let with = causal_lm_loss(
         &model
             .forward(&batch.input_ids, Some(&batch.attention_mask))

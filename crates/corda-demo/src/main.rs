@@ -6,12 +6,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use corda_core::demo::{
-    write_datasets, write_random_model, ConfigStyle, DemoDataSpec, DemoModelSpec,
-};
+use corda_cli::parse_size;
 use corda_core::model::parse_dtype;
-use corda_core::util::cli::{expand_config_args, parse_bool};
-use corda_core::util::AtomicDir;
+use corda_demo::{write_datasets, write_random_model, ConfigStyle, DemoDataSpec, DemoModelSpec};
 
 /// Write a random Llama-family model and demo datasets (no download).
 ///
@@ -41,13 +38,13 @@ struct Args {
     )]
     out: PathBuf,
     /// Replace existing non-empty OUT/model and OUT/data.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    #[arg(long, help_heading = "Output")]
     overwrite: bool,
     /// Write only the datasets.
-    #[arg(long = "skip_model", alias = "skip-model", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    #[arg(long = "skip_model", help_heading = "Output")]
     skip_model: bool,
     /// Write only the model (e.g. a large benchmark shape).
-    #[arg(long = "skip_data", alias = "skip-data", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    #[arg(long = "skip_data", help_heading = "Output")]
     skip_data: bool,
     /// Seed of the weights and of the datasets.
     #[arg(long, default_value_t = 42, help_heading = "Output")]
@@ -66,34 +63,23 @@ struct Args {
     #[arg(long, default_value_t = 4, help_heading = "Model")]
     heads: usize,
     /// Key/value heads (must divide --heads; fewer than --heads is grouped-query attention).
-    #[arg(
-        long = "kv_heads",
-        alias = "kv-heads",
-        default_value_t = 2,
-        help_heading = "Model"
-    )]
+    #[arg(long = "kv_heads", default_value_t = 2, help_heading = "Model")]
     kv_heads: usize,
     /// Embedding rows (default: the demo tokenizer's vocabulary; e.g. 32000 for Llama-2-sized LM-head costs).
-    #[arg(long = "vocab_size", alias = "vocab-size", help_heading = "Model")]
+    #[arg(long = "vocab_size", help_heading = "Model")]
     vocab_size: Option<usize>,
     /// Storage dtype: float32, float16 or bfloat16.
     #[arg(long, default_value = "float32", help_heading = "Model")]
     dtype: String,
     /// Share the embedding with the LM head (no lm_head.weight).
-    #[arg(long = "tie_word_embeddings", alias = "tie-word-embeddings", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Model")]
+    #[arg(long = "tie_word_embeddings", help_heading = "Model")]
     tie_word_embeddings: bool,
     /// config.json layout: v4 (torch_dtype, rope_theta) or v5 (dtype, rope_parameters).
-    #[arg(
-        long = "config_style",
-        alias = "config-style",
-        default_value = "v4",
-        help_heading = "Model"
-    )]
+    #[arg(long = "config_style", default_value = "v4", help_heading = "Model")]
     config_style: ConfigStyle,
     /// Standard deviation of the random linear and embedding weights (transformers' default: 0.02).
     #[arg(
         long = "initializer_range",
-        alias = "initializer-range",
         default_value_t = 0.02,
         help_heading = "Model"
     )]
@@ -101,11 +87,11 @@ struct Args {
     /// Largest weight shard, e.g. 2GB, 500MB or a byte count; bigger models are sharded with an index.
     #[arg(
         long = "max_shard_size",
-        alias = "max-shard-size",
         default_value = "2GB",
+        value_parser = parse_size,
         help_heading = "Model"
     )]
-    max_shard_size: String,
+    max_shard_size: u64,
 
     /// Rows of each dataset.
     #[arg(long, default_value_t = 512, help_heading = "Data")]
@@ -138,7 +124,7 @@ fn run(args: Args) -> Result<()> {
         vocab_size: args.vocab_size,
         dtype: parse_dtype(&args.dtype)?,
         seed: args.seed,
-        max_shard_bytes: Some(corda_core::util::cli::parse_size(&args.max_shard_size)?),
+        max_shard_bytes: Some(args.max_shard_size),
         config_style: args.config_style,
         tie_word_embeddings: args.tie_word_embeddings,
         initializer_range: args.initializer_range,
@@ -146,16 +132,16 @@ fn run(args: Args) -> Result<()> {
     spec.validate()?;
     // Refuse existing outputs before writing anything.
     let model_out = (!args.skip_model)
-        .then(|| AtomicDir::create(args.out.join("model"), args.overwrite))
+        .then(|| corda_cli::output_dir(&args.out.join("model"), args.overwrite))
         .transpose()?;
     let data_out = (!args.skip_data)
-        .then(|| AtomicDir::create(args.out.join("data"), args.overwrite))
+        .then(|| corda_cli::output_dir(&args.out.join("data"), args.overwrite))
         .transpose()?;
 
     if let Some(out) = model_out {
         let start = Instant::now();
         let s = write_random_model(out.path(), &spec)?;
-        let dir = out.commit()?;
+        let dir = out.commit().map_err(corda_cli::overwrite_hint)?;
         println!(
             "model: {} (llama, {} layers, hidden {}, intermediate {}, heads {}/{} kv, vocab {}, {}, {:.2}M parameters, {:.1} MiB in {} weight file{}, {:.2} s)",
             dir.display(),
@@ -182,7 +168,7 @@ fn run(args: Args) -> Result<()> {
                 seed: args.seed,
             },
         )?;
-        let dir = out.commit()?;
+        let dir = out.commit().map_err(corda_cli::overwrite_hint)?;
         println!("data:  {} ({} rows each)", dir.display(), args.rows);
         println!("       qa.jsonl, qa.parquet: question, answer (nq_open shape; KPM calibration)");
         println!("       math.jsonl, math.parquet: query, response (MetaMathQA shape; IPM calibration, fine-tuning)");
@@ -190,16 +176,6 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn main() {
-    let argv = match expand_config_args(std::env::args_os().collect()) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("Error: {e}");
-            std::process::exit(2);
-        }
-    };
-    if let Err(e) = run(Args::parse_from(argv)) {
-        eprintln!("Error: {e:#}");
-        std::process::exit(1);
-    }
+fn main() -> std::process::ExitCode {
+    corda_cli::main("warn", run)
 }

@@ -4,14 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
-}
+use corda_core::layout::CORDA_INIT_DIR;
+use corda_testdata::peft_tiny_llama as fixtures;
 
 /// A corda-preprocess-like output directory: residual model + corda_init (+ tokenizer).
 fn corda_out(root: &Path) -> PathBuf {
     let out = root.join("OUT");
-    std::fs::create_dir_all(out.join("corda_init")).unwrap();
+    std::fs::create_dir_all(out.join(CORDA_INIT_DIR)).unwrap();
     let kpm = fixtures().join("kpm");
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(kpm.join("residual-model").join(f), out.join(f)).unwrap();
@@ -21,8 +20,8 @@ fn corda_out(root: &Path) -> PathBuf {
     }
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         std::fs::copy(
-            kpm.join("corda_init").join(f),
-            out.join("corda_init").join(f),
+            kpm.join(CORDA_INIT_DIR).join(f),
+            out.join(CORDA_INIT_DIR).join(f),
         )
         .unwrap();
     }
@@ -236,6 +235,10 @@ fn bad_input_fails_before_training() {
         (
             base_args(m, f, &d, &["--model_max_length", "20"]),
             "model_max_length",
+        ),
+        (
+            base_args(m, f, &d, &["--gradient_checkpointing", "True"]),
+            "not supported yet",
         ),
     ];
     for (args, needle) in cases {

@@ -1,22 +1,18 @@
 //! `corda-preprocess`: sample calibration data, collect covariances, decompose, and write the
 //! residual model plus the initial CorDA adapter (`OUT/corda_init`).
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use corda_cli::{key_value, parse_device, parse_size};
 use corda_core::corda::{
-    preprocess, CordaMode, CovariancePrecision, PreprocessOptions, PreprocessReport,
-    CORDA_INIT_DIR, REPORT_FILE,
+    preprocess, CordaMode, CovariancePrecision, PreprocessOptions, PreprocessReport, REPORT_FILE,
 };
-use corda_core::data::{
-    calibration_samples, lookup, read_rows, CalibOptions, CalibSampling, RegistryEntry, Template,
-};
+use corda_core::data::{calibration_samples, CalibOptions, CalibSampling, CalibrationSource};
+use corda_core::layout::CORDA_INIT_DIR;
 use corda_core::model::{parse_dtype, resolve_model_dir, TokenizerInfo, TARGET_PROJECTIONS};
-use corda_core::util::cli::{expand_config_args, parse_bool, parse_device, parse_size};
-use corda_core::util::AtomicDir;
 
 /// Build a CorDA adapter: covariance-oriented SVD of every target linear layer.
 ///
@@ -31,7 +27,6 @@ struct Args {
     /// Model directory or Hugging Face hub id (read from the local cache).
     #[arg(
         long = "model_id",
-        alias = "model-id",
         default_value = "meta-llama/Llama-2-7b-hf",
         help_heading = "Input"
     )]
@@ -46,18 +41,16 @@ struct Args {
     /// Registry name (nqopen, trivia_qa, wikitext2, ptb, c4, MetaMATH, codefeedback, WizLMinstruct, alpaca) or a local .parquet/.jsonl/.json file or directory.
     #[arg(
         long = "calib_dataset",
-        alias = "calib-dataset",
         default_value = "wikitext2",
         help_heading = "Calibration"
     )]
     calib_dataset: String,
     /// Data files to read for a registry dataset instead of the Hugging Face cache.
-    #[arg(long = "calib_data_files", alias = "calib-data-files", num_args = 1.., help_heading = "Calibration")]
+    #[arg(long = "calib_data_files", num_args = 1.., help_heading = "Calibration")]
     calib_data_files: Vec<PathBuf>,
     /// Number of calibration samples.
     #[arg(
         long = "calib_loader_size",
-        alias = "calib-loader-size",
         default_value_t = 256,
         help_heading = "Calibration"
     )]
@@ -65,29 +58,19 @@ struct Args {
     /// Tokens per calibration sample at most.
     #[arg(
         long = "calib_max_length",
-        alias = "calib-max-length",
         default_value_t = 2048,
         help_heading = "Calibration"
     )]
     calib_max_length: usize,
     /// Row template for a local dataset, e.g. "{query} {response}" (default "{text}").
-    #[arg(
-        long = "calib_template",
-        alias = "calib-template",
-        help_heading = "Calibration"
-    )]
+    #[arg(long = "calib_template", help_heading = "Calibration")]
     calib_template: Option<String>,
     /// rows (one sample per row, truncated), windows (random windows of the joined text) or chat.
-    #[arg(
-        long = "calib_sampling",
-        alias = "calib-sampling",
-        help_heading = "Calibration"
-    )]
-    calib_sampling: Option<String>,
+    #[arg(long = "calib_sampling", help_heading = "Calibration")]
+    calib_sampling: Option<CalibSampling>,
     /// Calibration samples per forward pass (padded tokens are masked out of the covariance).
     #[arg(
         long = "calib_batch_size",
-        alias = "calib-batch-size",
         default_value_t = 1,
         help_heading = "Calibration"
     )]
@@ -100,18 +83,17 @@ struct Args {
     #[arg(long, help_heading = "Adapter")]
     r: Option<usize>,
     /// LoRA alpha (default: r, as the reference).
-    #[arg(long = "lora_alpha", alias = "lora-alpha", help_heading = "Adapter")]
+    #[arg(long = "lora_alpha", help_heading = "Adapter")]
     lora_alpha: Option<f64>,
     /// Scale by alpha/sqrt(r) instead of alpha/r.
-    #[arg(long = "use_rslora", alias = "use-rslora", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Adapter")]
+    #[arg(long = "use_rslora", help_heading = "Adapter")]
     use_rslora: bool,
     /// IPM: train the largest r components (default KPM: the smallest).
-    #[arg(long = "first_eigen", alias = "first-eigen", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Adapter")]
+    #[arg(long = "first_eigen", help_heading = "Adapter")]
     first_eigen: bool,
     /// Comma-separated target modules.
     #[arg(
         long = "target_modules",
-        alias = "target-modules",
         value_delimiter = ',',
         default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         help_heading = "Adapter"
@@ -120,123 +102,56 @@ struct Args {
     /// Per-module ranks, e.g. down_proj=64,q_proj=16 (a key matches modules ending with it).
     #[arg(
         long = "rank_pattern",
-        alias = "rank-pattern",
         value_delimiter = ',',
+        value_parser = key_value::<usize>,
         help_heading = "Adapter"
     )]
-    rank_pattern: Vec<String>,
+    rank_pattern: Vec<(String, usize)>,
     /// Per-module alphas, same syntax as --rank_pattern.
     #[arg(
         long = "alpha_pattern",
-        alias = "alpha-pattern",
         value_delimiter = ',',
+        value_parser = key_value::<f64>,
         help_heading = "Adapter"
     )]
-    alpha_pattern: Vec<String>,
+    alpha_pattern: Vec<(String, f64)>,
 
     /// Hold the covariance sum in the model's half dtype (half the memory; overflow is detected).
-    #[arg(long = "use_float16_for_covariance", alias = "use-float16-for-covariance", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Files")]
+    #[arg(long = "use_float16_for_covariance", help_heading = "Files")]
     use_float16_for_covariance: bool,
     /// Save covariances here, or reuse them when the file exists.
-    #[arg(
-        long = "covariance_file",
-        alias = "covariance-file",
-        help_heading = "Files"
-    )]
+    #[arg(long = "covariance_file", help_heading = "Files")]
     covariance_file: Option<PathBuf>,
     /// Save the decomposition here, or reuse it when the file exists.
-    #[arg(long = "cache_file", alias = "cache-file", help_heading = "Files")]
+    #[arg(long = "cache_file", help_heading = "Files")]
     cache_file: Option<PathBuf>,
 
     /// Write the residual model and OUT/corda_init.
-    #[arg(long = "save_model", alias = "save-model", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    #[arg(long = "save_model", help_heading = "Output")]
     save_model: bool,
     /// Output directory.
-    #[arg(long = "save_path", alias = "save-path", help_heading = "Output")]
+    #[arg(long = "save_path", help_heading = "Output")]
     save_path: Option<PathBuf>,
     /// Replace an existing non-empty --save_path.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    #[arg(long, help_heading = "Output")]
     overwrite: bool,
     /// Largest weight shard, e.g. 2GB or 500MB (default: like the source model, at most 2 GiB).
     #[arg(
         long = "max_shard_size",
-        alias = "max-shard-size",
+        value_parser = parse_size,
         help_heading = "Output"
     )]
-    max_shard_size: Option<String>,
+    max_shard_size: Option<u64>,
     /// Write the run's phases, timings and memory as JSON here (for benchmarks).
-    #[arg(long = "report_json", alias = "report-json", help_heading = "Output")]
+    #[arg(long = "report_json", help_heading = "Output")]
     report_json: Option<PathBuf>,
     /// Write adapters even when a kept singular value is (numerically) zero or a factor is all
     /// zero; by default such a module is an error, since it could never train.
-    #[arg(long = "allow_degenerate_adapters", alias = "allow-degenerate-adapters", num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    #[arg(long = "allow_degenerate_adapters", help_heading = "Output")]
     allow_degenerate_adapters: bool,
     /// No progress bars.
-    #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, help_heading = "Output")]
+    #[arg(long, help_heading = "Output")]
     quiet: bool,
-}
-
-fn parse_patterns<T: std::str::FromStr>(
-    items: &[String],
-    flag: &str,
-) -> Result<BTreeMap<String, T>> {
-    let mut m = BTreeMap::new();
-    for item in items.iter().filter(|s| !s.is_empty()) {
-        let (k, v) = item
-            .split_once('=')
-            .with_context(|| format!("{flag}: `{item}` is not KEY=VALUE (e.g. down_proj=64)"))?;
-        let v = v
-            .trim()
-            .parse::<T>()
-            .map_err(|_| anyhow::anyhow!("{flag}: `{v}` in `{item}` is not a number"))?;
-        m.insert(k.trim().to_string(), v);
-    }
-    Ok(m)
-}
-
-fn sampling(s: &str) -> Result<CalibSampling> {
-    Ok(match s {
-        "rows" => CalibSampling::Rows,
-        "windows" => CalibSampling::Windows,
-        "chat" => CalibSampling::Chat,
-        other => bail!("--calib_sampling `{other}`: use rows, windows or chat"),
-    })
-}
-
-/// Rows, template and sampling of `--calib_dataset`.
-fn calibration_source(args: &Args) -> Result<(Vec<serde_json::Value>, Template, CalibSampling)> {
-    let path = Path::new(&args.calib_dataset);
-    if path.exists() {
-        let rows = read_rows(path)
-            .with_context(|| format!("reading calibration data {}", path.display()))?;
-        let template = Template::parse(args.calib_template.as_deref().unwrap_or("{text}"))?;
-        let mode = sampling(args.calib_sampling.as_deref().unwrap_or("rows"))?;
-        return Ok((rows, template, mode));
-    }
-    let entry: RegistryEntry = lookup(&args.calib_dataset).with_context(|| {
-        format!(
-            "--calib_dataset `{}` is neither a registry name nor an existing file",
-            args.calib_dataset
-        )
-    })?;
-    let rows = if args.calib_data_files.is_empty() {
-        entry.load_rows()?
-    } else {
-        let mut rows = vec![];
-        for f in &args.calib_data_files {
-            rows.extend(read_rows(f).with_context(|| format!("reading {}", f.display()))?);
-        }
-        entry.filter_rows(rows)?
-    };
-    let template = match &args.calib_template {
-        Some(t) => Template::parse(t)?,
-        None => entry.template()?,
-    };
-    let mode = match &args.calib_sampling {
-        Some(s) => sampling(s)?,
-        None => entry.sampling,
-    };
-    Ok((rows, template, mode))
 }
 
 /// The per-module figures a user should see: how exact the decomposition is, and which modules'
@@ -293,14 +208,14 @@ fn run(args: Args) -> Result<()> {
         }
     }
     let model_dir = resolve_model_dir(&args.model_id)?;
-    let device = parse_device(&args.device)?;
+    let device = parse_device(&args.device).context("--device")?;
     let dtype = match args.dtype.as_str() {
         "auto" => None,
-        d => Some(parse_dtype(d)?),
+        d => Some(parse_dtype(d).context("--dtype")?),
     };
     // Refuse an existing output before any work.
     let out = match (&args.save_model, &args.save_path) {
-        (true, Some(p)) => Some(AtomicDir::create(p, args.overwrite)?),
+        (true, Some(p)) => Some(corda_cli::output_dir(p, args.overwrite)?),
         _ => None,
     };
     let mut opts = PreprocessOptions::new(r);
@@ -312,50 +227,41 @@ fn run(args: Args) -> Result<()> {
         CordaMode::Kpm
     };
     opts.target_modules = args.target_modules.clone();
-    opts.rank_pattern = parse_patterns(&args.rank_pattern, "--rank_pattern")?;
-    opts.alpha_pattern = parse_patterns(&args.alpha_pattern, "--alpha_pattern")?;
+    // A later KEY=VALUE for the same key wins.
+    opts.rank_pattern = args.rank_pattern.iter().cloned().collect();
+    opts.alpha_pattern = args.alpha_pattern.iter().cloned().collect();
     opts.covariance_file = args.covariance_file.clone();
     opts.cache_file = args.cache_file.clone();
     opts.dtype = dtype;
     opts.device = device;
     opts.batch_size = args.calib_batch_size.max(1);
-    opts.max_shard_bytes = args.max_shard_size.as_deref().map(parse_size).transpose()?;
+    opts.max_shard_bytes = args.max_shard_size;
     opts.base_model_name = args.model_id.clone();
     opts.progress = !args.quiet;
     opts.allow_degenerate_adapters = args.allow_degenerate_adapters;
     if args.use_float16_for_covariance {
-        let cfg = corda_core::model::ModelConfig::from_dir(&model_dir)?;
-        let half = match dtype.or(cfg.dtype) {
-            Some(d @ (candle_core::DType::F16 | candle_core::DType::BF16)) => d,
-            _ => candle_core::DType::F16,
-        };
-        opts.covariance_precision = CovariancePrecision::Half(half);
+        opts.covariance_precision = CovariancePrecision::ModelHalf;
     }
 
-    let reuse = |p: &Option<PathBuf>| {
-        p.as_ref()
-            .is_some_and(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
-    };
-    let samples = if reuse(&args.cache_file) || reuse(&args.covariance_file) {
-        eprintln!(
-            "reusing saved {}: no calibration pass",
-            if reuse(&args.cache_file) {
-                "decomposition"
-            } else {
-                "covariances"
-            }
-        );
+    let samples = if let Some(what) = opts.reuses() {
+        eprintln!("reusing saved {what}: no calibration pass");
         vec![]
     } else {
         let tok = TokenizerInfo::load(&model_dir)?;
-        let (rows, template, mode) = calibration_source(&args)?;
+        let source = CalibrationSource {
+            dataset: args.calib_dataset.clone(),
+            data_files: args.calib_data_files.clone(),
+            template: args.calib_template.clone(),
+            sampling: args.calib_sampling,
+        };
+        let calib = source.load().context("--calib_dataset")?;
         let copts = CalibOptions {
             n: args.calib_loader_size,
             max_length: args.calib_max_length,
             seed: args.seed,
-            sampling: mode,
+            sampling: calib.sampling,
         };
-        calibration_samples(&rows, &template, &tok.tokenizer, &copts)
+        calibration_samples(&calib.rows, &calib.template, &tok.tokenizer, &copts)
             .context("building calibration samples")?
     };
     let tokens: usize = samples.iter().map(Vec::len).sum();
@@ -370,7 +276,7 @@ fn run(args: Args) -> Result<()> {
     let report = preprocess(&model_dir, &samples, &opts, out.as_ref().map(|o| o.path()))
         .with_context(|| format!("preprocessing {}", model_dir.display()))?;
     let final_path = match out {
-        Some(o) => Some(o.commit()?),
+        Some(o) => Some(o.commit().map_err(corda_cli::overwrite_hint)?),
         None => None,
     };
 
@@ -424,19 +330,7 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
     corda_core::util::alloc::release_large_blocks_promptly();
-    corda_core::util::cli::init_logging("warn");
-    let argv = match expand_config_args(std::env::args_os().collect()) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("Error: {e}");
-            std::process::exit(2);
-        }
-    };
-    let args = Args::parse_from(argv);
-    if let Err(e) = run(args) {
-        eprintln!("Error: {e:#}");
-        std::process::exit(1);
-    }
+    corda_cli::main("warn", run)
 }

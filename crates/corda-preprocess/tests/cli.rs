@@ -1,16 +1,15 @@
 //! `corda-preprocess` end to end: outputs PEFT can load, config files, and clear errors with
 //! nothing half-written.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use corda_core::adapter::Adapter;
+use corda_core::layout::CORDA_INIT_DIR;
 use corda_core::model::{CausalLM, LoadOptions, ShardWriter, Weights};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
-}
+use corda_testdata::peft_tiny_llama as fixtures;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_corda-preprocess"));
@@ -55,7 +54,7 @@ fn run(args: &[String]) -> (bool, String) {
 fn probe_logits(dir: &Path, adapter: Option<&Path>) -> (Tensor, Tensor) {
     let mut m = CausalLM::load(dir, &LoadOptions::default()).unwrap();
     if let Some(a) = adapter {
-        m.attach_adapter(&Adapter::load(a).unwrap()).unwrap();
+        Adapter::load(a).unwrap().attach_to(&mut m).unwrap();
     }
     let t =
         candle_core::safetensors::load(fixtures().join("base_logits.safetensors"), &Device::Cpu)
@@ -114,7 +113,7 @@ fn kpm_run_writes_a_peft_loadable_model_and_adapter() {
     assert_eq!(cfg["lora_alpha"], 16);
     assert_eq!(cfg["corda_config"]["corda_method"], "kpm");
     assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7);
-    let (got, base) = probe_logits(&out, Some(&out.join("corda_init")));
+    let (got, base) = probe_logits(&out, Some(&out.join(CORDA_INIT_DIR)));
     assert!(max_abs_diff(&got, &base) < 1e-4);
     let (residual_only, _) = probe_logits(&out, None);
     assert!(
@@ -168,14 +167,14 @@ fn ipm_from_a_yaml_config_with_parquet_data() {
         out.join("model.safetensors.index.json").is_file(),
         "200KB shards expected"
     );
-    let ad = Adapter::load(&out.join("corda_init")).unwrap();
+    let ad = Adapter::load(&out.join(CORDA_INIT_DIR)).unwrap();
     assert_eq!(ad.config.extra["corda_config"]["corda_method"], "ipm");
     assert_eq!(ad.config.lora_alpha, 16.0);
     assert_eq!(
         ad.modules["model.layers.0.mlp.down_proj"].a.dim(0).unwrap(),
         4
     );
-    let (got, base) = probe_logits(&out, Some(&out.join("corda_init")));
+    let (got, base) = probe_logits(&out, Some(&out.join(CORDA_INIT_DIR)));
     assert!(max_abs_diff(&got, &base) < 1e-4);
 }
 
@@ -234,7 +233,7 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
     args.push("--overwrite".into());
     let (ok, err) = run(&args);
     assert!(ok, "{err}");
-    assert!(!out.join("keep.txt").exists() && out.join("corda_init").is_dir());
+    assert!(!out.join("keep.txt").exists() && out.join(CORDA_INIT_DIR).is_dir());
 
     // An unwritable path.
     let (ok, err) = run(&base_args(Path::new("/proc/corda-out")));
@@ -244,7 +243,7 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
 /// Peak resident memory of a run on a random model of `layers` layers (hidden 512), from the
 /// `--report_json` of the binary.
 fn peak_rss_for_layers(root: &Path, layers: usize) -> u64 {
-    use corda_core::demo::{write_random_model, DemoModelSpec};
+    use corda_demo::{write_random_model, DemoModelSpec};
     let model = root.join(format!("model-{layers}"));
     std::fs::create_dir_all(&model).unwrap();
     let spec = DemoModelSpec {

@@ -95,7 +95,9 @@ pub fn compress_to_rank(
     mut on_module: impl FnMut(&ModuleCompression),
 ) -> Result<Compressed> {
     if rank == 0 {
-        return Err(CordaError::Invalid("--rank must be at least 1".to_string()));
+        return Err(CordaError::Invalid(
+            "the target rank must be at least 1".to_string(),
+        ));
     }
     check_compatible(initial, trained)?;
     let mut modules = BTreeMap::new();

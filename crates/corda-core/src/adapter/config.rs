@@ -378,8 +378,7 @@ mod tests {
 
     #[test]
     fn fixture_configs_round_trip_byte_for_byte() {
-        let root =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama");
+        let root = corda_testdata::peft_tiny_llama();
         for mode in ["kpm", "ipm"] {
             for kind in ["corda_init", "trained", "lora"] {
                 let dir = root.join(mode).join(kind);

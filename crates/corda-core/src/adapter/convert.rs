@@ -99,7 +99,7 @@ pub fn converted_config(trained: &AdapterConfig) -> Result<AdapterConfig> {
     if trained.use_rslora && (!trained.rank_pattern.is_empty() || !trained.alpha_pattern.is_empty())
     {
         return Err(CordaError::Adapter(format!(
-            "{RSLORA_PATTERN_ERROR} (PEFT refuses this too; compressing with --rank K writes a uniform adapter and works)"
+            "{RSLORA_PATTERN_ERROR} (PEFT refuses this too; compressing to a fixed rank K writes a uniform adapter and works)"
         )));
     }
     let mut c = trained.clone();

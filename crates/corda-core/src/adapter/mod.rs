@@ -3,6 +3,7 @@
 //!
 //! - [`config`]: [`AdapterConfig`], a PEFT `LoraConfig` that round-trips unknown fields.
 //! - [`weights`]: [`Adapter`] and [`LoraPair`], loading and saving the tensors.
+//! - [`attach`]: an adapter attaching itself to a [`crate::model::CausalLM`].
 //! - [`convert`]: PEFT's `path_initial_model_for_weight_conversion` (exact, rank doubled) and the
 //!   per-module weight deltas.
 //! - [`compress`]: the `--rank K` SVD compression of the same update.
@@ -10,6 +11,7 @@
 //! - [`pattern`]: a small regex matcher for PEFT's regex target modules and pattern keys.
 //! - [`verify`]: base + converted LoRA against residual + trained adapter on a probe text.
 
+pub mod attach;
 pub mod compress;
 pub mod config;
 pub mod convert;

@@ -31,7 +31,7 @@ pub fn logits_with_adapter(
 ) -> Result<Tensor> {
     if input_ids.is_empty() {
         return Err(CordaError::Invalid(
-            "the probe text tokenizes to no tokens; pass a non-empty --probe_text".to_string(),
+            "the probe text tokenizes to no tokens; use a non-empty probe text".to_string(),
         ));
     }
     let opts = LoadOptions {
@@ -39,7 +39,7 @@ pub fn logits_with_adapter(
         device: device.clone(),
     };
     let mut model = CausalLM::load(model_dir, &opts)?;
-    model.attach_adapter(adapter)?;
+    adapter.attach_to(&mut model)?;
     let ids = Tensor::from_vec(input_ids.to_vec(), (1, input_ids.len()), device)?;
     Ok(model
         .forward(&ids, None)?

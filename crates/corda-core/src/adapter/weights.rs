@@ -221,9 +221,7 @@ impl Adapter {
 mod tests {
     use super::*;
 
-    fn fixtures() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
-    }
+    use corda_testdata::peft_tiny_llama as fixtures;
 
     #[test]
     fn parses_peft_keys() {

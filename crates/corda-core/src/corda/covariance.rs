@@ -21,6 +21,20 @@ pub enum CovariancePrecision {
     /// The running sum held in half precision (PEFT's `use_float16_for_covariance`), half the
     /// memory; an overflow is detected and reported instead of silently becoming inf.
     Half(DType),
+    /// [`Self::Half`] in the model's half dtype (float16 for a float32 model), resolved by
+    /// [`Self::resolve`] once the storage dtype is known.
+    ModelHalf,
+}
+
+impl CovariancePrecision {
+    /// [`Self::ModelHalf`] as the half dtype of a model stored in `dtype`.
+    pub fn resolve(self, dtype: DType) -> Self {
+        match (self, dtype) {
+            (Self::ModelHalf, DType::F16 | DType::BF16) => Self::Half(dtype),
+            (Self::ModelHalf, _) => Self::Half(DType::F16),
+            (other, _) => other,
+        }
+    }
 }
 
 /// Accumulates `Σ Xᵀ X` for one input site.
@@ -45,12 +59,14 @@ pub const FLUSH_ROWS: usize = 2048;
 
 impl CovarianceAccumulator {
     pub fn new(dim: usize, precision: CovariancePrecision) -> Self {
+        // The pipeline resolves ModelHalf first; on its own it means float16.
+        let precision = precision.resolve(DType::F32);
         let (sum, half, half_bf) = match precision {
             CovariancePrecision::Float32 => (Some(Mat::zeros(dim, dim)), vec![], vec![]),
             CovariancePrecision::Half(DType::BF16) => {
                 (None, vec![], vec![half::bf16::ZERO; dim * dim])
             }
-            CovariancePrecision::Half(_) => (None, vec![half::f16::ZERO; dim * dim], vec![]),
+            _ => (None, vec![half::f16::ZERO; dim * dim], vec![]),
         };
         Self {
             dim,
@@ -89,7 +105,7 @@ impl CovarianceAccumulator {
             let m = rows.iter().copied().fold(f32::NEG_INFINITY, f32::max).abs();
             if !m.is_finite() || m == 0.0 || rows.iter().any(|v| !v.is_finite()) {
                 return Err(CordaError::Numerics(format!(
-                    "invalid value in the input of {module} for a calibration sample (max = {m}); the model produces NaN/inf or all-zero activations: check the model weights and --dtype (float16 models may overflow, try --dtype float32 or bfloat16)"
+                    "invalid value in the input of {module} for a calibration sample (max = {m}); the model produces NaN/inf or all-zero activations: check the model weights and the dtype (float16 models may overflow: use float32 or bfloat16)"
                 )));
             }
             self.pending.extend(rows.iter().map(|v| v / m));
@@ -130,12 +146,13 @@ impl CovarianceAccumulator {
                     }
                 }
             }
-            CovariancePrecision::Half(dtype) => {
+            half_precision => {
+                let bf16 = half_precision == CovariancePrecision::Half(DType::BF16);
                 let mut overflow = false;
                 for j in 0..d {
                     for i in j..d {
                         let add = self.scratch[(i, j)];
-                        let v = if dtype == DType::BF16 {
+                        let v = if bf16 {
                             let s = &mut self.half_bf[i * d + j];
                             *s = half::bf16::from_f32(s.to_f32() + add);
                             s.to_f32()
@@ -149,7 +166,7 @@ impl CovarianceAccumulator {
                 }
                 if overflow {
                     return Err(CordaError::Numerics(format!(
-                        "the half-precision covariance of {module} overflowed after {} samples; drop --use_float16_for_covariance (float32 needs twice the memory) or use fewer/shorter calibration samples",
+                        "the half-precision covariance of {module} overflowed after {} samples; drop use_float16_for_covariance (float32 needs twice the memory) or use fewer/shorter calibration samples",
                         self.samples
                     )));
                 }
@@ -172,7 +189,7 @@ impl CovarianceAccumulator {
             match self.precision {
                 CovariancePrecision::Float32 => self.sum.as_ref().expect("float32")[(i, j)],
                 CovariancePrecision::Half(DType::BF16) => self.half_bf[i * d + j].to_f64(),
-                CovariancePrecision::Half(_) => self.half[i * d + j].to_f64(),
+                _ => self.half[i * d + j].to_f64(),
             }
         };
         Ok(Mat::from_fn(d, d, |i, j| {
@@ -227,7 +244,7 @@ mod tests {
         }
         let err = acc.finish("m").expect_err("overflow detected").to_string();
         assert!(
-            err.contains("overflowed") && err.contains("--use_float16_for_covariance"),
+            err.contains("overflowed") && err.contains("use_float16_for_covariance"),
             "{err}"
         );
     }

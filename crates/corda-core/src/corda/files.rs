@@ -153,15 +153,19 @@ pub fn mat_to_tensor(m: &Mat<f32>, device: &Device) -> Result<Tensor> {
     )?)
 }
 
+/// PEFT's reuse rule for a covariance file or cache: it exists and is not empty.
+pub fn is_reusable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.len() > 0)
+}
+
 /// Tensors by name and the file's string metadata.
 pub type SavedTensors = (HashMap<String, Tensor>, HashMap<String, String>);
 
 /// A previously saved file of tensors, loaded on the CPU; `None` when absent or empty (PEFT's
 /// "exists and has size > 0").
 pub fn load_existing(path: &Path, what: &str) -> Result<Option<SavedTensors>> {
-    match std::fs::metadata(path) {
-        Ok(m) if m.len() > 0 => {}
-        _ => return Ok(None),
+    if !is_reusable(path) {
+        return Ok(None);
     }
     let bytes = std::fs::read(path).map_err(|e| CordaError::io(path, e))?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {

@@ -25,6 +25,5 @@ pub use decompose::{
     corda_eigens, corda_eigens_damped, corda_init, damp_covariance, degeneracy, CordaEigens,
     CordaInit, CordaMode, Damped, Spectrum,
 };
-pub use output::CORDA_INIT_DIR;
 pub use pipeline::{preprocess, PreprocessOptions};
 pub use report::{ModuleReport, PreprocessReport, REPORT_FILE};

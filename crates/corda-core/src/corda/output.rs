@@ -13,12 +13,10 @@ use super::init::ModuleInit;
 use super::plan::{Plan, Target};
 use super::report::PreprocessReport;
 use crate::adapter::{Adapter, AdapterConfig, LoraPair};
+use crate::layout::CORDA_INIT_DIR;
 use crate::model::save::{copy_support_files, write_config};
 use crate::model::{InputSite, ShardWriter, Weights};
 use crate::Result;
-
-/// The initial adapter's directory inside the output (PEFT's `subfolder="corda_init"`).
-pub const CORDA_INIT_DIR: &str = "corda_init";
 
 /// The open writers of a run.
 pub struct Outputs<'a> {

@@ -23,7 +23,7 @@ use candle_core::{DType, Device};
 use super::calibration::{HiddenStates, LayerProbe};
 use super::covariance::CovariancePrecision;
 use super::decompose::CordaMode;
-use super::files::{calibration_fingerprint, model_fingerprint, Provenance, Reused};
+use super::files::{calibration_fingerprint, is_reusable, model_fingerprint, Provenance, Reused};
 use super::init::{deviation_tolerance, init_layer, target_weights, EigenSource, ModuleInit};
 use super::output::Outputs;
 use super::plan::{Plan, Target};
@@ -68,6 +68,18 @@ pub struct PreprocessOptions {
 }
 
 impl PreprocessOptions {
+    /// What this run will reuse instead of calibrating, by PEFT's rule (the file exists and is
+    /// not empty): `Some("decomposition")`, `Some("covariances")` or `None`.
+    pub fn reuses(&self) -> Option<&'static str> {
+        if self.cache_file.as_deref().is_some_and(is_reusable) {
+            Some("decomposition")
+        } else if self.covariance_file.as_deref().is_some_and(is_reusable) {
+            Some("covariances")
+        } else {
+            None
+        }
+    }
+
     /// The reference defaults (`preprocess.py`): r 128, alpha = r, KPM, the seven projections.
     pub fn new(r: usize) -> Self {
         Self {
@@ -180,13 +192,14 @@ pub fn preprocess(
     let cfg = ModelConfig::from_dir(model_dir)?;
     let weights = Weights::open(model_dir)?;
     let dtype = resolve_dtype(opts.dtype, &cfg, &weights);
+    let precision = opts.covariance_precision.resolve(dtype);
     let device = &opts.device;
     let adapter_cfg = opts.adapter_config();
     let plan = Plan::new(&cfg, &adapter_cfg)?;
     let provenance = Provenance {
         model: model_fingerprint(model_dir)?,
         calibration: (!samples.is_empty())
-            .then(|| calibration_fingerprint(samples, &format!("{:?}", opts.covariance_precision))),
+            .then(|| calibration_fingerprint(samples, &format!("{precision:?}"))),
     };
     let reused = Reused::load(
         opts.cache_file.as_deref(),
@@ -288,13 +301,8 @@ pub fn preprocess(
         let t = Instant::now();
         let (covs, probe) = match hidden.as_mut() {
             Some(h) => {
-                let (covs, probe) = h.advance(
-                    &layer,
-                    &cfg,
-                    &sites(layer_targets),
-                    opts.covariance_precision,
-                    device,
-                )?;
+                let (covs, probe) =
+                    h.advance(&layer, &cfg, &sites(layer_targets), precision, device)?;
                 (covs, Some(probe))
             }
             None => (reused.covariances(layer_targets)?, None),

@@ -2,13 +2,14 @@
 //! supervised fine-tuning batches.
 //!
 //! The flow mirrors the reference scripts:
-//! - preprocessing: [`registry::lookup`] (or a path plus a [`Template`]) → [`load_rows`] →
+//! - preprocessing: [`CalibrationSource`] ([`registry::lookup`], or a path plus a [`Template`]) →
 //!   [`calibration_samples`] → token id sequences for the covariance pass;
 //! - fine-tuning: [`load_rows`] with a [`Split`] such as `train[:100000]` →
 //!   [`build_sft_examples`] → [`collate`] → [`SftBatch::to_tensors`].
 //!
 //! Everything is offline: hub ids resolve through the local Hugging Face cache only.
 
+pub mod calib_source;
 pub mod calibration;
 pub mod files;
 pub mod hub;
@@ -20,6 +21,7 @@ pub mod split;
 pub mod template;
 pub mod tokenize;
 
+pub use calib_source::{CalibrationRows, CalibrationSource};
 pub use calibration::{calibration_samples, CalibOptions, CalibSampling};
 pub use registry::{llama_chat_template, lookup, Registry, RegistryEntry, LLAMA_CHAT_TEMPLATE};
 pub use sft::{

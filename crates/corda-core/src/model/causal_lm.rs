@@ -1,4 +1,4 @@
-//! The whole causal LM: embeddings, decoder layers, final norm, LM head; LoRA attachment.
+//! The whole causal LM: embeddings, decoder layers, final norm, LM head; LoRA factors.
 
 use std::path::{Path, PathBuf};
 
@@ -199,13 +199,22 @@ impl CausalLM {
         Ok(())
     }
 
-    /// Attach every module of a PEFT adapter.
-    pub fn attach_adapter(&mut self, adapter: &crate::adapter::Adapter) -> Result<()> {
-        for (module, pair) in &adapter.modules {
-            let s = adapter.scaling(module);
-            self.attach_lora(module, &pair.a, &pair.b, s)?;
-        }
-        Ok(())
+    /// Every target's (module path, d_out, d_in), in layer order: what a fresh LoRA covers.
+    pub fn target_shapes(&self) -> Vec<(String, usize, usize)> {
+        self.targets()
+            .map(|t| {
+                let (o, i) = t.dims();
+                (t.name.clone(), o, i)
+            })
+            .collect()
+    }
+
+    /// Trainable parameters: the elements of every attached LoRA factor.
+    pub fn lora_parameter_count(&self) -> usize {
+        self.lora_vars()
+            .iter()
+            .map(|(_, a, b)| a.elem_count() + b.elem_count())
+            .sum()
     }
 
     /// (module, A, B) for every attached LoRA, in layer order.

@@ -217,10 +217,8 @@ impl ModelConfig {
             .get("rope_parameters")
             .and_then(|p| opt_f64(p, "rope_theta"))
             .or_else(|| opt_f64(&raw, "rope_theta"))
-            .unwrap_or(match architecture {
-                Architecture::Mistral => 10000.0,
-                _ => 10000.0,
-            });
+            // transformers' default for every supported architecture.
+            .unwrap_or(10000.0);
         let rope_scaling = match rope {
             None => RopeScaling::Default,
             Some(r) => {

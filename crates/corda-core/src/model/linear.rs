@@ -62,7 +62,7 @@ impl TargetLinear {
         let d_in = *dims.last().expect("rank >= 1");
         let rows = x.elem_count() / d_in;
         let x2 = x.reshape((rows, d_in))?;
-        let mut y = frozen_matmul(&x2, &self.weight)?;
+        let mut y = super::frozen::frozen_matmul_t(&x2, &self.weight)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;
         }
@@ -75,11 +75,4 @@ impl TargetLinear {
         *out.last_mut().expect("rank >= 1") = self.dims().0;
         Ok(y.reshape(out)?)
     }
-}
-
-/// `x Wᵀ` for a frozen weight, computed in the weight's dtype and returned as float32.
-///
-/// The weight never needs a gradient; see [`crate::model::frozen`] for the op that skips it.
-pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    crate::model::frozen::frozen_matmul_t(x, w)
 }

@@ -22,18 +22,16 @@ use serde::{Deserialize, Serialize};
 use super::config::{ResumeFrom, TrainConfig};
 use super::optimizer::AdamW;
 use super::schedule::SchedulerType;
-use super::state::{TrainerState, TRAINER_STATE_FILE};
+use super::state::TrainerState;
 use crate::adapter::{Adapter, LoraPair};
+use crate::layout::{checkpoint_dir_name, FINAL_ADAPTER_DIR};
+pub use crate::layout::{
+    checkpoint_step, CHECKPOINT_PREFIX, OPTIMIZER_FILE, RNG_STATE_FILE, SCHEDULER_FILE,
+    TRAINER_STATE_FILE, TRAINING_ARGS_FILE,
+};
 use crate::util::atomic::write_file_atomic;
 use crate::util::AtomicDir;
 use crate::{CordaError, Result};
-
-/// Directory-name prefix of a checkpoint (`checkpoint-<global_step>`), as in the Trainer.
-pub const CHECKPOINT_PREFIX: &str = "checkpoint-";
-pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-pub const SCHEDULER_FILE: &str = "scheduler.json";
-pub const RNG_STATE_FILE: &str = "rng_state.json";
-pub const TRAINING_ARGS_FILE: &str = "training_args.json";
 
 /// Files a checkpoint must contain to be trusted.
 const REQUIRED: [&str; 6] = [
@@ -118,15 +116,6 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     })
 }
 
-/// The step of a checkpoint directory name (`checkpoint-120` gives 120).
-pub fn checkpoint_step(name: &str) -> Option<u64> {
-    let digits = name.strip_prefix(CHECKPOINT_PREFIX)?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
-}
-
 /// Complete checkpoints in `output_dir`, oldest (lowest step) first. Directories missing a
 /// required file are skipped with a warning: they were not written by a finished save.
 pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
@@ -165,20 +154,20 @@ pub fn resolve_resume(output_dir: &Path, from: &ResumeFrom) -> Result<PathBuf> {
             .map(|(_, p)| p)
             .ok_or_else(|| {
                 CordaError::Invalid(format!(
-                "--resume_from_checkpoint true: no valid checkpoint found in output directory {}",
-                output_dir.display()
-            ))
+                    "resume_from_checkpoint true: no valid checkpoint found in output directory {}",
+                    output_dir.display()
+                ))
             }),
         ResumeFrom::Path(p) => {
             if !p.is_dir() {
                 return Err(CordaError::Invalid(format!(
-                    "--resume_from_checkpoint {}: no such checkpoint directory",
+                    "resume_from_checkpoint {}: no such checkpoint directory",
                     p.display()
                 )));
             }
             if let Some(missing) = REQUIRED.iter().find(|f| !p.join(f).is_file()) {
                 return Err(CordaError::Invalid(format!(
-                    "--resume_from_checkpoint {}: {missing} is missing, so this is not a complete checkpoint",
+                    "resume_from_checkpoint {}: {missing} is missing, so this is not a complete checkpoint",
                     p.display()
                 )));
             }
@@ -188,38 +177,16 @@ pub fn resolve_resume(output_dir: &Path, from: &ResumeFrom) -> Result<PathBuf> {
 }
 
 /// Remove the temporary directories of saves whose process is gone (a run killed mid-save):
-/// hidden `.checkpoint-<N>.tmp-<pid>` (a checkpoint) and `.ft.tmp-<pid>` (the final adapter)
-/// names only, and only when no process `<pid>` exists (Linux `/proc`; elsewhere nothing is
-/// removed). Resume never trusts them either way.
+/// those of a checkpoint or of the final adapter only. Resume never trusts them either way.
 pub fn remove_stale_temp_dirs(output_dir: &Path) -> Result<()> {
-    if !output_dir.is_dir() || !Path::new("/proc/self").exists() {
-        return Ok(());
-    }
-    for entry in std::fs::read_dir(output_dir).map_err(|e| CordaError::io(output_dir, e))? {
-        let entry = entry.map_err(|e| CordaError::io(output_dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some((stem, pid)) = name.strip_prefix('.').and_then(|n| n.split_once(".tmp-")) else {
-            continue;
-        };
-        if stem != super::trainer::FINAL_ADAPTER_DIR && checkpoint_step(stem).is_none() {
-            continue;
-        }
-        let Ok(pid) = pid.parse::<u32>() else {
-            continue;
-        };
-        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
-        if !alive {
-            let path = entry.path();
-            tracing::info!("removing {} left by an interrupted save", path.display());
-            std::fs::remove_dir_all(&path).map_err(|e| CordaError::io(&path, e))?;
-        }
-    }
-    Ok(())
+    crate::util::atomic::remove_stale_temp_dirs(output_dir, |stem| {
+        stem == FINAL_ADAPTER_DIR || checkpoint_step(stem).is_some()
+    })
 }
 
 /// Write `output_dir/checkpoint-<global_step>/` atomically and return its path.
 pub fn save_checkpoint(output_dir: &Path, c: &CheckpointContents<'_>) -> Result<PathBuf> {
-    let target = output_dir.join(format!("{CHECKPOINT_PREFIX}{}", c.progress.global_step));
+    let target = output_dir.join(checkpoint_dir_name(c.progress.global_step));
     let dir = AtomicDir::create(&target, true)?;
     let p = dir.path();
     c.adapter.save(p)?;
@@ -264,15 +231,11 @@ impl Checkpoint {
         })
     }
 
-    /// Check that this checkpoint's adapter has exactly the modules and shapes of the model's
-    /// trainable factors `vars` (module, A, B); otherwise it comes from another model or adapter.
-    pub fn check_matches(&self, vars: &[(String, Var, Var)]) -> Result<()> {
-        check_adapter_matches(&self.adapter, vars, &self.dir)
-    }
-
-    /// Copy the adapter's factors into the model's variables (after [`Checkpoint::check_matches`]).
+    /// Copy the adapter's factors into the model's variables `vars` (module, A, B), after
+    /// checking that it has exactly their modules and shapes (otherwise it comes from another
+    /// model or adapter).
     pub fn restore_adapter(&self, vars: &[(String, Var, Var)]) -> Result<()> {
-        self.check_matches(vars)?;
+        check_adapter_matches(&self.adapter, vars, &self.dir)?;
         for (module, a, b) in vars {
             let LoraPair { a: ca, b: cb } = &self.adapter.modules[module];
             a.set(&ca.to_dtype(a.dtype())?.to_device(a.device())?)?;
@@ -298,7 +261,7 @@ pub fn check_adapter_matches(
     ours.sort();
     let mismatch = |what: String| {
         Err(CordaError::Adapter(format!(
-            "checkpoint {} does not belong to this model and adapter: {what}; resume from a checkpoint of this run or start without --resume_from_checkpoint",
+            "checkpoint {} does not belong to this model and adapter: {what}; resume from a checkpoint of this run or start without resume_from_checkpoint",
             origin.display()
         )))
     };
@@ -334,14 +297,6 @@ pub fn check_adapter_matches(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_checkpoint_names() {
-        assert_eq!(checkpoint_step("checkpoint-120"), Some(120));
-        assert_eq!(checkpoint_step("checkpoint-"), None);
-        assert_eq!(checkpoint_step("checkpoint-1a"), None);
-        assert_eq!(checkpoint_step(".checkpoint-3.tmp-5"), None);
-    }
 
     #[test]
     fn incomplete_and_temporary_dirs_are_not_checkpoints() {

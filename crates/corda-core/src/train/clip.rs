@@ -30,7 +30,7 @@ pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64
     if max_norm > 0.0 {
         if !norm.is_finite() {
             return Err(CordaError::Numerics(format!(
-                "the gradient norm is {norm}; training diverged (lower --learning_rate, or check the data for empty targets)"
+                "the gradient norm is {norm}; training diverged (lower learning_rate, or check the data for empty targets)"
             )));
         }
         let coef = max_norm / (norm + 1e-6);

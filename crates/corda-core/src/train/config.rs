@@ -2,7 +2,7 @@
 //! fields the reference script adds), so a command line written for the reference works here.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -10,6 +10,30 @@ use serde::{Deserialize, Serialize};
 use super::optimizer::AdamWConfig;
 use super::schedule::SchedulerType;
 use crate::{CordaError, Result};
+
+/// The defaults of Hugging Face `TrainingArguments` (and of the reference script), used by
+/// [`TrainConfig::new`] and by corda-finetune's flags: one source for both.
+pub mod defaults {
+    use super::{LossNormalization, SaveStrategy, SchedulerType};
+
+    pub const NUM_TRAIN_EPOCHS: f64 = 3.0;
+    pub const PER_DEVICE_TRAIN_BATCH_SIZE: usize = 8;
+    pub const GRADIENT_ACCUMULATION_STEPS: usize = 1;
+    pub const LEARNING_RATE: f64 = 5e-5;
+    pub const WEIGHT_DECAY: f64 = 0.0;
+    pub const ADAM_BETA1: f64 = 0.9;
+    pub const ADAM_BETA2: f64 = 0.999;
+    pub const ADAM_EPSILON: f64 = 1e-8;
+    pub const MAX_GRAD_NORM: f64 = 1.0;
+    pub const LR_SCHEDULER_TYPE: SchedulerType = SchedulerType::Linear;
+    pub const WARMUP_STEPS: f64 = 0.0;
+    pub const WARMUP_RATIO: f64 = 0.0;
+    pub const LOGGING_STEPS: u64 = 500;
+    pub const SAVE_STRATEGY: SaveStrategy = SaveStrategy::Steps;
+    pub const SAVE_STEPS: u64 = 500;
+    pub const SEED: u64 = 42;
+    pub const LOSS_NORMALIZATION: LossNormalization = LossNormalization::TokensInStep;
+}
 
 /// When checkpoints are written (`--save_strategy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -78,6 +102,15 @@ impl FromStr for LossNormalization {
     }
 }
 
+impl fmt::Display for LossNormalization {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LossNormalization::TokensInStep => "tokens_in_step",
+            LossNormalization::MeanOfMicroBatches => "mean_of_micro_batches",
+        })
+    }
+}
+
 /// `--resume_from_checkpoint`: a checkpoint directory, or the latest one in `output_dir`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ResumeFrom {
@@ -139,35 +172,32 @@ pub struct TrainConfig {
 impl TrainConfig {
     /// Hugging Face `TrainingArguments` defaults for `output_dir`.
     pub fn new(output_dir: impl Into<PathBuf>) -> Self {
+        use defaults as d;
         Self {
             output_dir: output_dir.into(),
-            num_train_epochs: 3.0,
+            num_train_epochs: d::NUM_TRAIN_EPOCHS,
             max_steps: None,
-            per_device_train_batch_size: 8,
-            gradient_accumulation_steps: 1,
-            learning_rate: 5e-5,
-            weight_decay: 0.0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
-            max_grad_norm: 1.0,
-            lr_scheduler_type: SchedulerType::Linear,
-            warmup_steps: 0.0,
-            warmup_ratio: 0.0,
-            logging_steps: 500,
-            save_strategy: SaveStrategy::Steps,
-            save_steps: 500,
+            per_device_train_batch_size: d::PER_DEVICE_TRAIN_BATCH_SIZE,
+            gradient_accumulation_steps: d::GRADIENT_ACCUMULATION_STEPS,
+            learning_rate: d::LEARNING_RATE,
+            weight_decay: d::WEIGHT_DECAY,
+            adam_beta1: d::ADAM_BETA1,
+            adam_beta2: d::ADAM_BETA2,
+            adam_epsilon: d::ADAM_EPSILON,
+            max_grad_norm: d::MAX_GRAD_NORM,
+            lr_scheduler_type: d::LR_SCHEDULER_TYPE,
+            warmup_steps: d::WARMUP_STEPS,
+            warmup_ratio: d::WARMUP_RATIO,
+            logging_steps: d::LOGGING_STEPS,
+            save_strategy: d::SAVE_STRATEGY,
+            save_steps: d::SAVE_STEPS,
             save_total_limit: None,
-            seed: 42,
+            seed: d::SEED,
             resume_from_checkpoint: None,
-            loss_normalization: LossNormalization::TokensInStep,
+            loss_normalization: d::LOSS_NORMALIZATION,
             progress: true,
             print_logs: true,
         }
-    }
-
-    pub fn output_dir(&self) -> &Path {
-        &self.output_dir
     }
 
     /// The optimizer's hyper-parameters.
@@ -210,7 +240,7 @@ impl TrainConfig {
             return bad("logging_steps must be at least 1".into());
         }
         if self.save_strategy == SaveStrategy::Steps && self.save_steps == 0 {
-            return bad("save_steps must be at least 1 with --save_strategy steps".into());
+            return bad("save_steps must be at least 1 with save_strategy steps".into());
         }
         if self.save_total_limit == Some(0) {
             return bad(
@@ -225,6 +255,19 @@ impl TrainConfig {
         }
         super::schedule::warmup_steps(self.warmup_steps, self.warmup_ratio, 1)?;
         check_adamw(&self.adamw())
+    }
+}
+
+impl Default for AdamWConfig {
+    /// The Hugging Face `TrainingArguments` defaults (weight decay 0, unlike torch's 0.01).
+    fn default() -> Self {
+        use defaults as d;
+        Self {
+            beta1: d::ADAM_BETA1,
+            beta2: d::ADAM_BETA2,
+            eps: d::ADAM_EPSILON,
+            weight_decay: d::WEIGHT_DECAY,
+        }
     }
 }
 
@@ -264,7 +307,7 @@ impl StepPlan {
     pub fn new(cfg: &TrainConfig, num_examples: usize) -> Result<Self> {
         if num_examples == 0 {
             return Err(CordaError::Data(
-                "the training set is empty; check --dataset_split and --data_path".into(),
+                "the training set is empty; check the data source and its split".into(),
             ));
         }
         let b = cfg.per_device_train_batch_size as u64;

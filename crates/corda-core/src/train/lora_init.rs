@@ -33,7 +33,9 @@ pub fn plain_lora_adapter(
     seed: u64,
 ) -> Result<Adapter> {
     if r == 0 {
-        return Err(CordaError::Invalid("--lora_r must be at least 1".into()));
+        return Err(CordaError::Invalid(
+            "the LoRA rank must be at least 1".into(),
+        ));
     }
     if modules.is_empty() {
         return Err(CordaError::Invalid(

@@ -32,7 +32,7 @@ impl LossSum {
     pub fn mean(&self) -> Result<Tensor> {
         if self.tokens == 0 {
             return Err(CordaError::Data(
-                "no target tokens in the batch: every label is -100 (is the response truncated away? raise --model_max_length)"
+                "no target tokens in the batch: every label is -100 (is the response truncated away? raise model_max_length)"
                     .into(),
             ));
         }

@@ -13,10 +13,12 @@
 //! - [`plot`]: the loss curve as an SVG.
 //! - [`lora_init`]: PEFT's default LoRA initialisation for the plain-LoRA baseline.
 //! - [`trainer`]: the loop.
+//! - [`finetune`]: a whole run put together (model + adapter + tokenizer + examples).
 
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod finetune;
 pub mod fused_ce;
 pub mod grads;
 pub mod lora_init;
@@ -33,11 +35,12 @@ pub use checkpoint::{
     Checkpoint, CheckpointContents, Progress, SchedulerState, CHECKPOINT_PREFIX,
 };
 pub use clip::{clip_grad_norm, global_norm};
-pub use config::{LossNormalization, ResumeFrom, SaveStrategy, StepPlan, TrainConfig};
+pub use config::{defaults, LossNormalization, ResumeFrom, SaveStrategy, StepPlan, TrainConfig};
+pub use finetune::{corda_init_dir, AdapterChoice, FineTuneRun, FineTuneSpec};
 pub use grads::Gradients;
 pub use lora_init::{kaiming_uniform_bound, plain_lora_adapter};
 pub use loss::{causal_lm_loss, causal_lm_loss_sum, LossSum, IGNORE_INDEX};
-pub use optimizer::{AdamW, AdamWConfig};
+pub use optimizer::{AdamW, AdamWConfig, OptimizerName};
 pub use plot::loss_curve_svg;
 pub use schedule::{warmup_steps, LrSchedule, SchedulerType};
 pub use state::{LogEntry, StepLog, TrainSummary, TrainerState, TRAINER_STATE_FILE};

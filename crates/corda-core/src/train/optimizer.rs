@@ -21,6 +21,39 @@ use candle_core::{DType, Tensor, Var};
 
 use crate::{CordaError, Result};
 
+/// The Trainer's `optim` names this optimizer implements. torch's `adamw_torch_fused` is the
+/// same update rule as `adamw_torch` computed by one fused kernel (torch documents `fused` as
+/// an implementation choice of `torch.optim.AdamW`), so both run the update above; any other
+/// name (Adafactor, 8-bit Adam, SGD, ...) is refused rather than silently replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OptimizerName {
+    #[default]
+    AdamWTorch,
+    AdamWTorchFused,
+}
+
+impl std::str::FromStr for OptimizerName {
+    type Err = CordaError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "adamw_torch" => Ok(Self::AdamWTorch),
+            "adamw_torch_fused" => Ok(Self::AdamWTorchFused),
+            other => Err(CordaError::Invalid(format!(
+                "optimizer `{other}` is not implemented; use adamw_torch (or adamw_torch_fused, the same update)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for OptimizerName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::AdamWTorch => "adamw_torch",
+            Self::AdamWTorchFused => "adamw_torch_fused",
+        })
+    }
+}
+
 /// AdamW hyper-parameters (the learning rate comes from the schedule at every step).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -28,18 +61,6 @@ pub struct AdamWConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
-}
-
-impl Default for AdamWConfig {
-    /// The Hugging Face `TrainingArguments` defaults (weight decay 0, unlike torch's 0.01).
-    fn default() -> Self {
-        Self {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        }
-    }
 }
 
 /// One trainable tensor and its moment estimates.

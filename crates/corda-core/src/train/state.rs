@@ -13,8 +13,7 @@ use serde_json::{Map, Value};
 use crate::util::atomic::write_file_atomic;
 use crate::{CordaError, Result};
 
-/// The file name the Trainer uses.
-pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
+pub use crate::layout::TRAINER_STATE_FILE;
 
 /// One logging step, as the Trainer writes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

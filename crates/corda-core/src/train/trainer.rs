@@ -37,10 +37,7 @@ use crate::util::atomic::write_file_atomic;
 use crate::util::{progress_bar, AtomicDir, PhaseReport};
 use crate::{CordaError, Result};
 
-/// Sub-directory of `output_dir` that receives the final adapter (as in the reference script).
-pub const FINAL_ADAPTER_DIR: &str = "ft";
-/// The loss curve written at the end.
-pub const LOSS_CURVE_FILE: &str = "loss.svg";
+pub use crate::layout::{FINAL_ADAPTER_DIR, LOSS_CURVE_FILE};
 
 /// What a finished run produced.
 #[derive(Debug, Clone)]
@@ -144,7 +141,7 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
         config.validate()?;
         if examples.is_empty() {
             return Err(CordaError::Data(
-                "the training set is empty; check --dataset_split and --data_path".into(),
+                "the training set is empty; check the data source and its split".into(),
             ));
         }
         let mut adapter_config = adapter_config;
@@ -175,10 +172,76 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
     /// Train, write checkpoints, the final adapter, `trainer_state.json` and the loss curve.
     /// Every check (options, data, the model's factors, the resume checkpoint) happens before
     /// the first step.
+    ///
+    /// The phases, each a method below: `start` (plan, optimizer, schedule), `resume`, then per
+    /// optimizer step `step`, `advance`, `log` and `save`, and `finish` (summary, final
+    /// adapter, state, loss curve).
     pub fn train(mut self) -> Result<TrainOutcome> {
         let mut on_step = self.on_step.take();
+        let mut run = self.start()?;
+        let resumed_from = self.resume(&mut run)?;
         let cfg = &self.config;
-        let out_dir = cfg.output_dir.clone();
+        let out_dir = &cfg.output_dir;
+        std::fs::create_dir_all(out_dir).map_err(|e| CordaError::io(out_dir, e))?;
+        remove_stale_temp_dirs(out_dir)?;
+
+        let pb = if cfg.progress {
+            progress_bar(run.plan.total_steps, "training")
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        pb.set_position(run.progress.global_step.min(run.plan.total_steps));
+        let log_line = |line: String| {
+            if cfg.print_logs {
+                pb.suspend(|| eprintln!("{line}"));
+            }
+        };
+        run.clock = Clock::now();
+
+        let n = self.examples.len();
+        let mut epoch = run.progress.epoch;
+        let mut skip = run.progress.steps_in_epoch;
+        'epochs: while epoch < run.plan.epochs && run.progress.global_step < run.plan.total_steps {
+            let order = epoch_order(n, cfg.seed, epoch);
+            let micro: Vec<&[usize]> = order.chunks(cfg.per_device_train_batch_size).collect();
+            let windows: Vec<&[&[usize]]> = micro.chunks(cfg.gradient_accumulation_steps).collect();
+            for (w_idx, window) in windows.iter().enumerate().skip(skip as usize) {
+                if run.progress.global_step >= run.plan.total_steps {
+                    break 'epochs;
+                }
+                let step_loss = self.step(&mut run, window)?;
+                let position = WindowPosition {
+                    epoch,
+                    index: w_idx,
+                    micro_batches: window.len(),
+                    windows_in_epoch: windows.len(),
+                };
+                self.advance(&mut run, &position, step_loss);
+                pb.inc(1);
+                pb.set_message(format!("loss {step_loss:.4}"));
+                self.log(&mut run, &log_line);
+                self.save(&mut run, &position)?;
+                if let Some(cb) = on_step.as_mut() {
+                    if cb(&run.state) {
+                        tracing::info!(
+                            "stopped by the step callback at step {}",
+                            run.progress.global_step
+                        );
+                        break 'epochs;
+                    }
+                }
+            }
+            epoch += 1;
+            skip = 0;
+        }
+        pb.finish_and_clear();
+        self.finish(run, resumed_from, &log_line)
+    }
+
+    /// The plan of the run, the optimizer over the model's factors, the schedule, and a fresh
+    /// state at step 0.
+    fn start(&self) -> Result<RunState> {
+        let cfg = &self.config;
         let n = self.examples.len();
         let plan = StepPlan::new(cfg, n)?;
         let factors = self.model.lora_factors();
@@ -188,7 +251,7 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
             ));
         }
         let vars: Vec<Var> = named_vars(&factors).into_iter().map(|(_, v)| v).collect();
-        let mut optimizer = AdamW::new(named_vars(&factors), cfg.adamw())?;
+        let optimizer = AdamW::new(named_vars(&factors), cfg.adamw())?;
         let warmup = warmup_steps(cfg.warmup_steps, cfg.warmup_ratio, plan.total_steps)?;
         let schedule = LrSchedule::new(
             cfg.lr_scheduler_type,
@@ -196,16 +259,14 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
             warmup,
             plan.total_steps,
         );
-        let device = self.model.device();
-
-        let mut state = TrainerState::new(
+        let state = TrainerState::new(
             plan.total_steps,
             plan.epochs,
             cfg.logging_steps,
             cfg.save_steps,
             cfg.per_device_train_batch_size,
         );
-        let mut progress = Progress {
+        let progress = Progress {
             seed: cfg.seed,
             epoch: 0,
             steps_in_epoch: 0,
@@ -218,296 +279,340 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
             total_loss_sum: 0.0,
             tokens_seen: 0,
         };
-        let mut report = PhaseReport::new();
+        Ok(RunState {
+            plan,
+            grads: Gradients::new(vars.len()),
+            factors,
+            vars,
+            optimizer,
+            schedule,
+            state,
+            progress,
+            report: PhaseReport::new(),
+            device: self.model.device(),
+            clock: Clock::now(),
+            last_grad_norm: 0.0,
+        })
+    }
 
-        let resumed_from = match &cfg.resume_from_checkpoint {
-            None => None,
-            Some(from) => {
-                let dir = resolve_resume(&out_dir, from)?;
-                let ckpt = Checkpoint::load(&dir)?;
-                ckpt.restore_adapter(&factors)?;
-                ckpt.load_optimizer(&mut optimizer)?;
-                warn_on_changed_run(&ckpt, &progress, &schedule);
-                // Position and running sums from the checkpoint; the settings of this run.
-                progress = Progress {
-                    seed: cfg.seed,
-                    num_examples: n,
-                    per_device_train_batch_size: cfg.per_device_train_batch_size,
-                    gradient_accumulation_steps: cfg.gradient_accumulation_steps,
-                    ..ckpt.progress.clone()
-                };
-                state = ckpt.state.clone();
-                state.max_steps = plan.total_steps;
-                state.num_train_epochs = plan.epochs;
-                state.logging_steps = cfg.logging_steps;
-                state.save_steps = cfg.save_steps;
-                state.train_batch_size = cfg.per_device_train_batch_size;
-                // Entries after the checkpoint's step (from a later part of an earlier run) go.
-                state.log_history.retain(|e| match e {
-                    LogEntry::Step(s) => s.step <= progress.global_step,
-                    LogEntry::Summary(_) => false,
-                    LogEntry::Other(_) => true,
-                });
-                tracing::info!(
-                    "resuming from {} at step {}",
-                    dir.display(),
-                    progress.global_step
-                );
-                Some(dir)
-            }
+    /// With `resume_from_checkpoint`: restore the factors, the optimizer moments, the data
+    /// position, the running sums and the log history; returns the checkpoint's directory.
+    fn resume(&self, run: &mut RunState) -> Result<Option<PathBuf>> {
+        let cfg = &self.config;
+        let Some(from) = &cfg.resume_from_checkpoint else {
+            return Ok(None);
         };
-        std::fs::create_dir_all(&out_dir).map_err(|e| CordaError::io(&out_dir, e))?;
-        remove_stale_temp_dirs(&out_dir)?;
-
-        let pb = if cfg.progress {
-            progress_bar(plan.total_steps, "training")
-        } else {
-            indicatif::ProgressBar::hidden()
+        let dir = resolve_resume(&cfg.output_dir, from)?;
+        let ckpt = Checkpoint::load(&dir)?;
+        ckpt.restore_adapter(&run.factors)?;
+        ckpt.load_optimizer(&mut run.optimizer)?;
+        warn_on_changed_run(&ckpt, &run.progress, &run.schedule);
+        // Position and running sums from the checkpoint; the settings of this run.
+        run.progress = Progress {
+            seed: cfg.seed,
+            num_examples: self.examples.len(),
+            per_device_train_batch_size: cfg.per_device_train_batch_size,
+            gradient_accumulation_steps: cfg.gradient_accumulation_steps,
+            ..ckpt.progress.clone()
         };
-        pb.set_position(progress.global_step.min(plan.total_steps));
-        let log_line = |line: String| {
-            if cfg.print_logs {
-                pb.suspend(|| eprintln!("{line}"));
-            }
-        };
+        let plan = &run.plan;
+        let state = &mut run.state;
+        *state = ckpt.state.clone();
+        state.max_steps = plan.total_steps;
+        state.num_train_epochs = plan.epochs;
+        state.logging_steps = cfg.logging_steps;
+        state.save_steps = cfg.save_steps;
+        state.train_batch_size = cfg.per_device_train_batch_size;
+        // Entries after the checkpoint's step (from a later part of an earlier run) go.
+        let step = run.progress.global_step;
+        state.log_history.retain(|e| match e {
+            LogEntry::Step(s) => s.step <= step,
+            LogEntry::Summary(_) => false,
+            LogEntry::Other(_) => true,
+        });
+        tracing::info!("resuming from {} at step {}", dir.display(), step);
+        Ok(Some(dir))
+    }
 
-        let mut grads = Gradients::new(vars.len());
-        let mut steps_this_run = 0u64;
-        let mut tokens_this_run = 0u64;
-        let mut train_seconds = 0.0f64;
-        let mut window_start = Instant::now();
-        let mut window_tokens = 0u64;
-        let run_start = Instant::now();
-        let mut last_grad_norm = 0.0;
-
-        let mut epoch = progress.epoch;
-        let mut skip = progress.steps_in_epoch;
-        'epochs: while epoch < plan.epochs && progress.global_step < plan.total_steps {
-            let order = epoch_order(n, cfg.seed, epoch);
-            let micro: Vec<&[usize]> = order.chunks(cfg.per_device_train_batch_size).collect();
-            let windows: Vec<&[&[usize]]> = micro.chunks(cfg.gradient_accumulation_steps).collect();
-            for (w_idx, window) in windows.iter().enumerate().skip(skip as usize) {
-                if progress.global_step >= plan.total_steps {
-                    break 'epochs;
-                }
-                let step_start = Instant::now();
-                // HF's `num_items_in_batch`: labels != -100 before the shift. It equals the
-                // number of loss tokens whenever the first label is masked (always in SFT,
-                // where position 0 belongs to the prompt).
-                let window_targets: usize = window
+    /// One optimizer step over the micro-batches of `window`: forward and backward of each
+    /// (gradients summed), clipping, AdamW with the scheduled learning rate. Returns the step's
+    /// loss, normalised by `loss_normalization`.
+    fn step(&self, run: &mut RunState, window: &[&[usize]]) -> Result<f64> {
+        let cfg = &self.config;
+        let step_start = Instant::now();
+        // HF's `num_items_in_batch`: labels != -100 before the shift. It equals the number of
+        // loss tokens whenever the first label is masked (always in SFT, where position 0
+        // belongs to the prompt).
+        let window_targets: usize = window
+            .iter()
+            .flat_map(|mb| mb.iter())
+            .map(|&i| {
+                self.examples[i]
+                    .labels
                     .iter()
-                    .flat_map(|mb| mb.iter())
-                    .map(|&i| {
-                        self.examples[i]
-                            .labels
-                            .iter()
-                            .filter(|&&l| l != IGNORE_INDEX)
-                            .count()
-                    })
-                    .sum();
-                let mut step_loss = 0.0f64;
-                for mb in window.iter() {
-                    let exs: Vec<SftExample> =
-                        mb.iter().map(|&i| self.examples[i].clone()).collect();
-                    let padded = collate(&exs, self.pad_id)?;
-                    let real_tokens: u64 = padded
-                        .attention_mask
-                        .iter()
-                        .flatten()
-                        .map(|&m| m as u64)
-                        .sum();
-                    let batch = padded.to_tensors(&device, DType::U8)?;
-                    window_tokens += real_tokens;
-                    tokens_this_run += real_tokens;
-                    progress.tokens_seen += real_tokens;
-                    let t0 = Instant::now();
-                    let parts = self.model.loss_sum(
-                        &batch.input_ids,
-                        &batch.attention_mask,
-                        &batch.labels,
-                    )?;
-                    if parts.tokens == 0 {
-                        report.add("forward", t0.elapsed());
-                        continue;
-                    }
-                    let denom = match cfg.loss_normalization {
-                        LossNormalization::TokensInStep => window_targets as f64,
-                        LossNormalization::MeanOfMicroBatches => {
-                            (parts.tokens * window.len()) as f64
-                        }
-                    };
-                    let loss = parts.sum.affine(1.0 / denom, 0.0)?;
-                    step_loss += loss.to_scalar::<f32>()? as f64;
-                    report.add("forward", t0.elapsed());
-                    let t1 = Instant::now();
-                    let store = loss.backward()?;
-                    grads.accumulate(&store, &vars)?;
-                    drop(store);
-                    report.add("backward", t1.elapsed());
-                }
-                if !step_loss.is_finite() {
-                    return Err(CordaError::Numerics(format!(
-                        "the training loss is {step_loss} at step {}; lower --learning_rate or check the data",
-                        progress.global_step + 1
-                    )));
-                }
-                let t2 = Instant::now();
-                let grad_norm = clip_grad_norm(grads.as_mut_slice(), cfg.max_grad_norm)?;
-                optimizer.step(grads.as_slice(), schedule.lr(progress.global_step))?;
-                grads.clear();
-                report.add("optimizer", t2.elapsed());
-                train_seconds += step_start.elapsed().as_secs_f64();
-                last_grad_norm = grad_norm;
-
-                progress.global_step += 1;
-                steps_this_run += 1;
-                progress.steps_in_epoch = w_idx as u64 + 1;
-                progress.epoch = epoch;
-                progress.window_loss_sum += step_loss;
-                progress.window_steps += 1;
-                progress.total_loss_sum += step_loss;
-                let done_micro = (w_idx * cfg.gradient_accumulation_steps + window.len()) as f64;
-                state.global_step = progress.global_step;
-                state.epoch = epoch as f64 + done_micro / plan.micro_batches_per_epoch as f64;
-                state.num_input_tokens_seen = progress.tokens_seen;
-                if progress.steps_in_epoch == windows.len() as u64 {
-                    progress.epoch = epoch + 1;
-                    progress.steps_in_epoch = 0;
-                }
-                pb.inc(1);
-                pb.set_message(format!("loss {step_loss:.4}"));
-
-                if progress.global_step.is_multiple_of(cfg.logging_steps) {
-                    let elapsed = window_start.elapsed().as_secs_f64();
-                    let entry = StepLog {
-                        epoch: state.epoch,
-                        grad_norm,
-                        learning_rate: schedule.lr(progress.global_step),
-                        loss: progress.window_loss_sum / progress.window_steps as f64,
-                        step: progress.global_step,
-                        tokens_per_second: if elapsed > 0.0 {
-                            window_tokens as f64 / elapsed
-                        } else {
-                            0.0
-                        },
-                    };
-                    log_line(serde_json::to_string(&entry).unwrap_or_default());
-                    state.log_history.push(LogEntry::Step(entry));
-                    progress.window_loss_sum = 0.0;
-                    progress.window_steps = 0;
-                    window_tokens = 0;
-                    window_start = Instant::now();
-                }
-
-                let last = progress.global_step >= plan.total_steps;
-                let epoch_end = w_idx + 1 == windows.len();
-                let save = match cfg.save_strategy {
-                    SaveStrategy::Steps => {
-                        progress.global_step.is_multiple_of(cfg.save_steps) || last
-                    }
-                    SaveStrategy::Epoch => epoch_end || last,
-                    SaveStrategy::No => false,
-                };
-                if save {
-                    let t3 = Instant::now();
-                    let scheduler = SchedulerState {
-                        lr_scheduler_type: schedule.kind,
-                        base_lr: schedule.base_lr,
-                        warmup_steps: schedule.warmup,
-                        total_steps: schedule.total_steps,
-                        last_epoch: progress.global_step,
-                        last_lr: schedule.lr(progress.global_step),
-                    };
-                    let adapter = current_adapter(&self.adapter_config, &factors)?;
-                    let path = save_checkpoint(
-                        &out_dir,
-                        &CheckpointContents {
-                            adapter: &adapter,
-                            optimizer: &optimizer,
-                            scheduler: &scheduler,
-                            progress: &progress,
-                            state: &state,
-                            args: cfg,
-                        },
-                    )?;
-                    if let Some(limit) = cfg.save_total_limit {
-                        prune_checkpoints(&out_dir, limit)?;
-                    }
-                    tracing::info!("saved {}", path.display());
-                    report.add("checkpoint", t3.elapsed());
-                    // Saving is not training: keep it out of the tokens/s of the window.
-                    window_start += t3.elapsed();
-                }
-                if let Some(cb) = on_step.as_mut() {
-                    if cb(&state) {
-                        tracing::info!(
-                            "stopped by the step callback at step {}",
-                            progress.global_step
-                        );
-                        break 'epochs;
-                    }
-                }
+                    .filter(|&&l| l != IGNORE_INDEX)
+                    .count()
+            })
+            .sum();
+        let mut step_loss = 0.0f64;
+        for mb in window.iter() {
+            let exs: Vec<SftExample> = mb.iter().map(|&i| self.examples[i].clone()).collect();
+            let padded = collate(&exs, self.pad_id)?;
+            let real_tokens: u64 = padded
+                .attention_mask
+                .iter()
+                .flatten()
+                .map(|&m| m as u64)
+                .sum();
+            let batch = padded.to_tensors(&run.device, DType::U8)?;
+            run.clock.window_tokens += real_tokens;
+            run.clock.tokens_this_run += real_tokens;
+            run.progress.tokens_seen += real_tokens;
+            let t0 = Instant::now();
+            let parts =
+                self.model
+                    .loss_sum(&batch.input_ids, &batch.attention_mask, &batch.labels)?;
+            if parts.tokens == 0 {
+                run.report.add("forward", t0.elapsed());
+                continue;
             }
-            epoch += 1;
-            skip = 0;
+            let denom = match cfg.loss_normalization {
+                LossNormalization::TokensInStep => window_targets as f64,
+                LossNormalization::MeanOfMicroBatches => (parts.tokens * window.len()) as f64,
+            };
+            let loss = parts.sum.affine(1.0 / denom, 0.0)?;
+            step_loss += loss.to_scalar::<f32>()? as f64;
+            run.report.add("forward", t0.elapsed());
+            let t1 = Instant::now();
+            let store = loss.backward()?;
+            run.grads.accumulate(&store, &run.vars)?;
+            drop(store);
+            run.report.add("backward", t1.elapsed());
         }
-        pb.finish_and_clear();
+        if !step_loss.is_finite() {
+            return Err(CordaError::Numerics(format!(
+                "the training loss is {step_loss} at step {}; lower learning_rate or check the data",
+                run.progress.global_step + 1
+            )));
+        }
+        let t2 = Instant::now();
+        let grad_norm = clip_grad_norm(run.grads.as_mut_slice(), cfg.max_grad_norm)?;
+        run.optimizer.step(
+            run.grads.as_slice(),
+            run.schedule.lr(run.progress.global_step),
+        )?;
+        run.grads.clear();
+        run.report.add("optimizer", t2.elapsed());
+        run.clock.train_seconds += step_start.elapsed().as_secs_f64();
+        run.last_grad_norm = grad_norm;
+        Ok(step_loss)
+    }
 
-        let runtime = run_start.elapsed().as_secs_f64();
-        let samples = steps_this_run as f64
+    /// Count the step: position in the data, running loss sums, the state's epoch and tokens.
+    fn advance(&self, run: &mut RunState, at: &WindowPosition, step_loss: f64) {
+        let cfg = &self.config;
+        let p = &mut run.progress;
+        p.global_step += 1;
+        run.clock.steps_this_run += 1;
+        p.steps_in_epoch = at.index as u64 + 1;
+        p.epoch = at.epoch;
+        p.window_loss_sum += step_loss;
+        p.window_steps += 1;
+        p.total_loss_sum += step_loss;
+        let done_micro = (at.index * cfg.gradient_accumulation_steps + at.micro_batches) as f64;
+        run.state.global_step = p.global_step;
+        run.state.epoch = at.epoch as f64 + done_micro / run.plan.micro_batches_per_epoch as f64;
+        run.state.num_input_tokens_seen = p.tokens_seen;
+        if p.steps_in_epoch == at.windows_in_epoch as u64 {
+            p.epoch = at.epoch + 1;
+            p.steps_in_epoch = 0;
+        }
+    }
+
+    /// Every `logging_steps` steps: the mean loss of the window, the learning rate, the
+    /// gradient norm and the tokens per second, into the log history and onto stderr.
+    fn log(&self, run: &mut RunState, log_line: &dyn Fn(String)) {
+        let p = &mut run.progress;
+        if !p.global_step.is_multiple_of(self.config.logging_steps) {
+            return;
+        }
+        let elapsed = run.clock.window_start.elapsed().as_secs_f64();
+        let entry = StepLog {
+            epoch: run.state.epoch,
+            grad_norm: run.last_grad_norm,
+            learning_rate: run.schedule.lr(p.global_step),
+            loss: p.window_loss_sum / p.window_steps as f64,
+            step: p.global_step,
+            tokens_per_second: if elapsed > 0.0 {
+                run.clock.window_tokens as f64 / elapsed
+            } else {
+                0.0
+            },
+        };
+        log_line(serde_json::to_string(&entry).unwrap_or_default());
+        run.state.log_history.push(LogEntry::Step(entry));
+        p.window_loss_sum = 0.0;
+        p.window_steps = 0;
+        run.clock.window_tokens = 0;
+        run.clock.window_start = Instant::now();
+    }
+
+    /// A checkpoint when `save_strategy` asks for one (and always at the last step unless it
+    /// is `no`), then pruning to `save_total_limit`.
+    fn save(&self, run: &mut RunState, at: &WindowPosition) -> Result<()> {
+        let cfg = &self.config;
+        let step = run.progress.global_step;
+        let last = step >= run.plan.total_steps;
+        let epoch_end = at.index + 1 == at.windows_in_epoch;
+        let save = match cfg.save_strategy {
+            SaveStrategy::Steps => step.is_multiple_of(cfg.save_steps) || last,
+            SaveStrategy::Epoch => epoch_end || last,
+            SaveStrategy::No => false,
+        };
+        if !save {
+            return Ok(());
+        }
+        let t3 = Instant::now();
+        let schedule = &run.schedule;
+        let scheduler = SchedulerState {
+            lr_scheduler_type: schedule.kind,
+            base_lr: schedule.base_lr,
+            warmup_steps: schedule.warmup,
+            total_steps: schedule.total_steps,
+            last_epoch: step,
+            last_lr: schedule.lr(step),
+        };
+        let adapter = current_adapter(&self.adapter_config, &run.factors)?;
+        let path = save_checkpoint(
+            &cfg.output_dir,
+            &CheckpointContents {
+                adapter: &adapter,
+                optimizer: &run.optimizer,
+                scheduler: &scheduler,
+                progress: &run.progress,
+                state: &run.state,
+                args: cfg,
+            },
+        )?;
+        if let Some(limit) = cfg.save_total_limit {
+            prune_checkpoints(&cfg.output_dir, limit)?;
+        }
+        tracing::info!("saved {}", path.display());
+        run.report.add("checkpoint", t3.elapsed());
+        // Saving is not training: keep it out of the tokens/s of the window.
+        run.clock.window_start += t3.elapsed();
+        Ok(())
+    }
+
+    /// The summary entry, the final adapter in `ft/`, `trainer_state.json` and the loss curve.
+    fn finish(
+        &self,
+        mut run: RunState,
+        resumed_from: Option<PathBuf>,
+        log_line: &dyn Fn(String),
+    ) -> Result<TrainOutcome> {
+        let cfg = &self.config;
+        let out_dir = &cfg.output_dir;
+        let c = &run.clock;
+        let runtime = c.run_start.elapsed().as_secs_f64();
+        let samples = c.steps_this_run as f64
             * (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps) as f64;
+        let step = run.progress.global_step;
+        let per_second = |x: f64, secs: f64| if secs > 0.0 { x / secs } else { 0.0 };
         let summary = TrainSummary {
-            epoch: state.epoch,
-            step: progress.global_step,
-            train_loss: if progress.global_step > 0 {
-                progress.total_loss_sum / progress.global_step as f64
+            epoch: run.state.epoch,
+            step,
+            train_loss: if step > 0 {
+                run.progress.total_loss_sum / step as f64
             } else {
                 0.0
             },
             train_runtime: runtime,
-            train_samples_per_second: if runtime > 0.0 {
-                samples / runtime
-            } else {
-                0.0
-            },
-            train_steps_per_second: if runtime > 0.0 {
-                steps_this_run as f64 / runtime
-            } else {
-                0.0
-            },
-            train_tokens_per_second: if train_seconds > 0.0 {
-                tokens_this_run as f64 / train_seconds
-            } else {
-                0.0
-            },
+            train_samples_per_second: per_second(samples, runtime),
+            train_steps_per_second: per_second(c.steps_this_run as f64, runtime),
+            train_tokens_per_second: per_second(c.tokens_this_run as f64, c.train_seconds),
         };
         log_line(serde_json::to_string(&summary).unwrap_or_default());
-        tracing::debug!("last grad norm {last_grad_norm}");
-        state.log_history.push(LogEntry::Summary(summary));
+        tracing::debug!("last grad norm {}", run.last_grad_norm);
+        run.state.log_history.push(LogEntry::Summary(summary));
 
         let t4 = Instant::now();
-        let adapter = current_adapter(&self.adapter_config, &factors)?;
-        let adapter_dir = save_final_adapter(&out_dir, &adapter)?;
-        state.write(&out_dir.join(TRAINER_STATE_FILE))?;
+        let adapter = current_adapter(&self.adapter_config, &run.factors)?;
+        let adapter_dir = save_final_adapter(out_dir, &adapter)?;
+        run.state.write(&out_dir.join(TRAINER_STATE_FILE))?;
         let loss_curve = out_dir.join(LOSS_CURVE_FILE);
-        let title = format!("training loss ({} steps)", progress.global_step);
+        let title = format!("training loss ({step} steps)");
         write_file_atomic(
             &loss_curve,
-            loss_curve_svg(&state.loss_points(), &title).as_bytes(),
+            loss_curve_svg(&run.state.loss_points(), &title).as_bytes(),
         )?;
-        report.add("final save", t4.elapsed());
+        run.report.add("final save", t4.elapsed());
 
         Ok(TrainOutcome {
-            state,
+            state: run.state,
             adapter_dir,
             loss_curve,
             resumed_from,
-            steps_this_run,
-            tokens_this_run,
-            train_seconds,
-            report,
+            steps_this_run: run.clock.steps_this_run,
+            tokens_this_run: run.clock.tokens_this_run,
+            train_seconds: run.clock.train_seconds,
+            report: run.report,
         })
     }
+}
+
+/// The mutable state of one call of [`Trainer::train`].
+struct RunState {
+    plan: StepPlan,
+    /// (module, A, B) of the model, and the same variables in optimizer order.
+    factors: Vec<(String, Var, Var)>,
+    vars: Vec<Var>,
+    optimizer: AdamW,
+    schedule: LrSchedule,
+    grads: Gradients,
+    /// What `trainer_state.json` and `rng_state.json` hold.
+    state: TrainerState,
+    progress: Progress,
+    report: PhaseReport,
+    device: Device,
+    clock: Clock,
+    last_grad_norm: f64,
+}
+
+/// Counters and timers of this process (not restored on resume).
+struct Clock {
+    run_start: Instant,
+    /// Start of the current logging window, and its non-padding tokens.
+    window_start: Instant,
+    window_tokens: u64,
+    steps_this_run: u64,
+    tokens_this_run: u64,
+    /// Seconds in forward, backward and optimizer steps.
+    train_seconds: f64,
+}
+
+impl Clock {
+    fn now() -> Self {
+        let now = Instant::now();
+        Self {
+            run_start: now,
+            window_start: now,
+            window_tokens: 0,
+            steps_this_run: 0,
+            tokens_this_run: 0,
+            train_seconds: 0.0,
+        }
+    }
+}
+
+/// Where an optimizer step's window of micro-batches lies in its epoch.
+struct WindowPosition {
+    epoch: u64,
+    /// Index of the window (optimizer step) within the epoch.
+    index: usize,
+    /// Micro-batches in this window (the last of an epoch may have fewer).
+    micro_batches: usize,
+    windows_in_epoch: usize,
 }
 
 /// Write the final adapter to `output_dir/ft` (replacing a previous one) atomically.

@@ -24,10 +24,7 @@ impl AtomicDir {
                 .next()
                 .is_some();
             if non_empty && !overwrite {
-                return Err(CordaError::Invalid(format!(
-                    "{} already exists and is not empty; choose another path or pass --overwrite",
-                    target.display()
-                )));
+                return Err(CordaError::OutputExists { path: target });
             }
         }
         let parent = match target.parent() {
@@ -39,7 +36,7 @@ impl AtomicDir {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "out".into());
-        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        let tmp = parent.join(temp_dir_name(&name, std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| CordaError::io(&tmp, e))?;
         }
@@ -71,10 +68,10 @@ impl AtomicDir {
                     .next()
                     .is_none();
                 if !empty {
-                    return Err(CordaError::Invalid(format!(
-                        "{} appeared while writing; pass --overwrite to replace it",
-                        self.target.display()
-                    )));
+                    // It appeared while this directory was being written.
+                    return Err(CordaError::OutputExists {
+                        path: self.target.clone(),
+                    });
                 }
             }
             let old = self.tmp.with_extension("old");
@@ -97,6 +94,43 @@ impl Drop for AtomicDir {
             let _ = std::fs::remove_dir_all(&self.tmp);
         }
     }
+}
+
+/// The hidden name `.NAME.tmp-PID` under which process `pid` writes the directory `NAME`.
+pub fn temp_dir_name(name: &str, pid: u32) -> String {
+    format!(".{name}.tmp-{pid}")
+}
+
+/// The target name and writer pid of a [`temp_dir_name`], or `None` for any other name.
+pub fn parse_temp_dir_name(name: &str) -> Option<(&str, u32)> {
+    let (stem, pid) = name.strip_prefix('.')?.split_once(".tmp-")?;
+    Some((stem, pid.parse().ok()?))
+}
+
+/// Remove the temporary directories in `dir` whose writer process is gone (a run killed
+/// mid-write), for target names `ours` accepts. Only on Linux, where `/proc` tells which
+/// processes exist; elsewhere nothing is removed.
+pub fn remove_stale_temp_dirs(dir: &Path, ours: impl Fn(&str) -> bool) -> Result<()> {
+    if !dir.is_dir() || !Path::new("/proc/self").exists() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(dir).map_err(|e| CordaError::io(dir, e))? {
+        let entry = entry.map_err(|e| CordaError::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((stem, pid)) = parse_temp_dir_name(&name) else {
+            continue;
+        };
+        if !ours(stem) {
+            continue;
+        }
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive {
+            let path = entry.path();
+            tracing::info!("removing {} left by an interrupted save", path.display());
+            std::fs::remove_dir_all(&path).map_err(|e| CordaError::io(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Write `bytes` to `path` atomically (temporary file in the same directory, then rename).
@@ -140,13 +174,25 @@ mod tests {
     }
 
     #[test]
+    fn temp_names_round_trip() {
+        let n = temp_dir_name("checkpoint-3", 17);
+        assert_eq!(n, ".checkpoint-3.tmp-17");
+        assert_eq!(parse_temp_dir_name(&n), Some(("checkpoint-3", 17)));
+        assert_eq!(parse_temp_dir_name("checkpoint-3"), None);
+        assert_eq!(parse_temp_dir_name(".x.tmp-abc"), None);
+    }
+
+    #[test]
     fn refuses_non_empty_target_without_overwrite() {
         let root = tempfile::tempdir().unwrap();
         let target = root.path().join("out");
         std::fs::create_dir(&target).unwrap();
         std::fs::write(target.join("keep"), b"1").unwrap();
-        let err = AtomicDir::create(&target, false).err().unwrap().to_string();
-        assert!(err.contains("--overwrite"), "{err}");
+        let err = AtomicDir::create(&target, false).err().unwrap();
+        assert!(
+            matches!(&err, CordaError::OutputExists { path } if path == &target),
+            "{err}"
+        );
         let d = AtomicDir::create(&target, true).unwrap();
         std::fs::write(d.path().join("new"), b"2").unwrap();
         d.commit().unwrap();

@@ -1,8 +1,7 @@
-//! Small shared pieces: atomic output directories, phase reports, progress bars, CLI helpers.
+//! Small shared pieces: atomic output directories, phase reports, progress bars.
 
 pub mod alloc;
 pub mod atomic;
-pub mod cli;
 pub mod report;
 pub mod tensor;
 

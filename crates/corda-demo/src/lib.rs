@@ -1,5 +1,7 @@
-//! Small random models and synthetic datasets, written with the project's own code, so the
-//! quickstart, the tests and the benchmarks run without downloading anything.
+//! The corda-demo library: small random models and synthetic datasets, written with
+//! corda-core's own writers, so the quickstart, the tests and the benchmarks run without
+//! downloading anything. It is not part of corda-core's API: only the `corda-demo` binary and
+//! tests that need a model of a given shape use it.
 //!
 //! - [`model`]: a random Llama model directory of any shape in the Hugging Face layout.
 //! - [`tokenizer`]: the word-level tokenizer that model ships with.

@@ -25,7 +25,7 @@ use tokenizers::{
     AddedToken, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer,
 };
 
-use crate::{CordaError, Result};
+use corda_core::{CordaError, Result};
 
 pub const UNK: &str = "<unk>";
 pub const BOS: &str = "<s>";
@@ -67,7 +67,7 @@ pub fn pieces(text: &str) -> Result<Vec<String>> {
 /// never depend on the order the words were collected in.
 pub fn vocabulary() -> Result<Vec<String>> {
     let mut texts = super::datasets::vocabulary_text();
-    texts.push(crate::data::ALPACA_PROMPT.to_string());
+    texts.push(corda_core::data::ALPACA_PROMPT.to_string());
     texts.push(PROBE_TEXT.to_string());
     let mut words = BTreeSet::new();
     for t in &texts {
@@ -149,7 +149,7 @@ pub fn write_tokenizer(dir: &Path) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::TokenizerInfo;
+    use corda_core::model::TokenizerInfo;
 
     #[test]
     fn demo_tokenizer_loads_like_a_llama_tokenizer() {
@@ -175,9 +175,9 @@ mod tests {
         let tok = demo_tokenizer().unwrap();
         let mut texts = vec![
             PROBE_TEXT.to_string(),
-            crate::data::alpaca_prompt("What is 2 plus 3?"),
+            corda_core::data::alpaca_prompt("What is 2 plus 3?"),
         ];
-        for r in super::super::datasets::qa_rows(300, 3) {
+        for r in crate::datasets::qa_rows(300, 3) {
             texts.push(r["question"].as_str().unwrap().to_string());
             texts.extend(
                 r["answer"]
@@ -187,7 +187,7 @@ mod tests {
                     .map(|a| a.as_str().unwrap().to_string()),
             );
         }
-        for r in super::super::datasets::math_rows(300, 3) {
+        for r in crate::datasets::math_rows(300, 3) {
             texts.push(format!(
                 "{} {}",
                 r["query"].as_str().unwrap(),

@@ -14,7 +14,7 @@
 //! demo tokenizer is built from, so nothing tokenizes to `<unk>`.
 //!
 //! Each file is written as JSON Lines and as parquet (Utf8 strings, `list<Utf8>` answers, like
-//! the hub's files), and both read back identically through [`crate::data::read_rows`].
+//! the hub's files), and both read back identically through [`corda_core::data::read_rows`].
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -31,7 +31,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-use crate::{CordaError, Result};
+use corda_core::{CordaError, Result};
 
 /// (country, capital, language, continent).
 const COUNTRIES: &[(&str, &str, &str, &str)] = &[
@@ -420,7 +420,7 @@ pub fn write_datasets(dir: &Path, spec: &DemoDataSpec) -> Result<DemoDataFiles> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::read_rows;
+    use corda_core::data::read_rows;
 
     #[test]
     fn demo_datasets_read_back_identically_from_jsonl_and_parquet() {

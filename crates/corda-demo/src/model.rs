@@ -14,8 +14,8 @@ use serde_json::{json, Value};
 
 use super::init::{normal_f32, INIT_STD};
 use super::tokenizer::{write_tokenizer, BOS_ID, EOS_ID};
-use crate::model::{dtype_name, ShardWriter};
-use crate::{CordaError, Result};
+use corda_core::model::{dtype_name, ShardWriter};
+use corda_core::{CordaError, Result};
 
 /// Which transformers version's `config.json` layout to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,7 +301,7 @@ pub fn write_random_model(dir: &Path, spec: &DemoModelSpec) -> Result<DemoModelS
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{CausalLM, LoadOptions, ModelConfig, TokenizerInfo, Weights};
+    use corda_core::model::{CausalLM, LoadOptions, ModelConfig, TokenizerInfo, Weights};
 
     fn tiny() -> DemoModelSpec {
         DemoModelSpec {

@@ -1,0 +1,211 @@
+//! Flag spelling and value parsers shared by the binaries. The parsers are clap
+//! `value_parser`s: clap names the flag in their errors, so the messages only name the value.
+
+use std::ffi::OsString;
+use std::str::FromStr;
+
+use anyhow::{bail, Result};
+
+/// Rewrite kebab-case long flags (`--save-path`, `--save-path=X`) to the underscore names the
+/// command declares (`--save_path`), once, instead of an alias per flag. Only names that exist
+/// in underscore form are rewritten, and nothing after a bare `--`.
+pub fn normalize_flag_names(cmd: &clap::Command, args: Vec<OsString>) -> Vec<OsString> {
+    let longs: Vec<&str> = cmd.get_arguments().filter_map(|a| a.get_long()).collect();
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.into_iter();
+    out.extend(it.next());
+    for a in it.by_ref() {
+        let Some(s) = a.to_str() else {
+            out.push(a);
+            continue;
+        };
+        if s == "--" {
+            out.push(a);
+            break;
+        }
+        let Some(body) = s.strip_prefix("--") else {
+            out.push(a);
+            continue;
+        };
+        let (name, value) = match body.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (body, None),
+        };
+        let snake = name.replace('-', "_");
+        if name.contains('-') && !longs.contains(&name) && longs.contains(&snake.as_str()) {
+            out.push(match value {
+                Some(v) => format!("--{snake}={v}").into(),
+                None => format!("--{snake}").into(),
+            });
+        } else {
+            out.push(a);
+        }
+    }
+    out.extend(it);
+    out
+}
+
+/// Make every plain on/off flag (a `bool` field, which clap derives as `SetTrue`) a Hugging
+/// Face style boolean: `--flag` and `--flag true` (any case, also 1/yes) mean true,
+/// `--flag false` mean false; leaving it out means its declared default (false unless the
+/// field says `default_value = "true"`). Done once here instead of per flag.
+pub fn hf_booleans(cmd: clap::Command) -> clap::Command {
+    let flags: Vec<(clap::Id, String)> = cmd
+        .get_arguments()
+        .filter(|a| matches!(a.get_action(), clap::ArgAction::SetTrue))
+        .map(|a| {
+            let default = a.get_default_values().first().and_then(|v| v.to_str());
+            (a.get_id().clone(), default.unwrap_or("false").to_string())
+        })
+        .collect();
+    flags.into_iter().fold(cmd, |cmd, (id, default)| {
+        let value_name = id.as_str().to_ascii_uppercase();
+        cmd.mut_arg(id, |a| {
+            a.action(clap::ArgAction::Set)
+                .num_args(0..=1)
+                .value_name(value_name)
+                .default_value(default)
+                .default_missing_value("true")
+                .value_parser(parse_bool)
+        })
+    })
+}
+
+/// Booleans as transformers' `HfArgumentParser` reads them: `true/false/1/0/yes/no` in any case.
+pub fn parse_bool(s: &str) -> std::result::Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "y" | "on" => Ok(true),
+        "false" | "0" | "no" | "n" | "off" => Ok(false),
+        other => Err(format!("`{other}` is not a boolean; use true or false")),
+    }
+}
+
+/// A size like transformers' `max_shard_size`: `2GB`, `500MB`, `1GiB`, `64KB` or a byte count.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim().to_ascii_uppercase();
+    let units: [(&str, u64); 7] = [
+        ("GIB", 1 << 30),
+        ("MIB", 1 << 20),
+        ("KIB", 1 << 10),
+        ("GB", 1_000_000_000),
+        ("MB", 1_000_000),
+        ("KB", 1_000),
+        ("B", 1),
+    ];
+    let (num, mult) = units
+        .iter()
+        .find_map(|(u, m)| t.strip_suffix(u).map(|n| (n, *m)))
+        .unwrap_or((t.as_str(), 1));
+    match num.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 => Ok((v * mult as f64) as u64),
+        _ => Err(format!(
+            "`{s}` is not a size; use e.g. 2GB, 500MB or a byte count"
+        )),
+    }
+}
+
+/// One `KEY=VALUE` item of a pattern flag (`down_proj=64`).
+pub fn key_value<T: FromStr>(s: &str) -> std::result::Result<(String, T), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE (e.g. down_proj=64)"))?;
+    let v = v
+        .trim()
+        .parse::<T>()
+        .map_err(|_| format!("`{}` in `{s}` is not a number", v.trim()))?;
+    Ok((k.trim().to_string(), v))
+}
+
+/// `cpu`, `cuda` (= `cuda:0`, also `gpu`) or `cuda:N`. CUDA needs a build with the `cuda`
+/// cargo feature (candle reports whether it was compiled in).
+pub fn parse_device(s: &str) -> Result<candle_core::Device> {
+    let s = s.trim().to_ascii_lowercase();
+    if s == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    let ordinal = match s.as_str() {
+        "cuda" | "gpu" => Some(0),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok()),
+    };
+    match ordinal {
+        Some(n) if candle_core::utils::cuda_is_available() => candle_core::Device::new_cuda(n)
+            .map_err(|e| anyhow::anyhow!("cannot open CUDA device {n}: {e}")),
+        Some(_) => bail!(
+            "this build has no CUDA support; rebuild with `cargo build --release --features cuda` or use --device cpu"
+        ),
+        None => bail!("unknown device `{s}`; use cpu, cuda or cuda:N"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Arg, Command};
+
+    fn cmd() -> Command {
+        Command::new("p")
+            .arg(Arg::new("save_path").long("save_path"))
+            .arg(Arg::new("max-odd").long("max-odd"))
+            .arg(
+                Arg::new("size")
+                    .long("max_shard_size")
+                    .value_parser(parse_size),
+            )
+    }
+
+    fn strings(v: Vec<OsString>) -> Vec<String> {
+        v.into_iter().map(|s| s.into_string().unwrap()).collect()
+    }
+
+    #[test]
+    fn kebab_flags_become_the_declared_underscore_names() {
+        let args = ["p", "--save-path", "x", "--save-path=y", "--max-odd", "1"]
+            .map(OsString::from)
+            .to_vec();
+        assert_eq!(
+            strings(normalize_flag_names(&cmd(), args)),
+            ["p", "--save_path", "x", "--save_path=y", "--max-odd", "1"]
+        );
+        let args = ["p", "--unknown-flag", "--", "--save-path"]
+            .map(OsString::from)
+            .to_vec();
+        assert_eq!(
+            strings(normalize_flag_names(&cmd(), args)),
+            ["p", "--unknown-flag", "--", "--save-path"]
+        );
+    }
+
+    #[test]
+    fn sizes_parse_like_transformers_and_errors_name_the_flag() {
+        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("500mb").unwrap(), 500_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("0").is_err());
+        let err = cmd()
+            .try_get_matches_from(["p", "--max_shard_size", "lots"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--max_shard_size") && err.contains("lots"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn booleans_patterns_and_devices() {
+        assert_eq!(parse_bool("True"), Ok(true));
+        assert_eq!(parse_bool("false"), Ok(false));
+        assert!(parse_bool("maybe").is_err());
+        assert_eq!(
+            key_value::<usize>("down_proj=64").unwrap(),
+            ("down_proj".into(), 64)
+        );
+        assert!(key_value::<usize>("down_proj").is_err());
+        assert!(key_value::<usize>("down_proj=x").is_err());
+        assert!(parse_device("cpu").is_ok());
+        assert!(parse_device("tpu").is_err());
+    }
+}

@@ -1,0 +1,173 @@
+//! Command-line plumbing the corda binaries share, so that the library (`corda-core`) knows no
+//! flags: `--config` files, kebab/snake flag spelling, Hugging Face style booleans and other
+//! value parsers, logging set-up, and one `main` wrapper with one error format and one
+//! exit-code policy.
+//!
+//! Exit status: 0 on success and for `--help` / `--version`; 1 for any error, whether the flags
+//! are wrong or the run fails. Errors print as `Error: <message>` on stderr (with the causes
+//! after `: `), flag errors followed by clap's usage line.
+
+pub mod config;
+pub mod flags;
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::ExitCode;
+
+use corda_core::util::AtomicDir;
+use corda_core::CordaError;
+
+pub use config::{expand_config_args, read_config_file};
+pub use flags::{
+    hf_booleans, key_value, normalize_flag_names, parse_bool, parse_device, parse_size,
+};
+
+/// Log to stderr at `default_level` unless `RUST_LOG` says otherwise; colours only on a terminal.
+pub fn init_logging(default_level: &str) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .without_time()
+        .with_target(false)
+        .try_init();
+}
+
+/// Claim an output directory: an existing non-empty one is refused unless `overwrite`
+/// (`--overwrite`), and nothing is written until the [`AtomicDir`] is committed.
+pub fn output_dir(path: &Path, overwrite: bool) -> anyhow::Result<AtomicDir> {
+    AtomicDir::create(path, overwrite).map_err(overwrite_hint)
+}
+
+/// The library's [`CordaError::OutputExists`] in the binaries' words: the flag that allows it.
+pub fn overwrite_hint(e: CordaError) -> anyhow::Error {
+    match e {
+        CordaError::OutputExists { path } => anyhow::anyhow!(
+            "{} already exists and is not empty; choose another path or pass --overwrite",
+            path.display()
+        ),
+        e => e.into(),
+    }
+}
+
+/// Why parsing the command line did not give arguments.
+#[derive(Debug)]
+pub enum ParseOutcome {
+    /// `--help` or `--version`: print this on stdout and exit 0.
+    Info(String),
+    /// A bad flag, value or config file.
+    Error(String),
+}
+
+/// `--config` expansion, flag spelling, then clap.
+pub fn parse_args<A: clap::Parser>(argv: Vec<OsString>) -> Result<A, ParseOutcome> {
+    let argv = expand_config_args(argv).map_err(|e| ParseOutcome::Error(format!("{e:#}")))?;
+    let cmd = hf_booleans(A::command());
+    let argv = normalize_flag_names(&cmd, argv);
+    let parsed = cmd
+        .try_get_matches_from(argv)
+        .and_then(|m| A::from_arg_matches(&m));
+    parsed.map_err(|e| {
+        if e.use_stderr() {
+            let text = e.render().to_string();
+            let text = text.strip_prefix("error: ").unwrap_or(&text);
+            ParseOutcome::Error(text.trim_end().to_string())
+        } else {
+            ParseOutcome::Info(e.render().to_string())
+        }
+    })
+}
+
+/// The `main` of every binary: logging at `log_level` (overridden by `RUST_LOG`), parse the
+/// command line into `A`, run, and turn the result into the exit status described above.
+pub fn main<A: clap::Parser>(
+    log_level: &str,
+    run: impl FnOnce(A) -> anyhow::Result<()>,
+) -> ExitCode {
+    init_logging(log_level);
+    let args = match parse_args::<A>(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(ParseOutcome::Info(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(ParseOutcome::Error(msg)) => {
+            eprintln!("Error: {msg}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    #[command(name = "t", args_override_self = true)]
+    struct T {
+        #[arg(long)]
+        config: Option<std::path::PathBuf>,
+        #[arg(long = "save_path")]
+        save_path: Option<String>,
+        #[arg(long)]
+        bf16: bool,
+        #[arg(long, default_value = "true")]
+        on: bool,
+    }
+
+    fn parse(args: &[&str]) -> Result<T, ParseOutcome> {
+        parse_args(args.iter().map(OsString::from).collect())
+    }
+
+    #[test]
+    fn config_keys_and_flags_may_use_either_spelling() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(&f, "save-path: from-file\nbf16: true\n").unwrap();
+        let t = parse(&["t", "--config", f.to_str().unwrap()]).unwrap();
+        assert_eq!((t.save_path.as_deref(), t.bf16), (Some("from-file"), true));
+        let t = parse(&[
+            "t",
+            "--config",
+            f.to_str().unwrap(),
+            "--save-path",
+            "cli",
+            "--bf16",
+            "False",
+        ])
+        .unwrap();
+        assert_eq!((t.save_path.as_deref(), t.bf16), (Some("cli"), false));
+        assert!(parse(&["t", "--bf16"]).unwrap().bf16);
+        assert!(parse(&["t"]).unwrap().on);
+        assert!(!parse(&["t", "--on", "FALSE"]).unwrap().on);
+        assert!(parse(&["t", "--on"]).unwrap().on);
+    }
+
+    #[test]
+    fn help_is_info_and_bad_flags_are_errors() {
+        assert!(
+            matches!(parse(&["t", "--help"]), Err(ParseOutcome::Info(h)) if h.contains("--save_path"))
+        );
+        match parse(&["t", "--bogus"]) {
+            Err(ParseOutcome::Error(m)) => {
+                assert!(m.contains("--bogus") && !m.starts_with("error:"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["t", "--bf16", "maybe"]) {
+            Err(ParseOutcome::Error(m)) => assert!(m.contains("--bf16"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
