@@ -60,7 +60,7 @@ def knowledge(model, tok, rows):
 def math(model, tok, rows):
     hits = 0
     for r in rows:
-        text = generate(model, tok, ALPACA.format(q=r["query"]), 64)
+        text = generate(model, tok, ALPACA.format(q=r["query"]), 48)
         m = re.search(r"The answer is:?\s*(-?[\d,]+)", text)
         nums = re.findall(r"-?\d[\d,]*", text)
         got = (m.group(1) if m else (nums[-1] if nums else "")).replace(",", "")

@@ -8,7 +8,7 @@
 # Model: SmolLM2-135M-Instruct (../shared/models, GGUF Q4_1 dequantized to float32). Data: the
 # project's own tests/data: 80 knowledge questions with answer aliases (the first 40 calibrate
 # KPM, the last 40 are held out for evaluation) and 240 math word problems with worked answers
-# (the first 160 train, the last 80 evaluate). For each learning rate in $LRS: corda-finetune of
+# (the first 160 train, the last 40 evaluate). For each learning rate in $LRS: corda-finetune of
 # the KPM adapter (--corda_mode True) and of a plain LoRA (--corda_mode False), r 16, alpha = r,
 # $EPOCHS epochs, batch 4, cosine with 3% warmup. Evaluation (scripts/bench/kpm_eval.py, greedy
 # generation with transformers + PEFT): knowledge exact match on the held-out questions, math
@@ -16,15 +16,15 @@
 # base), and every fine-tuned model.
 #
 # Environment: OUT (scripts/bench/out-kpm), PY (scripts/bench/.venv/bin/python), GGUF, LRS
-# ("2e-5 1e-4 5e-4"), EPOCHS (2), THREADS (2), SKIP_BUILD=1.
+# ("2e-5 5e-4"), EPOCHS (1), THREADS (2), SKIP_BUILD=1.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 HERE="$ROOT/scripts/bench"
 OUT="${OUT:-$HERE/out-kpm}"
 PY="${PY:-$HERE/.venv/bin/python}"
 GGUF="${GGUF:-$ROOT/../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf}"
-LRS="${LRS:-2e-5 1e-4 5e-4}"
-EPOCHS="${EPOCHS:-2}"
+LRS="${LRS:-2e-5 5e-4}"
+EPOCHS="${EPOCHS:-1}"
 THREADS="${THREADS:-2}"
 R=16
 BIN="$ROOT/target/release"
@@ -38,7 +38,7 @@ D="$OUT/data"
 head -n 40 "$ROOT/tests/data/knowledge.jsonl" >"$D/calib.jsonl"
 tail -n 40 "$ROOT/tests/data/knowledge.jsonl" >"$D/knowledge-eval.jsonl"
 head -n 160 "$ROOT/tests/data/math.jsonl" >"$D/math-train.jsonl"
-tail -n 80 "$ROOT/tests/data/math.jsonl" >"$D/math-eval.jsonl"
+tail -n 40 "$ROOT/tests/data/math.jsonl" >"$D/math-eval.jsonl"
 { echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores"; date -u; } >"$OUT/machine.txt"
 
 if [ ! -f "$OUT/base/model.safetensors" ]; then
@@ -76,7 +76,7 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 print(open(sys.argv[2]).read().strip().replace("\n", "; "))
 print()
-print("| model | knowledge EM (40 held-out) | math accuracy (80 held-out) |")
+print("| model | knowledge EM (40 held-out) | math accuracy (40 held-out) |")
 print("| --- | --- | --- |")
 for name, v in r.items():
     print(f"| {name} | {v['knowledge_em']:.3f} | {v['math_acc']:.3f} |")
