@@ -41,6 +41,9 @@ pub enum CordaError {
     /// A numerical failure (NaN, divergence) with advice.
     #[error("{0}")]
     Numerics(String),
+    /// The Hugging Face hub: unreachable, gated, missing repo or file, failed download.
+    #[error("{0}")]
+    Hub(String),
     /// Invalid arguments or options.
     #[error("{0}")]
     Invalid(String),

@@ -10,6 +10,7 @@
 //! - [`adapter`]: the PEFT adapter format and conversion to a plain LoRA.
 //! - [`train`]: optimizer, schedules, trainer and checkpoints.
 //! - [`demo`]: small random models and synthetic datasets for the quickstart, tests and benchmarks.
+//! - [`hub`]: the Hugging Face hub cache and downloads (used by `model` and `data`).
 //! - [`util`]: atomic output directories, phase timing and memory reports.
 
 pub mod adapter;
@@ -17,6 +18,7 @@ pub mod corda;
 pub mod data;
 pub mod demo;
 pub mod error;
+pub mod hub;
 pub mod model;
 pub mod train;
 pub mod util;
