@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use corda_core::adapter::{self, Adapter};
-use corda_core::model::{resolve_model_dir, TokenizerInfo};
+use corda_core::hub::Hub;
+use corda_core::model::{resolve_model, TokenizerInfo};
 use corda_core::util::cli::{expand_config_args, parse_bool};
 use corda_core::util::{progress_bar, AtomicDir};
 
@@ -74,7 +75,8 @@ struct Cli {
     #[arg(long, num_args = 0..=1, default_value = "false", default_missing_value = "true", value_parser = parse_bool, requires_all = ["base_model", "merged_path"], help_heading = "Merge")]
     merge: bool,
 
-    /// The original base model: a Hugging Face model directory or a cached hub id.
+    /// The original base model: a Hugging Face model directory or a hub id (downloaded when not
+    /// cached).
     #[arg(
         long = "base_model",
         visible_alias = "base-model",
@@ -82,6 +84,15 @@ struct Cli {
         help_heading = "Merge"
     )]
     base_model: Option<String>,
+
+    /// Hub revision of --base_model: a branch, tag or commit sha.
+    #[arg(long, value_name = "REV", default_value = "main", help_heading = "Merge")]
+    revision: String,
+
+    /// Hugging Face token for gated or private repos [default: HF_TOKEN, else the token file of
+    /// `huggingface-cli login`].
+    #[arg(long, value_name = "TOKEN", help_heading = "Merge")]
+    token: Option<String>,
 
     /// Where --merge writes the merged model.
     #[arg(
@@ -203,9 +214,15 @@ fn run(cli: &Cli) -> Result<()> {
     let base_dir = cli
         .base_model
         .as_deref()
-        .map(resolve_model_dir)
+        .map(|id| {
+            let hub = Hub::from_env().with_token(cli.token.clone());
+            resolve_model(id, &cli.revision, &hub)
+        })
         .transpose()
         .context("resolving --base_model")?;
+    if cli.base_model.is_none() && (cli.revision != "main" || cli.token.is_some()) {
+        bail!("--revision and --token are for fetching --base_model from the hub; pass --base_model too");
+    }
     let inputs = [cli.initial_adapter.as_path(), cli.trained_adapter.as_path()];
 
     // Claim every output first, so a refusal comes before any work and nothing is half-written.

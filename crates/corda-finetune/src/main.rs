@@ -10,8 +10,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::Parser;
 use corda_core::adapter::Adapter;
-use corda_core::data::{build_sft_examples, load_rows, SftOptions, Split};
-use corda_core::model::{resolve_model_dir, CausalLM, LoadOptions, TokenizerInfo};
+use corda_core::data::{build_sft_examples, RowSource, SftOptions, Split};
+use corda_core::hub::Hub;
+use corda_core::model::{resolve_model, resolve_tokenizer, CausalLM, LoadOptions, TokenizerInfo};
 use corda_core::train::{
     plain_lora_adapter, resolve_resume, target_tokens, LossNormalization, ResumeFrom, SaveStrategy,
     SchedulerType, TrainConfig, Trainer,
@@ -58,7 +59,7 @@ struct Args {
     config: Option<PathBuf>,
 
     // ---------------------------------------------------------------- model
-    /// The model directory (or cached hub id). In CorDA mode: the output of corda-preprocess
+    /// The model directory (or hub id, downloaded when not cached). In CorDA mode: the output of corda-preprocess
     /// (the residual model, with the initial adapter in <dir>/corda_init).
     #[arg(
         long = "model_name_or_path",
@@ -66,6 +67,15 @@ struct Args {
         help_heading = "Model"
     )]
     model_name_or_path: String,
+
+    /// Hub revision of --model_name_or_path: a branch, tag or commit sha.
+    #[arg(long, default_value = "main", help_heading = "Model")]
+    revision: String,
+
+    /// Hugging Face token for gated or private repos [default: HF_TOKEN, else the token file of
+    /// `huggingface-cli login`].
+    #[arg(long, value_name = "TOKEN", help_heading = "Model")]
+    token: Option<String>,
 
     /// Train the CorDA adapter in <model_name_or_path>/corda_init. With false, train a fresh
     /// plain LoRA of rank --lora_r on the unmodified model (the paper's baseline).
@@ -119,8 +129,8 @@ struct Args {
     device: String,
 
     // ---------------------------------------------------------------- data
-    /// Training data: a hub dataset id from the local cache (its parquet files), or a local
-    /// .parquet / .jsonl / .json file or directory.
+    /// Training data: a hub dataset id (from the local cache, else its parquet files are
+    /// downloaded), or a local .parquet / .jsonl / .json file or directory.
     #[arg(long = "data_path", alias = "data-path", help_heading = "Data")]
     data_path: String,
 
@@ -403,7 +413,10 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let device = parse_device(&args.device)?;
-    let model_dir = resolve_model_dir(&args.model_name_or_path)?;
+    let hub = Hub::from_env()
+        .with_token(args.token.clone())
+        .with_progress(!args.disable_tqdm);
+    let model_dir = resolve_model(&args.model_name_or_path, &args.revision, &hub)?;
     let corda_dir = model_dir.join("corda_init");
     if args.corda_mode {
         if !corda_dir.join("adapter_config.json").is_file() {
@@ -437,7 +450,7 @@ fn run(args: Args) -> Result<()> {
     };
 
     // Data.
-    let tok_dir = tokenizer_dir(&args, &model_dir, corda_adapter.as_ref())?;
+    let tok_dir = tokenizer_dir(&args, &hub, &model_dir, corda_adapter.as_ref())?;
     let tok = TokenizerInfo::load(&tok_dir)?;
     let eos = tok
         .eos_token
@@ -448,7 +461,7 @@ fn run(args: Args) -> Result<()> {
         .context("the tokenizer defines no EOS token id")?;
     let split = Split::parse(&args.dataset_split)?;
     let examples = report.time("load data", || -> Result<_> {
-        let rows = load_rows(&args.data_path, &split, None)?;
+        let rows = RowSource::new(&args.data_path).hub(hub.clone()).load(&split)?;
         let opts = SftOptions {
             query_field: args.dataset_field[0].clone(),
             response_field: args.dataset_field[1].clone(),
@@ -540,15 +553,20 @@ fn run(args: Args) -> Result<()> {
 
 /// The directory with tokenizer.json: the flag, else the model directory, else the adapter's
 /// base model (corda-preprocess records the original model there).
-fn tokenizer_dir(args: &Args, model_dir: &Path, adapter: Option<&Adapter>) -> Result<PathBuf> {
+fn tokenizer_dir(
+    args: &Args,
+    hub: &Hub,
+    model_dir: &Path,
+    adapter: Option<&Adapter>,
+) -> Result<PathBuf> {
     if let Some(t) = &args.tokenizer_name_or_path {
-        return Ok(resolve_model_dir(t)?);
+        return Ok(resolve_tokenizer(t, "main", hub)?);
     }
     if model_dir.join("tokenizer.json").is_file() {
         return Ok(model_dir.to_path_buf());
     }
     if let Some(base) = adapter.and_then(|a| a.config.base_model_name_or_path.as_deref()) {
-        if let Ok(dir) = resolve_model_dir(base) {
+        if let Ok(dir) = resolve_tokenizer(base, "main", hub) {
             if dir.join("tokenizer.json").is_file() {
                 tracing::info!(
                     "no tokenizer in {}; using the one of {}",

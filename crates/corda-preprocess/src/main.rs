@@ -11,7 +11,8 @@ use corda_core::corda::{preprocess, CordaMode, CovariancePrecision, PreprocessOp
 use corda_core::data::{
     calibration_samples, lookup, read_rows, CalibOptions, CalibSampling, RegistryEntry, Template,
 };
-use corda_core::model::{parse_dtype, resolve_model_dir, TokenizerInfo, TARGET_PROJECTIONS};
+use corda_core::hub::Hub;
+use corda_core::model::{parse_dtype, resolve_model, TokenizerInfo, TARGET_PROJECTIONS};
 use corda_core::util::cli::{expand_config_args, parse_bool, parse_device, parse_size};
 use corda_core::util::AtomicDir;
 
@@ -25,7 +26,7 @@ struct Args {
     /// YAML or TOML file whose keys are flag names; flags on the command line override it.
     #[arg(long, value_name = "FILE", help_heading = "Input")]
     config: Option<PathBuf>,
-    /// Model directory or Hugging Face hub id (read from the local cache).
+    /// Model directory or Hugging Face hub id (from the local cache, else downloaded into it).
     #[arg(
         long = "model_id",
         alias = "model-id",
@@ -33,6 +34,12 @@ struct Args {
         help_heading = "Input"
     )]
     model_id: String,
+    /// Hub revision of --model_id: a branch, tag or commit sha.
+    #[arg(long, default_value = "main", help_heading = "Input")]
+    revision: String,
+    /// Hugging Face token for gated or private repos [default: HF_TOKEN, else the token file of `huggingface-cli login`].
+    #[arg(long, value_name = "TOKEN", help_heading = "Input")]
+    token: Option<String>,
     /// Storage and output dtype: auto (the model's), float32, float16, bfloat16.
     #[arg(long, default_value = "auto", help_heading = "Input")]
     dtype: String,
@@ -48,7 +55,7 @@ struct Args {
         help_heading = "Calibration"
     )]
     calib_dataset: String,
-    /// Data files to read for a registry dataset instead of the Hugging Face cache.
+    /// Data files to read for a registry dataset instead of its hub files.
     #[arg(long = "calib_data_files", alias = "calib-data-files", num_args = 1.., help_heading = "Calibration")]
     calib_data_files: Vec<PathBuf>,
     /// Number of calibration samples.
@@ -197,7 +204,10 @@ fn sampling(s: &str) -> Result<CalibSampling> {
 }
 
 /// Rows, template and sampling of `--calib_dataset`.
-fn calibration_source(args: &Args) -> Result<(Vec<serde_json::Value>, Template, CalibSampling)> {
+fn calibration_source(
+    args: &Args,
+    hub: &Hub,
+) -> Result<(Vec<serde_json::Value>, Template, CalibSampling)> {
     let path = Path::new(&args.calib_dataset);
     if path.exists() {
         let rows = read_rows(path)
@@ -213,7 +223,7 @@ fn calibration_source(args: &Args) -> Result<(Vec<serde_json::Value>, Template, 
         )
     })?;
     let rows = if args.calib_data_files.is_empty() {
-        entry.load_rows()?
+        entry.load_rows_from(&entry.source().hub(hub.clone()))?
     } else {
         let mut rows = vec![];
         for f in &args.calib_data_files {
@@ -251,7 +261,10 @@ fn run(args: Args) -> Result<()> {
             );
         }
     }
-    let model_dir = resolve_model_dir(&args.model_id)?;
+    let hub = Hub::from_env()
+        .with_token(args.token.clone())
+        .with_progress(!args.quiet);
+    let model_dir = resolve_model(&args.model_id, &args.revision, &hub)?;
     let device = parse_device(&args.device)?;
     let dtype = match args.dtype.as_str() {
         "auto" => None,
@@ -306,7 +319,7 @@ fn run(args: Args) -> Result<()> {
         vec![]
     } else {
         let tok = TokenizerInfo::load(&model_dir)?;
-        let (rows, template, mode) = calibration_source(&args)?;
+        let (rows, template, mode) = calibration_source(&args, &hub)?;
         let copts = CalibOptions {
             n: args.calib_loader_size,
             max_length: args.calib_max_length,

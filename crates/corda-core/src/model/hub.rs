@@ -32,6 +32,22 @@ pub fn resolve_model_dir(id: &str) -> Result<PathBuf> {
 
 /// [`resolve_model_dir`] at `revision` (a branch, tag or commit) with explicit hub settings.
 pub fn resolve_model(id: &str, revision: &str, hub: &Hub) -> Result<PathBuf> {
+    resolve(id, revision, hub, Need::Model)
+}
+
+/// The config and tokenizer files of a local directory or hub model, without its weights
+/// (a tokenizer taken from the base model should not cost a download of the whole model).
+pub fn resolve_tokenizer(id: &str, revision: &str, hub: &Hub) -> Result<PathBuf> {
+    resolve(id, revision, hub, Need::Tokenizer)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    Model,
+    Tokenizer,
+}
+
+fn resolve(id: &str, revision: &str, hub: &Hub, need: Need) -> Result<PathBuf> {
     let local = Path::new(id);
     if local.is_dir() {
         if revision != "main" {
@@ -50,18 +66,21 @@ pub fn resolve_model(id: &str, revision: &str, hub: &Hub) -> Result<PathBuf> {
     let cache = hub.repo_cache(RepoKind::Model, id)?;
     let cached = cache.snapshot(revision)?;
     if let Some(snap) = &cached {
-        if missing_files(snap)?.is_empty() {
+        if missing_files(snap, need)?.is_empty() {
             return Ok(snap.clone());
         }
     }
     if hub.offline() {
         let what = match &cached {
-            Some(snap) => format!("{} at revision `{revision}`", missing_files(snap)?.join(", ")),
+            Some(snap) => format!(
+                "{} at revision `{revision}`",
+                missing_files(snap, need)?.join(", ")
+            ),
             None => format!("revision `{revision}`"),
         };
         return Err(hub.offline_error(RepoKind::Model, id, &what));
     }
-    download_model(hub, id, revision)
+    download_model(hub, id, revision, need)
 }
 
 /// Whether `id` has the shape of a hub model id (`owner/name`).
@@ -76,9 +95,16 @@ pub fn looks_like_model_id(id: &str) -> bool {
     matches!(id.split_once('/'), Some((owner, name)) if valid(owner) && valid(name))
 }
 
-/// What a cached snapshot still lacks to be loaded: the config and every weight file.
-fn missing_files(snap: &Path) -> Result<Vec<String>> {
+/// What a cached snapshot still lacks: the config and every weight file for a model,
+/// tokenizer.json for a tokenizer.
+fn missing_files(snap: &Path, need: Need) -> Result<Vec<String>> {
     let mut missing = Vec::new();
+    if need == Need::Tokenizer {
+        if !snap.join("tokenizer.json").is_file() {
+            missing.push("tokenizer.json".to_string());
+        }
+        return Ok(missing);
+    }
     if !snap.join("config.json").is_file() {
         missing.push("config.json".to_string());
     }
@@ -94,9 +120,23 @@ fn missing_files(snap: &Path) -> Result<Vec<String>> {
     Ok(missing)
 }
 
-fn download_model(hub: &Hub, id: &str, revision: &str) -> Result<PathBuf> {
+fn download_model(hub: &Hub, id: &str, revision: &str, need: Need) -> Result<PathBuf> {
     let info = hub.revision_info(RepoKind::Model, id, revision)?;
     let has = |file: &str| info.files.iter().any(|f| f == file);
+    let side: Vec<String> = SIDE_FILES
+        .iter()
+        .filter(|f| has(f))
+        .map(|f| f.to_string())
+        .collect();
+    if need == Need::Tokenizer {
+        if !has("tokenizer.json") {
+            return Err(CordaError::Model(format!(
+                "hub model `{id}` (revision `{revision}`) has no tokenizer.json (a fast \
+                 tokenizer); pass a tokenizer directory that has one"
+            )));
+        }
+        return hub.download(RepoKind::Model, id, revision, &info.sha, &side);
+    }
     if !has("config.json") {
         return Err(CordaError::Model(format!(
             "hub model `{id}` (revision `{revision}`) has no config.json, so it is not a \
@@ -119,11 +159,7 @@ fn download_model(hub: &Hub, id: &str, revision: &str) -> Result<PathBuf> {
             "hub model `{id}` (revision `{revision}`) has neither {SINGLE} nor {INDEX}"
         )));
     };
-    let mut first: Vec<String> = SIDE_FILES
-        .iter()
-        .filter(|f| has(f))
-        .map(|f| f.to_string())
-        .collect();
+    let mut first = side;
     first.push(weights.to_string());
     let snap = hub.download(RepoKind::Model, id, revision, &info.sha, &first)?;
     if weights == INDEX {
