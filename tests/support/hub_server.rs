@@ -358,7 +358,12 @@ fn route(
     };
     let (rev, file) = rest.split_once('/').unwrap_or((rest, ""));
     let (id, rev, file) = (unquote(id), unquote(rev), unquote(file));
-    let Some(repo) = st.repos.iter().find(|r| r.kind == kind && r.id == id).cloned() else {
+    let Some(repo) = st
+        .repos
+        .iter()
+        .find(|r| r.kind == kind && r.id == id)
+        .cloned()
+    else {
         return repo_not_found(auth.is_some());
     };
     if let Some(token) = &repo.token {

@@ -86,7 +86,12 @@ struct Cli {
     base_model: Option<String>,
 
     /// Hub revision of --base_model: a branch, tag or commit sha.
-    #[arg(long, value_name = "REV", default_value = "main", help_heading = "Merge")]
+    #[arg(
+        long,
+        value_name = "REV",
+        default_value = "main",
+        help_heading = "Merge"
+    )]
     revision: String,
 
     /// Hugging Face token for gated or private repos [default: HF_TOKEN, else the token file of

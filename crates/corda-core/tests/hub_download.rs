@@ -52,8 +52,7 @@ fn model_files(sharded: bool) -> BTreeMap<String, Vec<u8>> {
         for (t, _) in part {
             weight_map.insert(t.clone(), json!(name));
         }
-        let bytes = safetensors::serialize(part.iter().map(|(n, v)| (n.clone(), v)), None)
-            .unwrap();
+        let bytes = safetensors::serialize(part.iter().map(|(n, v)| (n.clone(), v)), None).unwrap();
         files.insert(name, bytes);
     }
     let index = json!({"metadata": {"total_size": weights.len()}, "weight_map": weight_map});
@@ -121,10 +120,17 @@ fn sharded_model_downloads_into_the_standard_layout_and_is_reused_offline() {
     ] {
         assert_eq!(read(&snap.join(name)), files[name], "{name}");
         let link = std::fs::read_link(snap.join(name)).unwrap();
-        assert!(link.starts_with("../../blobs"), "{name} → {}", link.display());
+        assert!(
+            link.starts_with("../../blobs"),
+            "{name} → {}",
+            link.display()
+        );
     }
     // LFS blobs are named by their sha256, like huggingface_hub names them.
-    assert!(repo_dir.join("blobs").join(sha256_hex(&files[SHARD1])).is_file());
+    assert!(repo_dir
+        .join("blobs")
+        .join(sha256_hex(&files[SHARD1]))
+        .is_file());
     assert!(!snap.join("README.md").exists() && !snap.join("pytorch_model.bin").exists());
     let leftovers: Vec<_> = std::fs::read_dir(repo_dir.join("blobs"))
         .unwrap()
@@ -168,7 +174,10 @@ fn sharded_model_downloads_into_the_standard_layout_and_is_reused_offline() {
     let err = resolve_model("Org/tiny-llama", "v2", &offline(&hub))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("HF_HUB_OFFLINE") && err.contains("v2"), "{err}");
+    assert!(
+        err.contains("HF_HUB_OFFLINE") && err.contains("v2"),
+        "{err}"
+    );
     let err = resolve_model("Org/tiny-llama", "v2", &hub)
         .unwrap_err()
         .to_string();
@@ -225,7 +234,10 @@ fn gated_repo_needs_an_accepted_token() {
         err.contains("refused with the token given") && err.contains("HTTP 403"),
         "{err}"
     );
-    assert!(!err.contains("hf_other"), "the token is never printed: {err}");
+    assert!(
+        !err.contains("hf_other"),
+        "the token is never printed: {err}"
+    );
     let snap = resolve_model(
         "Org/gated",
         "main",
@@ -271,7 +283,9 @@ fn missing_repo_revision_and_file_are_told_apart() {
         .to_string();
     assert!(err.contains(SHARD1) && err.contains("incomplete"), "{err}");
     // A file the hub does not have (404 EntryNotFound).
-    let info = hub.revision_info(RepoKind::Model, "Org/model", "main").unwrap();
+    let info = hub
+        .revision_info(RepoKind::Model, "Org/model", "main")
+        .unwrap();
     let err = hub
         .download(
             RepoKind::Model,
@@ -282,10 +296,7 @@ fn missing_repo_revision_and_file_are_told_apart() {
         )
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("exists but has no file `nope.json`"),
-        "{err}"
-    );
+    assert!(err.contains("exists but has no file `nope.json`"), "{err}");
 }
 
 #[test]
@@ -325,7 +336,10 @@ fn a_cut_off_body_resumes_and_never_passes_as_complete() {
     let err = resolve_model("Org/tiny", "main", &offline(&no_retry))
         .unwrap_err()
         .to_string();
-    assert!(err.contains(SHARD1), "a partial shard is not a cached one: {err}");
+    assert!(
+        err.contains(SHARD1),
+        "a partial shard is not a cached one: {err}"
+    );
     server.clear_seen();
     let snap = resolve_model("Org/tiny", "main", &no_retry).unwrap();
     assert_eq!(read(&snap.join(SHARD1)), files[SHARD1]);
@@ -400,7 +414,10 @@ fn registry_datasets_download_their_parquet_files_or_data_files() {
                 "en/c4-train.00000-of-01024.json.gz",
                 gzip("{\"text\": \"first\"}\n{\"text\": \"second\"}\n"),
             ),
-            ("en/c4-train.00001-of-01024.json.gz", gzip("{\"text\": \"x\"}\n")),
+            (
+                "en/c4-train.00001-of-01024.json.gz",
+                gzip("{\"text\": \"x\"}\n"),
+            ),
         ]),
     );
     let metamath = FakeRepo::new("datasets", "iboing/MetaMathQA-395K").revision(
@@ -419,7 +436,10 @@ fn registry_datasets_download_their_parquet_files_or_data_files() {
     let rows = entry
         .load_rows_from(&entry.source().hub(hub.clone()))
         .unwrap();
-    assert_eq!(rows, read_rows(&fixtures().join("data/qa.parquet")).unwrap());
+    assert_eq!(
+        rows,
+        read_rows(&fixtures().join("data/qa.parquet")).unwrap()
+    );
     let repo_dir = cache.path().join("datasets--nq_open");
     assert_eq!(
         std::fs::read_to_string(repo_dir.join("refs/refs/convert/parquet")).unwrap(),
@@ -427,7 +447,10 @@ fn registry_datasets_download_their_parquet_files_or_data_files() {
     );
     let snap = repo_dir.join("snapshots").join(&parquet_sha);
     assert!(snap.join("nq_open/train/0000.parquet").is_file());
-    assert!(!snap.join("nq_open/validation").exists(), "only the split asked for");
+    assert!(
+        !snap.join("nq_open/validation").exists(),
+        "only the split asked for"
+    );
 
     // Offline: the same rows from the cache, no request.
     server.clear_seen();
@@ -446,12 +469,18 @@ fn registry_datasets_download_their_parquet_files_or_data_files() {
         .hub(hub.clone())
         .load(&Split::whole("validation"))
         .unwrap();
-    assert_eq!(rows, read_rows(&fixtures().join("data/math.parquet")).unwrap());
+    assert_eq!(
+        rows,
+        read_rows(&fixtures().join("data/math.parquet")).unwrap()
+    );
 
     // c4: an explicit .json.gz file from main, read through gzip.
     let c4 = lookup("c4").unwrap();
     let rows = c4.load_rows_from(&c4.source().hub(hub.clone())).unwrap();
-    assert_eq!(rows, vec![json!({"text": "first"}), json!({"text": "second"})]);
+    assert_eq!(
+        rows,
+        vec![json!({"text": "first"}), json!({"text": "second"})]
+    );
     assert!(!cache
         .path()
         .join("datasets--allenai--c4/snapshots")
@@ -476,5 +505,8 @@ fn registry_datasets_download_their_parquet_files_or_data_files() {
         .load(&Split::whole("train"))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("dataset `owner/absent` does not exist"), "{err}");
+    assert!(
+        err.contains("dataset `owner/absent` does not exist"),
+        "{err}"
+    );
 }

@@ -461,7 +461,9 @@ fn run(args: Args) -> Result<()> {
         .context("the tokenizer defines no EOS token id")?;
     let split = Split::parse(&args.dataset_split)?;
     let examples = report.time("load data", || -> Result<_> {
-        let rows = RowSource::new(&args.data_path).hub(hub.clone()).load(&split)?;
+        let rows = RowSource::new(&args.data_path)
+            .hub(hub.clone())
+            .load(&split)?;
         let opts = SftOptions {
             query_field: args.dataset_field[0].clone(),
             response_field: args.dataset_field[1].clone(),

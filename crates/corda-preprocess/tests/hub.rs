@@ -31,10 +31,7 @@ fn model_files() -> BTreeMap<String, Vec<u8>> {
 fn nq_open() -> FakeRepo {
     let qa = std::fs::read(fixtures().join("data/qa.parquet")).unwrap();
     FakeRepo::new("datasets", "nq_open")
-        .revision(
-            "main",
-            [("README.md".to_string(), b"card".to_vec())].into(),
-        )
+        .revision("main", [("README.md".to_string(), b"card".to_vec())].into())
         .revision(
             "refs/convert/parquet",
             [("nq_open/train/0000.parquet".to_string(), qa)].into(),
@@ -55,7 +52,14 @@ fn preprocess(server: &HubServer, home: &Path, out: &Path, extra: &[&str]) -> Ou
     }
     cmd.env("HF_ENDPOINT", &server.endpoint)
         .env("HF_HOME", home)
-        .args(["--quiet", "--r", "8", "--save_model", "--overwrite", "--save_path"])
+        .args([
+            "--quiet",
+            "--r",
+            "8",
+            "--save_model",
+            "--overwrite",
+            "--save_path",
+        ])
         .arg(out)
         .args(["--calib_loader_size", "8", "--calib_max_length", "32"])
         .args(extra);
@@ -99,7 +103,14 @@ fn hub_model_and_registry_dataset_from_an_empty_cache() {
         .env("HF_HUB_OFFLINE", "1")
         .env("HF_ENDPOINT", &server.endpoint)
         .env("HF_HOME", home.path())
-        .args(["--quiet", "--r", "8", "--save_model", "--overwrite", "--save_path"])
+        .args([
+            "--quiet",
+            "--r",
+            "8",
+            "--save_model",
+            "--overwrite",
+            "--save_path",
+        ])
         .arg(&out)
         .args(["--calib_loader_size", "8", "--calib_max_length", "32"])
         .args(args);

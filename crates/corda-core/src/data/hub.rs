@@ -134,7 +134,10 @@ pub fn dataset_files(hub: &Hub, id: &str, sel: &FileSelection<'_>) -> Result<Vec
         .filter(|f| is_data_file(f) && !hidden(f))
         .collect();
     listed.sort();
-    let what = format!("{what} (revision `{revision}` on {})", hub.options().endpoint);
+    let what = format!(
+        "{what} (revision `{revision}` on {})",
+        hub.options().endpoint
+    );
     let picked = select_files(&listed, sel, &what)?;
     let names: Vec<String> = picked
         .iter()

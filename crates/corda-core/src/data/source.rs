@@ -12,9 +12,9 @@ use serde_json::{Map, Value};
 
 use crate::data::files::{list_data_files, select_files, FileSelection};
 use crate::data::hub;
-use crate::hub::{Hub, HubOptions};
 use crate::data::parquet::read_parquet;
 use crate::data::split::Split;
+use crate::hub::{Hub, HubOptions};
 use crate::{CordaError, Result};
 
 /// Where rows come from, and which of its files to read.
@@ -340,9 +340,15 @@ mod tests {
         let two = write(d, "two.json", r#"{"x": [{"a": 1}], "y": [{"a": 2}]}"#);
         assert!(read_rows(&two).unwrap_err().to_string().contains("x, y"));
         let bz = write(d, "c4-train.json.bz2", "");
-        assert!(read_rows(&bz).unwrap_err().to_string().contains("decompress"));
+        assert!(read_rows(&bz)
+            .unwrap_err()
+            .to_string()
+            .contains("decompress"));
         let fake_gz = write(d, "c4-train.json.gz", "plain");
-        assert!(read_rows(&fake_gz).unwrap_err().to_string().contains("gzip"));
+        assert!(read_rows(&fake_gz)
+            .unwrap_err()
+            .to_string()
+            .contains("gzip"));
         let broken = write(d, "broken.json", "[{\"a\": 1},");
         assert!(matches!(read_rows(&broken), Err(CordaError::Json { .. })));
     }
@@ -356,7 +362,8 @@ mod tests {
             std::fs::File::create(&path).unwrap(),
             flate2::Compression::default(),
         );
-        gz.write_all(b"{\"text\": \"a\"}\n{\"text\": \"b\"}\n").unwrap();
+        gz.write_all(b"{\"text\": \"a\"}\n{\"text\": \"b\"}\n")
+            .unwrap();
         gz.finish().unwrap();
         assert_eq!(
             read_rows(&path).unwrap(),

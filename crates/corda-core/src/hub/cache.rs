@@ -114,10 +114,8 @@ impl RepoCache {
 
     fn ref_path(&self, revision: &str) -> Result<PathBuf> {
         let rel = Path::new(revision);
-        let safe = !revision.is_empty()
-            && rel
-                .components()
-                .all(|c| matches!(c, Component::Normal(_)));
+        let safe =
+            !revision.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
         if !safe {
             return Err(CordaError::Invalid(format!(
                 "`{revision}` is not a revision name (a branch, tag or commit such as main, v1.0 \

@@ -88,10 +88,7 @@ impl HubOptions {
                     .filter(|t| !t.is_empty())
             });
         let offline = text("HF_HUB_OFFLINE").is_some_and(|v| {
-            matches!(
-                v.to_ascii_lowercase().as_str(),
-                "1" | "true" | "yes" | "on"
-            )
+            matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
         });
         HubOptions {
             endpoint,
@@ -139,7 +136,10 @@ enum Failure {
     },
     Transport(String),
     /// The body stopped before the announced size.
-    Short { got: u64, want: u64 },
+    Short {
+        got: u64,
+        want: u64,
+    },
     /// The body was complete but is not the file (hash or size differ); restart from zero.
     Corrupt(String),
     /// A local file operation failed; not retried.
@@ -201,7 +201,10 @@ impl Hub {
 
     /// Uses `token` (e.g. `--token`) instead of the one found in the environment, if given.
     pub fn with_token(mut self, token: Option<String>) -> Self {
-        if let Some(t) = token.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
+        if let Some(t) = token
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+        {
             self.opts.token = Some(t);
         }
         self
@@ -264,7 +267,10 @@ impl Hub {
     pub fn revision_info(&self, kind: RepoKind, id: &str, revision: &str) -> Result<RevisionInfo> {
         self.lookup_revision(kind, id, revision, false)?
             .ok_or_else(|| {
-                CordaError::Hub(format!("{} `{id}` has no revision `{revision}`", kind.noun()))
+                CordaError::Hub(format!(
+                    "{} `{id}` has no revision `{revision}`",
+                    kind.noun()
+                ))
             })
     }
 
@@ -609,7 +615,10 @@ impl Hub {
                         "{} `{}`{}: {e:?}; retry {attempt} of {} in {wait:?}",
                         target.kind.noun(),
                         target.id,
-                        target.file.map(|f| format!(" file `{f}`")).unwrap_or_default(),
+                        target
+                            .file
+                            .map(|f| format!(" file `{f}`"))
+                            .unwrap_or_default(),
                         self.opts.retries
                     );
                     std::thread::sleep(wait);
@@ -923,7 +932,10 @@ mod tests {
         assert_eq!(o.token.as_deref(), Some("hf_env"));
         assert_eq!(o.endpoint, "http://127.0.0.1:9");
         assert!(o.offline);
-        assert!(!format!("{o:?}").contains("hf_env"), "the token is never printed");
+        assert!(
+            !format!("{o:?}").contains("hf_env"),
+            "the token is never printed"
+        );
         assert!(!opts(&[("HF_HUB_OFFLINE", "0")]).offline);
         let hub = Hub::new(o).with_token(Some("hf_flag".into()));
         assert_eq!(hub.options().token.as_deref(), Some("hf_flag"));

@@ -199,9 +199,15 @@ mod tests {
         let e = resolve_model("TinyOrg/tiny-llama", "main", &hub)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("model.safetensors") && e.contains("HF_HUB_OFFLINE"), "{e}");
+        assert!(
+            e.contains("model.safetensors") && e.contains("HF_HUB_OFFLINE"),
+            "{e}"
+        );
         std::fs::write(snap.join("model.safetensors"), "").unwrap();
-        assert_eq!(resolve_model("TinyOrg/tiny-llama", "main", &hub).unwrap(), snap);
+        assert_eq!(
+            resolve_model("TinyOrg/tiny-llama", "main", &hub).unwrap(),
+            snap
+        );
         let e = resolve_model("TinyOrg/tiny-llama", "v2", &hub)
             .unwrap_err()
             .to_string();
