@@ -39,6 +39,9 @@ pub struct FakeRepo {
     pub revisions: Vec<Revision>,
     /// Gated: downloads need exactly this token.
     pub token: Option<String>,
+    /// Former ids: requests to them get a relative 307 to this id, as the hub answers for
+    /// renamed repos (`nq_open` → `google-research-datasets/nq_open`).
+    pub old_ids: Vec<String>,
 }
 
 impl FakeRepo {
@@ -48,6 +51,7 @@ impl FakeRepo {
             id: id.to_string(),
             revisions: Vec::new(),
             token: None,
+            old_ids: Vec::new(),
         }
     }
 
@@ -59,6 +63,11 @@ impl FakeRepo {
             sha,
             files,
         });
+        self
+    }
+
+    pub fn renamed_from(mut self, old_id: &str) -> Self {
+        self.old_ids.push(old_id.to_string());
         self
     }
 
@@ -262,6 +271,7 @@ fn serve(stream: TcpStream, state: &Mutex<State>, endpoint: &str) -> std::io::Re
         200 => "OK",
         206 => "Partial Content",
         302 => "Found",
+        307 => "Temporary Redirect",
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
@@ -322,6 +332,10 @@ fn route(
         let Some((id, rev)) = rest.rsplit_once("/revision/") else {
             return Reply::new(404);
         };
+        if let Some(new_id) = renamed(st, kind, &unquote(id)) {
+            return Reply::new(307)
+                .header("Location", format!("/api/{kind}/{new_id}/revision/{rev}"));
+        }
         let (id, rev) = (unquote(id), unquote(rev));
         let Some(repo) = st.repos.iter().find(|r| r.kind == kind && r.id == id) else {
             return repo_not_found(auth.is_some());
@@ -356,6 +370,10 @@ fn route(
     let Some((id, rest)) = rest.split_once("/resolve/") else {
         return Reply::new(404);
     };
+    if let Some(new_id) = renamed(st, kind, &unquote(id)) {
+        let prefix = if kind == "datasets" { "/datasets" } else { "" };
+        return Reply::new(307).header("Location", format!("{prefix}/{new_id}/resolve/{rest}"));
+    }
     let (rev, file) = rest.split_once('/').unwrap_or((rest, ""));
     let (id, rev, file) = (unquote(id), unquote(rev), unquote(file));
     let Some(repo) = st
@@ -402,6 +420,13 @@ fn route(
     }
     let commit = revision.sha.clone();
     body_reply(st, method, &file, bytes, headers, Some(commit))
+}
+
+fn renamed(st: &State, kind: &str, id: &str) -> Option<String> {
+    st.repos
+        .iter()
+        .find(|r| r.kind == kind && r.old_ids.iter().any(|o| o == id))
+        .map(|r| r.id.clone())
 }
 
 fn repo_not_found(authenticated: bool) -> Reply {

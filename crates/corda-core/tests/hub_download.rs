@@ -392,7 +392,9 @@ fn files(pairs: &[(&str, Vec<u8>)]) -> BTreeMap<String, Vec<u8>> {
 fn registry_datasets_download_their_parquet_files_or_data_files() {
     let qa = read(&fixtures().join("data/qa.parquet"));
     let math = read(&fixtures().join("data/math.parquet"));
-    let nq = FakeRepo::new("datasets", "nq_open")
+    // nq_open moved to google-research-datasets/nq_open; the hub redirects the old id.
+    let nq = FakeRepo::new("datasets", "google-research-datasets/nq_open")
+        .renamed_from("nq_open")
         .revision(
             "main",
             files(&[
@@ -439,6 +441,11 @@ fn registry_datasets_download_their_parquet_files_or_data_files() {
     assert_eq!(
         rows,
         read_rows(&fixtures().join("data/qa.parquet")).unwrap()
+    );
+    assert!(
+        server.seen().iter().any(|s| s.status == 307),
+        "the renamed id was followed: {:?}",
+        server.seen()
     );
     let repo_dir = cache.path().join("datasets--nq_open");
     assert_eq!(

@@ -30,7 +30,8 @@ fn model_files() -> BTreeMap<String, Vec<u8>> {
 
 fn nq_open() -> FakeRepo {
     let qa = std::fs::read(fixtures().join("data/qa.parquet")).unwrap();
-    FakeRepo::new("datasets", "nq_open")
+    FakeRepo::new("datasets", "google-research-datasets/nq_open")
+        .renamed_from("nq_open")
         .revision("main", [("README.md".to_string(), b"card".to_vec())].into())
         .revision(
             "refs/convert/parquet",

@@ -307,7 +307,7 @@ impl Hub {
             file: None,
         };
         let answer = self.retrying(&target, || {
-            let resp = self.send("GET", &url, None)?;
+            let resp = self.send_following("GET", &url)?;
             resp.into_string()
                 .map_err(|e| Failure::Transport(format!("reading {url}: {e}")))
         });
@@ -627,6 +627,27 @@ impl Hub {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// A request that follows the hub's redirects (a renamed repo such as `nq_open` →
+    /// `google-research-datasets/nq_open` answers 307 with the new path).
+    fn send_following(
+        &self,
+        method: &str,
+        url: &str,
+    ) -> std::result::Result<ureq::Response, Failure> {
+        let mut url = url.to_string();
+        for _ in 0..10 {
+            let resp = self.send(method, &url, None)?;
+            if !(300..400).contains(&resp.status()) {
+                return Ok(resp);
+            }
+            let location = header(&resp, "location").ok_or_else(|| {
+                Failure::Transport(format!("{url} redirected without a Location"))
+            })?;
+            url = join_url(&url, &location);
+        }
+        Err(Failure::Transport(format!("{url}: too many redirects")))
     }
 
     /// One request. The token goes only to the hub's own host, never to a CDN it redirects to.
