@@ -41,6 +41,16 @@ fn nq_open() -> FakeRepo {
 
 /// Runs corda-preprocess with only the hub variables the test sets (none of the user's).
 fn preprocess(server: &HubServer, home: &Path, out: &Path, extra: &[&str]) -> Output {
+    preprocess_with(server, home, out, extra, &[])
+}
+
+fn preprocess_with(
+    server: &HubServer,
+    home: &Path,
+    out: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_corda-preprocess"));
     for var in [
         "HF_TOKEN",
@@ -63,7 +73,8 @@ fn preprocess(server: &HubServer, home: &Path, out: &Path, extra: &[&str]) -> Ou
         ])
         .arg(out)
         .args(["--calib_loader_size", "8", "--calib_max_length", "32"])
-        .args(extra);
+        .args(extra)
+        .envs(env.iter().copied());
     cmd.output().unwrap()
 }
 
@@ -97,25 +108,13 @@ fn hub_model_and_registry_dataset_from_an_empty_cache() {
 
     // Fully offline from the cache it filled: the same command, no request.
     server.clear_seen();
-    let mut offline = Command::new(env!("CARGO_BIN_EXE_corda-preprocess"));
-    offline
-        .env_remove("HF_TOKEN")
-        .env_remove("HF_HUB_CACHE")
-        .env("HF_HUB_OFFLINE", "1")
-        .env("HF_ENDPOINT", &server.endpoint)
-        .env("HF_HOME", home.path())
-        .args([
-            "--quiet",
-            "--r",
-            "8",
-            "--save_model",
-            "--overwrite",
-            "--save_path",
-        ])
-        .arg(&out)
-        .args(["--calib_loader_size", "8", "--calib_max_length", "32"])
-        .args(args);
-    let o = offline.output().unwrap();
+    let o = preprocess_with(
+        &server,
+        home.path(),
+        &out,
+        &args,
+        &[("HF_HUB_OFFLINE", "1")],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(server.seen().is_empty(), "{:?}", server.seen());
 }

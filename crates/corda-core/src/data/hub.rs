@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::data::files::{is_data_file, list_data_files, select_files, FileSelection};
-use crate::hub::{Hub, RepoCache, RepoKind};
+use crate::hub::{is_repo_id, Hub, RepoCache, RepoKind};
 use crate::{CordaError, Result};
 
 pub use crate::hub::{cache_root, cache_root_from};
@@ -20,22 +20,10 @@ pub const PARQUET_REVISION: &str = "refs/convert/parquet";
 
 /// Whether `text` has the shape of a hub dataset id (`name` or `owner/name`).
 pub fn looks_like_hub_id(text: &str) -> bool {
-    let valid = |part: &str| {
-        !part.is_empty()
-            && !part.starts_with(['.', '-'])
-            && part
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-    };
     let has_data_extension = [".json", ".jsonl", ".parquet", ".txt", ".gz"]
         .iter()
         .any(|ext| text.to_ascii_lowercase().ends_with(ext));
-    let mut parts = text.split('/');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(name), None, None) => valid(name) && !has_data_extension,
-        (Some(owner), Some(name), None) => valid(owner) && valid(name) && !has_data_extension,
-        _ => false,
-    }
+    !has_data_extension && is_repo_id(text, true)
 }
 
 /// The snapshot directory of dataset `id` in the cache at `cache_root` (revision `main`).

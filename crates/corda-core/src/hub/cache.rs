@@ -64,6 +64,22 @@ impl RepoKind {
     }
 }
 
+/// Whether `text` has the shape of a hub repo id: `owner/name`, or (with `owner_optional`,
+/// as for legacy datasets such as `nq_open`) a bare `name`.
+pub fn is_repo_id(text: &str, owner_optional: bool) -> bool {
+    let valid = |part: &str| {
+        !part.is_empty()
+            && !part.starts_with(['.', '-'])
+            && part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    match text.split_once('/') {
+        Some((owner, name)) => valid(owner) && valid(name),
+        None => owner_optional && valid(text),
+    }
+}
+
 /// Whether `rev` is a full commit sha (then it names a snapshot directly, with no ref).
 pub fn is_commit_sha(rev: &str) -> bool {
     rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit())

@@ -13,5 +13,5 @@
 pub mod cache;
 pub mod client;
 
-pub use cache::{cache_root, cache_root_from, is_commit_sha, RepoCache, RepoKind};
+pub use cache::{cache_root, cache_root_from, is_commit_sha, is_repo_id, RepoCache, RepoKind};
 pub use client::{Hub, HubOptions, RevisionInfo};

@@ -5,22 +5,13 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::hub::{Hub, RepoKind};
+use crate::hub::{is_repo_id, Hub, RepoKind};
+use crate::model::save::SUPPORT_FILES;
 use crate::model::weights::index_shards;
 use crate::{CordaError, Result};
 
 pub use crate::hub::{cache_root, cache_root_from};
 
-/// Small files fetched with a model when the repo has them (Python reuses them too).
-const SIDE_FILES: &[&str] = &[
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-];
 const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
 
@@ -85,14 +76,7 @@ fn resolve(id: &str, revision: &str, hub: &Hub, need: Need) -> Result<PathBuf> {
 
 /// Whether `id` has the shape of a hub model id (`owner/name`).
 pub fn looks_like_model_id(id: &str) -> bool {
-    let valid = |part: &str| {
-        !part.is_empty()
-            && !part.starts_with(['.', '-'])
-            && part
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-    };
-    matches!(id.split_once('/'), Some((owner, name)) if valid(owner) && valid(name))
+    is_repo_id(id, false)
 }
 
 /// What a cached snapshot still lacks: the config and every weight file for a model,
@@ -123,8 +107,10 @@ fn missing_files(snap: &Path, need: Need) -> Result<Vec<String>> {
 fn download_model(hub: &Hub, id: &str, revision: &str, need: Need) -> Result<PathBuf> {
     let info = hub.revision_info(RepoKind::Model, id, revision)?;
     let has = |file: &str| info.files.iter().any(|f| f == file);
-    let side: Vec<String> = SIDE_FILES
+    // The files a saved model directory carries besides its weights (Python reuses them too).
+    let side: Vec<String> = ["config.json"]
         .iter()
+        .chain(SUPPORT_FILES.iter())
         .filter(|f| has(f))
         .map(|f| f.to_string())
         .collect();
