@@ -33,7 +33,8 @@ pub struct HubOptions {
     pub token: Option<String>,
     /// `HF_HUB_OFFLINE`: never touch the network, use the cache only.
     pub offline: bool,
-    /// Per-file progress bars (hidden anyway when stderr is not a terminal).
+    /// Per-file progress bars (hidden anyway when stderr is not a terminal; off with
+    /// `HF_HUB_DISABLE_PROGRESS_BARS=1`, as in huggingface_hub).
     pub progress: bool,
     /// Further attempts after a failed request or a cut-off body.
     pub retries: u32,
@@ -87,15 +88,18 @@ impl HubOptions {
                     .map(|t| t.trim().to_string())
                     .filter(|t| !t.is_empty())
             });
-        let offline = text("HF_HUB_OFFLINE").is_some_and(|v| {
-            matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
-        });
+        let truthy = |key: &str| {
+            text(key).is_some_and(|v| {
+                matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+            })
+        };
+        let offline = truthy("HF_HUB_OFFLINE");
         HubOptions {
             endpoint,
             cache_dir: cache_root_from(&env),
             token,
             offline,
-            progress: true,
+            progress: !truthy("HF_HUB_DISABLE_PROGRESS_BARS"),
             retries: 5,
             retry_wait: Duration::from_millis(500),
         }
@@ -109,8 +113,6 @@ pub struct RevisionInfo {
     pub sha: String,
     /// Every file of the repo at that commit (paths relative to the repo root).
     pub files: Vec<String>,
-    /// Whether the repo asks users to accept terms before downloading.
-    pub gated: bool,
 }
 
 /// The hub client and cache writer. Cheap to clone.
@@ -216,9 +218,10 @@ impl Hub {
         self
     }
 
-    /// Shows or hides the per-file progress bars.
+    /// Hides the per-file progress bars when `progress` is false (e.g. `--quiet`); bars the
+    /// environment turned off stay off.
     pub fn with_progress(mut self, progress: bool) -> Self {
-        self.opts.progress = progress;
+        self.opts.progress &= progress;
         self
     }
 
@@ -347,12 +350,7 @@ impl Hub {
                     .collect()
             })
             .unwrap_or_default();
-        let gated = match value.get("gated") {
-            Some(serde_json::Value::Bool(b)) => *b,
-            Some(serde_json::Value::String(s)) => !s.is_empty(),
-            _ => false,
-        };
-        Ok(Some(RevisionInfo { sha, files, gated }))
+        Ok(Some(RevisionInfo { sha, files }))
     }
 
     /// Makes sure `files` of repo `id` at commit `sha` are in the cache (downloading those
@@ -958,6 +956,8 @@ mod tests {
             "the token is never printed"
         );
         assert!(!opts(&[("HF_HUB_OFFLINE", "0")]).offline);
+        assert!(o.progress);
+        assert!(!opts(&[("HF_HUB_DISABLE_PROGRESS_BARS", "1")]).progress);
         let hub = Hub::new(o).with_token(Some("hf_flag".into()));
         assert_eq!(hub.options().token.as_deref(), Some("hf_flag"));
     }
