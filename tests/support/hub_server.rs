@@ -109,6 +109,8 @@ struct State {
 
 pub struct HubServer {
     pub endpoint: String,
+    /// The "CDN" LFS files redirect to: another port, so another origin (tokens stay on the hub).
+    pub cdn: String,
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -119,27 +121,35 @@ impl HubServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
         listener.set_nonblocking(true).unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let cdn_listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
+        cdn_listener.set_nonblocking(true).unwrap();
+        let cdn = format!("http://{}", cdn_listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(State {
             repos,
             ..State::default()
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (state, stop, endpoint) = (state.clone(), stop.clone(), endpoint.clone());
+            let (state, stop, cdn) = (state.clone(), stop.clone(), cdn.clone());
             std::thread::spawn(move || {
                 let deadline = Instant::now() + Duration::from_secs(300);
                 while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let _ = serve(stream, &state, &endpoint);
+                    let mut idle = true;
+                    for l in [&listener, &cdn_listener] {
+                        if let Ok((stream, _)) = l.accept() {
+                            idle = false;
+                            let _ = serve(stream, &state, &cdn);
                         }
-                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                    if idle {
+                        std::thread::sleep(Duration::from_millis(2));
                     }
                 }
             })
         };
         HubServer {
             endpoint,
+            cdn,
             state,
             stop,
             thread: Some(thread),
@@ -237,7 +247,7 @@ impl Reply {
     }
 }
 
-fn serve(stream: TcpStream, state: &Mutex<State>, endpoint: &str) -> std::io::Result<()> {
+fn serve(stream: TcpStream, state: &Mutex<State>, cdn: &str) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -257,7 +267,7 @@ fn serve(stream: TcpStream, state: &Mutex<State>, endpoint: &str) -> std::io::Re
         }
     }
     let mut st = state.lock().unwrap();
-    let reply = route(&mut st, &method, &target, &headers, endpoint);
+    let reply = route(&mut st, &method, &target, &headers, cdn);
     st.seen.push(Seen {
         method: method.clone(),
         path: target.clone(),
@@ -305,7 +315,7 @@ fn route(
     method: &str,
     target: &str,
     headers: &BTreeMap<String, String>,
-    endpoint: &str,
+    cdn: &str,
 ) -> Reply {
     let auth = headers
         .get("authorization")
@@ -412,7 +422,7 @@ fn route(
     if is_lfs(&file) {
         let hash = sha256_hex(&bytes);
         return Reply::new(302)
-            .header("Location", format!("{endpoint}/cdn/{hash}"))
+            .header("Location", format!("{cdn}/cdn/{hash}"))
             .header("X-Repo-Commit", revision.sha.clone())
             .header("X-Linked-Etag", format!("\"{hash}\""))
             .header("X-Linked-Size", bytes.len().to_string())

@@ -245,9 +245,24 @@ fn gated_repo_needs_an_accepted_token() {
     )
     .unwrap();
     assert_eq!(read(&snap.join("config.json")), files["config.json"]);
+    // The token goes to the hub, never to the CDN its LFS redirects point at.
     let seen = server.seen();
-    let last = seen.last().unwrap();
-    assert_eq!(last.authorization.as_deref(), Some("Bearer hf_granted"));
+    let granted: Vec<_> = seen
+        .iter()
+        .filter(|s| s.authorization.as_deref() == Some("Bearer hf_granted"))
+        .collect();
+    assert!(
+        granted.iter().any(|s| s.path.contains("/resolve/")),
+        "{seen:?}"
+    );
+    let cdn: Vec<_> = seen
+        .iter()
+        .filter(|s| s.path.starts_with("/cdn/"))
+        .collect();
+    assert!(
+        !cdn.is_empty() && cdn.iter().all(|s| s.authorization.is_none()),
+        "{seen:?}"
+    );
 }
 
 #[test]

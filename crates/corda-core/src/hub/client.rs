@@ -486,7 +486,7 @@ impl Hub {
                     Failure::Transport(format!("{url} redirected without a Location"))
                 })?;
                 let next = join_url(&url, &location);
-                if location.starts_with('/') {
+                if host_of(&next) == host_of(&url) {
                     // A renamed repo: the hub itself answers at the new place.
                     url = next;
                     continue;
