@@ -188,6 +188,28 @@ impl Drop for HubServer {
     }
 }
 
+/// `program` pointed at this hub with `home` as `HF_HOME` (so the cache is `home/hub`), and
+/// none of the user's hub settings (token, cache, offline switch).
+pub fn hub_command(
+    program: &str,
+    server: &HubServer,
+    home: &std::path::Path,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    for var in [
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_TOKEN_PATH",
+        "HF_HUB_OFFLINE",
+        "HF_HUB_CACHE",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("HF_ENDPOINT", &server.endpoint)
+        .env("HF_HOME", home);
+    cmd
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

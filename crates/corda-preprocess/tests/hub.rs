@@ -6,9 +6,9 @@ mod hub_server;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-use hub_server::{FakeRepo, HubServer};
+use hub_server::{hub_command, FakeRepo, HubServer};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft-tiny-llama")
@@ -51,30 +51,19 @@ fn preprocess_with(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_corda-preprocess"));
-    for var in [
-        "HF_TOKEN",
-        "HUGGING_FACE_HUB_TOKEN",
-        "HF_TOKEN_PATH",
-        "HF_HUB_OFFLINE",
-        "HF_HUB_CACHE",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("HF_ENDPOINT", &server.endpoint)
-        .env("HF_HOME", home)
-        .args([
-            "--quiet",
-            "--r",
-            "8",
-            "--save_model",
-            "--overwrite",
-            "--save_path",
-        ])
-        .arg(out)
-        .args(["--calib_loader_size", "8", "--calib_max_length", "32"])
-        .args(extra)
-        .envs(env.iter().copied());
+    let mut cmd = hub_command(env!("CARGO_BIN_EXE_corda-preprocess"), server, home);
+    cmd.args([
+        "--quiet",
+        "--r",
+        "8",
+        "--save_model",
+        "--overwrite",
+        "--save_path",
+    ])
+    .arg(out)
+    .args(["--calib_loader_size", "8", "--calib_max_length", "32"])
+    .args(extra)
+    .envs(env.iter().copied());
     cmd.output().unwrap()
 }
 
