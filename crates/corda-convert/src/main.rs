@@ -10,7 +10,8 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use corda_core::adapter::{self, Adapter};
-use corda_core::model::{resolve_model_dir, TokenizerInfo};
+use corda_core::hub::Hub;
+use corda_core::model::{resolve_model, TokenizerInfo};
 use corda_core::util::{progress_bar, AtomicDir};
 
 /// The probe sentence `--verify` runs through both models by default.
@@ -67,9 +68,24 @@ struct Cli {
     #[arg(long, requires_all = ["base_model", "merged_path"], help_heading = "Merge")]
     merge: bool,
 
-    /// The original base model: a Hugging Face model directory or a cached hub id.
+    /// The original base model: a Hugging Face model directory or a hub id (downloaded when not
+    /// cached).
     #[arg(long = "base_model", value_name = "MODEL", help_heading = "Merge")]
     base_model: Option<String>,
+
+    /// Hub revision of --base_model: a branch, tag or commit sha.
+    #[arg(
+        long,
+        value_name = "REV",
+        default_value = "main",
+        help_heading = "Merge"
+    )]
+    revision: String,
+
+    /// Hugging Face token for gated or private repos [default: HF_TOKEN, else the token file of
+    /// `huggingface-cli login`].
+    #[arg(long, value_name = "TOKEN", help_heading = "Merge")]
+    token: Option<String>,
 
     /// Where --merge writes the merged model.
     #[arg(long = "merged_path", value_name = "DIR", help_heading = "Merge")]
@@ -155,9 +171,15 @@ fn run(cli: &Cli) -> Result<()> {
     let base_dir = cli
         .base_model
         .as_deref()
-        .map(resolve_model_dir)
+        .map(|id| {
+            let hub = Hub::from_env().with_token(cli.token.clone());
+            resolve_model(id, &cli.revision, &hub)
+        })
         .transpose()
         .context("resolving --base_model")?;
+    if cli.base_model.is_none() && (cli.revision != "main" || cli.token.is_some()) {
+        bail!("--revision and --token are for fetching --base_model from the hub; pass --base_model too");
+    }
     let inputs = [cli.initial_adapter.as_path(), cli.trained_adapter.as_path()];
 
     // Claim every output first, so a refusal comes before any work and nothing is half-written.

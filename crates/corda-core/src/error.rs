@@ -44,6 +44,9 @@ pub enum CordaError {
     /// An output directory that exists and is not empty, where replacing it was not allowed.
     #[error("{} already exists and is not empty; choose another path or allow replacing it", path.display())]
     OutputExists { path: PathBuf },
+    /// The Hugging Face hub: unreachable, gated, missing repo or file, failed download.
+    #[error("{0}")]
+    Hub(String),
     /// Invalid arguments or options.
     #[error("{0}")]
     Invalid(String),

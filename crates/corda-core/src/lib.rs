@@ -10,12 +10,14 @@
 //! - [`adapter`]: the PEFT adapter format and conversion to a plain LoRA.
 //! - [`train`]: optimizer, schedules, trainer and checkpoints.
 //! - [`layout`]: the names of every output directory and file.
+//! - [`hub`]: the Hugging Face hub cache and downloads (used by `model` and `data`).
 //! - [`util`]: atomic output directories, phase timing and memory reports.
 
 pub mod adapter;
 pub mod corda;
 pub mod data;
 pub mod error;
+pub mod hub;
 pub mod layout;
 pub mod model;
 pub mod train;

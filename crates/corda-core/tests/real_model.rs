@@ -33,7 +33,13 @@ fn samples(model: &Path, file: &str, template: &str) -> Vec<Vec<u32>> {
         seed: 233,
         sampling: CalibSampling::Rows,
     };
-    calibration_samples(&rows, &Template::parse(template).unwrap(), &tok.tokenizer, &opts).unwrap()
+    calibration_samples(
+        &rows,
+        &Template::parse(template).unwrap(),
+        &tok.tokenizer,
+        &opts,
+    )
+    .unwrap()
 }
 
 fn mat64(t: &Tensor) -> Mat<f64> {
@@ -59,7 +65,9 @@ fn reference(w: &Mat<f64>, c: &Mat<f64>, damp: f64, mode: CordaMode) -> Mat<f64>
         CordaMode::Kpm => k - RANK,
     };
     let s = svd.S().column_vector();
-    let u = Mat::from_fn(w.nrows(), RANK, |i, j| svd.V()[(i, start + j)] * s[start + j]);
+    let u = Mat::from_fn(w.nrows(), RANK, |i, j| {
+        svd.V()[(i, start + j)] * s[start + j]
+    });
     let vt = svd.U().subcols(start, RANK).transpose() * &inv;
     &u * &vt
 }
@@ -82,7 +90,11 @@ fn run(mode: CordaMode, test: &str) {
     let report = preprocess(&model, &s, &opts, Some(&out)).unwrap();
     assert_eq!(report.modules.len(), 210);
     assert!(report.modules.iter().all(|m| m.degenerate.is_none()));
-    assert!(report.max_error_estimate().unwrap() < 1e-6, "{:?}", report.max_error_estimate());
+    assert!(
+        report.max_error_estimate().unwrap() < 1e-6,
+        "{:?}",
+        report.max_error_estimate()
+    );
     println!(
         "{}: smallest kept singular value {:.1e} of its module's largest; {} of 210 modules ill-determined by the data",
         mode.as_str(),
@@ -105,8 +117,13 @@ fn run(mode: CordaMode, test: &str) {
                     chunk
                         .iter()
                         .map(|m| {
-                            let w = mat64(&base.get(&format!("{}.weight", m.name), None, &Device::Cpu).unwrap());
-                            let exact = reference(&w, &mat64(&covs[&m.name]), m.damp.unwrap(), mode);
+                            let w = mat64(
+                                &base
+                                    .get(&format!("{}.weight", m.name), None, &Device::Cpu)
+                                    .unwrap(),
+                            );
+                            let exact =
+                                reference(&w, &mat64(&covs[&m.name]), m.damp.unwrap(), mode);
                             let pair = &adapter.modules[&m.name];
                             let ba = &mat64(&pair.b) * &mat64(&pair.a) * faer::Scale(m.scaling);
                             (m.name.clone(), (&ba - &exact).norm_l2() / exact.norm_l2())
@@ -115,35 +132,61 @@ fn run(mode: CordaMode, test: &str) {
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     });
-    for proj in ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] {
+    for proj in [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ] {
         let worst = errors
             .iter()
             .filter(|(n, _)| n.ends_with(proj))
             .map(|(_, e)| *e)
             .fold(0.0, f64::max);
-        println!("{}: {proj:10} worst ‖s·B·A − exact‖/‖exact‖ = {worst:.2e}", mode.as_str());
+        println!(
+            "{}: {proj:10} worst ‖s·B·A − exact‖/‖exact‖ = {worst:.2e}",
+            mode.as_str()
+        );
     }
     for (name, e) in &errors {
-        assert!(*e < BOUND, "{name}: {e:e} from the float64 reference (bound {BOUND:e})");
+        assert!(
+            *e < BOUND,
+            "{name}: {e:e} from the float64 reference (bound {BOUND:e})"
+        );
     }
 
     // Residual + adapter reproduce the original model's logits.
-    let ids = Tensor::new(&s[0][..], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let ids = Tensor::new(&s[0][..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let original = CausalLM::load(&model, &LoadOptions::default()).unwrap();
     let expected = original.forward(&ids, None).unwrap();
     let mut residual = CausalLM::load(&out, &LoadOptions::default()).unwrap();
     adapter.attach_to(&mut residual).unwrap();
     let got = residual.forward(&ids, None).unwrap();
     let d = corda_core::util::tensor::max_abs_diff(&got, &expected).unwrap();
-    println!("{}: residual + adapter vs the model, max |Δ logit| {d:.1e}", mode.as_str());
+    println!(
+        "{}: residual + adapter vs the model, max |Δ logit| {d:.1e}",
+        mode.as_str()
+    );
     assert!(d < 1e-3, "logits differ by {d}");
 }
 
 #[test]
 fn kpm_on_the_real_model_is_exact_and_never_degenerate() {
-    run(CordaMode::Kpm, "kpm_on_the_real_model_is_exact_and_never_degenerate");
+    run(
+        CordaMode::Kpm,
+        "kpm_on_the_real_model_is_exact_and_never_degenerate",
+    );
 }
 
 #[test]

@@ -30,6 +30,8 @@ fn residual_without_tokenizer(root: &Path, base: Option<&Path>) -> PathBuf {
 fn spec(model: &Path, adapter: AdapterChoice) -> FineTuneSpec {
     FineTuneSpec {
         model_name_or_path: model.display().to_string(),
+        revision: "main".into(),
+        hub: corda_core::hub::Hub::from_env(),
         adapter,
         tokenizer_name_or_path: None,
         data_path: fixtures().join("data/math.jsonl").display().to_string(),

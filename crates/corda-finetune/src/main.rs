@@ -11,6 +11,7 @@ use candle_core::{DType, Device};
 use clap::Parser;
 use corda_cli::parse_device;
 use corda_core::data::Split;
+use corda_core::hub::Hub;
 use corda_core::train::{
     defaults, resolve_resume, AdapterChoice, FineTuneSpec, LossNormalization, OptimizerName,
     ResumeFrom, SaveStrategy, SchedulerType, TrainConfig,
@@ -47,6 +48,15 @@ struct Args {
     /// (the residual model, with the initial adapter in <dir>/corda_init).
     #[arg(long = "model_name_or_path", help_heading = "Model")]
     model_name_or_path: String,
+
+    /// Hub revision of --model_name_or_path: a branch, tag or commit sha.
+    #[arg(long, default_value = "main", help_heading = "Model")]
+    revision: String,
+
+    /// Hugging Face token for gated or private repos [default: HF_TOKEN, else the token file of
+    /// `huggingface-cli login`].
+    #[arg(long, value_name = "TOKEN", help_heading = "Model")]
+    token: Option<String>,
 
     /// Train the CorDA adapter in <model_name_or_path>/corda_init. With false, train a fresh
     /// plain LoRA of rank --lora_r on the unmodified model (the paper's baseline).
@@ -90,8 +100,8 @@ struct Args {
     device: String,
 
     // ---------------------------------------------------------------- data
-    /// Training data: a hub dataset id from the local cache (its parquet files), or a local
-    /// .parquet / .jsonl / .json file or directory.
+    /// Training data: a hub dataset id (from the local cache, else its parquet files are
+    /// downloaded), or a local .parquet / .jsonl / .json file or directory.
     #[arg(long = "data_path", help_heading = "Data")]
     data_path: String,
 
@@ -321,6 +331,10 @@ fn finetune_spec(a: &Args, device: Device) -> Result<FineTuneSpec> {
     };
     Ok(FineTuneSpec {
         model_name_or_path: a.model_name_or_path.clone(),
+        revision: a.revision.clone(),
+        hub: Hub::from_env()
+            .with_token(a.token.clone())
+            .with_progress(!a.disable_tqdm),
         adapter,
         tokenizer_name_or_path: a.tokenizer_name_or_path.clone(),
         data_path: a.data_path.clone(),

@@ -1,11 +1,15 @@
 //! The `corda-finetune` binary on the tiny fixture: a CorDA run and a plain-LoRA run write the
 //! expected outputs, and bad input fails with a clear message before any training.
 
+#[path = "../../../tests/support/hub_server.rs"]
+mod hub_server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use corda_core::layout::CORDA_INIT_DIR;
 use corda_testdata::peft_tiny_llama as fixtures;
+use hub_server::{hub_command, FakeRepo, HubServer};
 
 /// A corda-preprocess-like output directory: residual model + corda_init (+ tokenizer).
 fn corda_out(root: &Path) -> PathBuf {
@@ -284,6 +288,85 @@ fn config_file_with_command_line_override() {
         list_dirs(&ft).iter().all(|n| !n.starts_with("checkpoint-")),
         "save_strategy no"
     );
+}
+
+/// corda-finetune against the local hub `server`, with `home` as HF_HOME.
+fn hub_finetune(server: &HubServer, home: &Path, args: &[String], env: &[(&str, &str)]) -> Output {
+    hub_command(env!("CARGO_BIN_EXE_corda-finetune"), server, home)
+        .env("RUST_LOG", "warn")
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// `--data_path owner/name` from a hub: one training step on 8 rows.
+fn hub_args(model: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = base_args(
+        model.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "meta-math/MetaMathQA",
+        &[
+            "--dataset_split",
+            "train[:8]",
+            "--max_steps",
+            "1",
+            "--disable_tqdm",
+        ],
+    )
+    .into_iter()
+    .map(str::to_string)
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+#[test]
+fn data_path_hub_id_downloads_the_parquet_split_then_runs_offline() {
+    let math = std::fs::read(fixtures().join("data/math.parquet")).unwrap();
+    let server = HubServer::start(vec![FakeRepo::new("datasets", "meta-math/MetaMathQA")
+        .revision("main", [("README.md".to_string(), b"card".to_vec())].into())
+        .revision(
+            "refs/convert/parquet",
+            [("default/train/0000.parquet".to_string(), math)].into(),
+        )]);
+    let home = tempfile::tempdir().unwrap();
+    let model = corda_out(home.path());
+    let out = home.path().join("ft-online");
+    let o = hub_finetune(&server, home.path(), &hub_args(&model, &out, &[]), &[]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    assert!(out.join("ft/adapter_model.safetensors").is_file(), "{err}");
+    assert!(home
+        .path()
+        .join("hub/datasets--meta-math--MetaMathQA/refs/refs/convert/parquet")
+        .is_file());
+
+    server.clear_seen();
+    let out = home.path().join("ft-offline");
+    let o = hub_finetune(
+        &server,
+        home.path(),
+        &hub_args(&model, &out, &[]),
+        &[("HF_HUB_OFFLINE", "1")],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(server.seen().is_empty(), "{:?}", server.seen());
+
+    // --revision is for hub model ids; a local model directory with it is refused up front.
+    let out = home.path().join("ft-pinned");
+    let o = hub_finetune(
+        &server,
+        home.path(),
+        &hub_args(&model, &out, &["--revision", "v1"]),
+        &[],
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        !o.status.success() && err.contains("local directory"),
+        "{err}"
+    );
+    assert!(!out.join("ft").exists());
 }
 
 fn list_dirs(p: &Path) -> Vec<String> {

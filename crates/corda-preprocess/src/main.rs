@@ -11,8 +11,9 @@ use corda_core::corda::{
     preprocess, CordaMode, CovariancePrecision, PreprocessOptions, PreprocessReport, REPORT_FILE,
 };
 use corda_core::data::{calibration_samples, CalibOptions, CalibSampling, CalibrationSource};
+use corda_core::hub::Hub;
 use corda_core::layout::CORDA_INIT_DIR;
-use corda_core::model::{parse_dtype, resolve_model_dir, TokenizerInfo, TARGET_PROJECTIONS};
+use corda_core::model::{parse_dtype, resolve_model, TokenizerInfo, TARGET_PROJECTIONS};
 
 /// Build a CorDA adapter: covariance-oriented SVD of every target linear layer.
 ///
@@ -24,13 +25,19 @@ struct Args {
     /// YAML or TOML file whose keys are flag names; flags on the command line override it.
     #[arg(long, value_name = "FILE", help_heading = "Input")]
     config: Option<PathBuf>,
-    /// Model directory or Hugging Face hub id (read from the local cache).
+    /// Model directory or Hugging Face hub id (from the local cache, else downloaded into it).
     #[arg(
         long = "model_id",
         default_value = "meta-llama/Llama-2-7b-hf",
         help_heading = "Input"
     )]
     model_id: String,
+    /// Hub revision of --model_id: a branch, tag or commit sha.
+    #[arg(long, default_value = "main", help_heading = "Input")]
+    revision: String,
+    /// Hugging Face token for gated or private repos [default: HF_TOKEN, else the token file of `huggingface-cli login`].
+    #[arg(long, value_name = "TOKEN", help_heading = "Input")]
+    token: Option<String>,
     /// Storage and output dtype: auto (the model's), float32, float16, bfloat16.
     #[arg(long, default_value = "auto", help_heading = "Input")]
     dtype: String,
@@ -45,7 +52,7 @@ struct Args {
         help_heading = "Calibration"
     )]
     calib_dataset: String,
-    /// Data files to read for a registry dataset instead of the Hugging Face cache.
+    /// Data files to read for a registry dataset instead of its hub files.
     #[arg(long = "calib_data_files", num_args = 1.., help_heading = "Calibration")]
     calib_data_files: Vec<PathBuf>,
     /// Number of calibration samples.
@@ -207,7 +214,10 @@ fn run(args: Args) -> Result<()> {
             );
         }
     }
-    let model_dir = resolve_model_dir(&args.model_id)?;
+    let hub = Hub::from_env()
+        .with_token(args.token.clone())
+        .with_progress(!args.quiet);
+    let model_dir = resolve_model(&args.model_id, &args.revision, &hub)?;
     let device = parse_device(&args.device).context("--device")?;
     let dtype = match args.dtype.as_str() {
         "auto" => None,
@@ -254,7 +264,7 @@ fn run(args: Args) -> Result<()> {
             template: args.calib_template.clone(),
             sampling: args.calib_sampling,
         };
-        let calib = source.load().context("--calib_dataset")?;
+        let calib = source.load_with(&hub).context("--calib_dataset")?;
         let copts = CalibOptions {
             n: args.calib_loader_size,
             max_length: args.calib_max_length,

@@ -10,6 +10,7 @@ use super::calibration::CalibSampling;
 use super::registry::lookup;
 use super::source::read_rows;
 use super::template::Template;
+use crate::hub::Hub;
 use crate::{CordaError, Result};
 
 /// A calibration dataset as the user names it.
@@ -18,7 +19,7 @@ pub struct CalibrationSource {
     /// A registry name (`configs/datasets.toml`) or a local .parquet / .jsonl / .json file or
     /// directory. An existing path wins over a registry name.
     pub dataset: String,
-    /// For a registry dataset: read these files instead of the hub cache.
+    /// For a registry dataset: read these files instead of its hub files.
     pub data_files: Vec<PathBuf>,
     /// Overrides the registry's template (a local file defaults to `{text}`).
     pub template: Option<String>,
@@ -35,8 +36,15 @@ pub struct CalibrationRows {
 }
 
 impl CalibrationSource {
-    /// Read the rows and settle the template and the sampling.
+    /// Read the rows and settle the template and the sampling (hub settings from the
+    /// environment).
     pub fn load(&self) -> Result<CalibrationRows> {
+        self.load_with(&Hub::from_env())
+    }
+
+    /// [`Self::load`] with explicit hub settings: a registry dataset not in the cache is
+    /// downloaded through `hub`.
+    pub fn load_with(&self, hub: &Hub) -> Result<CalibrationRows> {
         let path = Path::new(&self.dataset);
         if path.exists() {
             return Ok(CalibrationRows {
@@ -52,7 +60,7 @@ impl CalibrationSource {
             ))
         })?;
         let rows = if self.data_files.is_empty() {
-            entry.load_rows()?
+            entry.load_rows_from(&entry.source().hub(hub.clone()))?
         } else {
             let mut rows = vec![];
             for f in &self.data_files {

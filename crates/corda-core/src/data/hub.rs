@@ -1,36 +1,29 @@
-//! Hugging Face hub dataset ids resolved through the local cache only.
+//! Hugging Face hub datasets: read from the local cache when it holds the wanted config and
+//! split, else (unless `HF_HUB_OFFLINE` is set) downloaded into it.
 //!
-//! Preprocessing often runs on machines without network, and a silent download of gigabytes
-//! would be worse than an error, so we only read what `huggingface-cli download` (or
-//! `datasets`) already put in the cache: `datasets--{owner}--{name}/refs/main` holds a commit
-//! sha and `snapshots/<sha>/` the files. hf-hub 0.5's `Cache::from_env` ignores
-//! `HF_HUB_CACHE`, and it cannot list a snapshot, so this is a small resolver of our own over the
-//! cache root that model ids use too ([`crate::model::hub::cache_root`]).
+//! Two cached revisions are searched: `main` (what `huggingface-cli download --repo-type
+//! dataset` fetches) and `refs/convert/parquet`, the hub's parquet conversion of every dataset
+//! (`<config>/<split>/0000.parquet`), which is what we download: it exists for script-based
+//! datasets too and is laid out by config and split. Datasets without a conversion, and
+//! explicit data files (c4's `en/c4-train.00000-of-01024.json.gz`), come from `main`.
 
 use std::path::{Path, PathBuf};
 
+use crate::data::files::{is_data_file, list_data_files, select_files, FileSelection};
+use crate::hub::{is_repo_id, Hub, RepoCache, RepoKind};
 use crate::{CordaError, Result};
 
-pub use crate::model::hub::{cache_root, cache_root_from};
+pub use crate::hub::{cache_root, cache_root_from};
+
+/// The branch where the hub keeps its parquet conversion of a dataset.
+pub const PARQUET_REVISION: &str = "refs/convert/parquet";
 
 /// Whether `text` has the shape of a hub dataset id (`name` or `owner/name`).
 pub fn looks_like_hub_id(text: &str) -> bool {
-    let valid = |part: &str| {
-        !part.is_empty()
-            && !part.starts_with(['.', '-'])
-            && part
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-    };
     let has_data_extension = [".json", ".jsonl", ".parquet", ".txt", ".gz"]
         .iter()
         .any(|ext| text.to_ascii_lowercase().ends_with(ext));
-    let mut parts = text.split('/');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(name), None, None) => valid(name) && !has_data_extension,
-        (Some(owner), Some(name), None) => valid(owner) && valid(name) && !has_data_extension,
-        _ => false,
-    }
+    !has_data_extension && is_repo_id(text, true)
 }
 
 /// The snapshot directory of dataset `id` in the cache at `cache_root` (revision `main`).
@@ -38,7 +31,8 @@ pub fn looks_like_hub_id(text: &str) -> bool {
 /// If `refs/main` is missing but the cache holds exactly one snapshot (a download pinned to a
 /// revision), that snapshot is used.
 pub fn resolve_snapshot(cache_root: &Path, id: &str) -> Result<PathBuf> {
-    let repo_dir = cache_root.join(format!("datasets--{}", id.replace('/', "--")));
+    let cache = RepoCache::new(cache_root, RepoKind::Dataset, id);
+    let repo_dir = cache.dir();
     let not_cached = || {
         CordaError::Data(format!(
             "dataset `{id}` is not in the local Hugging Face cache (looked for {}); download it \
@@ -51,12 +45,10 @@ pub fn resolve_snapshot(cache_root: &Path, id: &str) -> Result<PathBuf> {
     if !repo_dir.is_dir() {
         return Err(not_cached());
     }
-    let snapshots = repo_dir.join("snapshots");
-    let ref_file = repo_dir.join("refs").join("main");
-    let sha = match std::fs::read_to_string(&ref_file) {
-        Ok(text) => text.trim().to_string(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut found = list_dirs(&snapshots)?;
+    let sha = match cache.commit_of("main")? {
+        Some(sha) => sha,
+        None => {
+            let mut found = cache.snapshots()?;
             match found.len() {
                 0 => return Err(not_cached()),
                 1 => found.remove(0),
@@ -69,16 +61,8 @@ pub fn resolve_snapshot(cache_root: &Path, id: &str) -> Result<PathBuf> {
                 }
             }
         }
-        Err(e) => return Err(CordaError::io(ref_file, e)),
     };
-    if sha.is_empty() || sha.contains(['/', '\\']) || sha.starts_with('.') {
-        return Err(CordaError::Data(format!(
-            "{} does not hold a commit id; re-download the dataset with `huggingface-cli \
-             download --repo-type dataset {id}`",
-            ref_file.display()
-        )));
-    }
-    let snapshot = snapshots.join(&sha);
+    let snapshot = cache.snapshot_dir(&sha);
     if !snapshot.is_dir() {
         return Err(CordaError::Data(format!(
             "the cache entry of dataset `{id}` is incomplete ({} is missing); re-download it \
@@ -89,49 +73,80 @@ pub fn resolve_snapshot(cache_root: &Path, id: &str) -> Result<PathBuf> {
     Ok(snapshot)
 }
 
-fn list_dirs(dir: &Path) -> Result<Vec<String>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(CordaError::io(dir, e)),
-    };
-    let mut names = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| CordaError::io(dir, e))?;
-        if entry.path().is_dir() {
-            names.extend(entry.file_name().to_str().map(str::to_string));
+/// The files of hub dataset `id` that `sel` picks, from the cache if a cached snapshot has
+/// them, else downloaded (the parquet conversion, or `main` for explicit files and datasets
+/// the hub has not converted).
+pub fn dataset_files(hub: &Hub, id: &str, sel: &FileSelection<'_>) -> Result<Vec<PathBuf>> {
+    let what = format!("hub dataset `{id}`");
+    let cache = hub.repo_cache(RepoKind::Dataset, id)?;
+    let mut snapshots = Vec::new();
+    if cache.dir().is_dir() {
+        match resolve_snapshot(hub.cache_root()?, id) {
+            Ok(snap) => snapshots.push(snap),
+            Err(CordaError::Data(_)) => {}
+            Err(e) => return Err(e),
+        }
+        if sel.data_files.is_empty() {
+            snapshots.extend(cache.snapshot(PARQUET_REVISION)?);
         }
     }
-    names.sort();
-    Ok(names)
+    let mut cached_error = None;
+    for snap in snapshots {
+        let all = list_data_files(&snap)?;
+        if all.is_empty() {
+            continue;
+        }
+        match select_files(&all, sel, &what) {
+            Ok(files) => return Ok(files.into_iter().map(|f| snap.join(f)).collect()),
+            Err(e) => cached_error = cached_error.or(Some(e)),
+        }
+    }
+    if hub.offline() {
+        return Err(cached_error
+            .unwrap_or_else(|| hub.offline_error(RepoKind::Dataset, id, "the data files")));
+    }
+    let converted = if sel.data_files.is_empty() {
+        hub.revision_info_if_exists(RepoKind::Dataset, id, PARQUET_REVISION)?
+            .map(|info| (PARQUET_REVISION, info))
+    } else {
+        None
+    };
+    let (revision, info) = match converted {
+        Some(found) => found,
+        None => ("main", hub.revision_info(RepoKind::Dataset, id, "main")?),
+    };
+    let mut listed: Vec<PathBuf> = info
+        .files
+        .iter()
+        .map(PathBuf::from)
+        .filter(|f| is_data_file(f) && !hidden(f))
+        .collect();
+    listed.sort();
+    let what = format!(
+        "{what} (revision `{revision}` on {})",
+        hub.options().endpoint
+    );
+    let picked = select_files(&listed, sel, &what)?;
+    let names: Vec<String> = picked
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let snap = hub.download(RepoKind::Dataset, id, revision, &info.sha, &names)?;
+    Ok(picked.into_iter().map(|f| snap.join(f)).collect())
+}
+
+/// Files [`list_data_files`] would skip on disk (`.` or `_` in front of a path component).
+fn hidden(path: &Path) -> bool {
+    path.components().any(|c| {
+        c.as_os_str()
+            .to_str()
+            .is_some_and(|s| s.starts_with(['.', '_']))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::ffi::OsString;
-
-    fn root_with(pairs: &[(&str, &str)]) -> Option<PathBuf> {
-        cache_root_from(|key| {
-            pairs
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| OsString::from(v))
-        })
-    }
-
-    #[test]
-    fn cache_root_follows_the_hf_variables() {
-        let all = [("HF_HUB_CACHE", "/c"), ("HF_HOME", "/h"), ("HOME", "/u")];
-        assert_eq!(root_with(&all), Some(PathBuf::from("/c")));
-        let no_cache = [("HF_HUB_CACHE", ""), ("HF_HOME", "/h"), ("HOME", "/u")];
-        assert_eq!(root_with(&no_cache), Some(PathBuf::from("/h/hub")));
-        assert_eq!(
-            root_with(&[("HOME", "/u")]),
-            Some(PathBuf::from("/u/.cache/huggingface/hub"))
-        );
-        assert_eq!(root_with(&[]), None);
-    }
 
     #[test]
     fn hub_id_shapes() {

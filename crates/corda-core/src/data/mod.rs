@@ -7,7 +7,8 @@
 //! - fine-tuning: [`load_rows`] with a [`Split`] such as `train[:100000]` →
 //!   [`build_sft_examples`] → [`collate`] → [`SftBatch::to_tensors`].
 //!
-//! Everything is offline: hub ids resolve through the local Hugging Face cache only.
+//! Hub dataset ids are read from the local Hugging Face cache, or downloaded into it
+//! ([`hub`]; nothing is fetched when `HF_HUB_OFFLINE` is set).
 
 pub mod calib_source;
 pub mod calibration;

@@ -42,7 +42,7 @@ pub struct RegistryEntry {
     pub name: String,
     #[serde(default)]
     pub aliases: Vec<String>,
-    /// Hugging Face dataset id, read from the local cache.
+    /// Hugging Face dataset id (from the local cache, else downloaded).
     pub hub: String,
     pub config: Option<String>,
     /// Explicit data files, relative to the dataset repo.
@@ -131,7 +131,8 @@ impl RegistryEntry {
         self.filter_rows(rows)
     }
 
-    /// Loads the entry's rows from the local Hugging Face cache and applies the filter.
+    /// Loads the entry's rows (from the Hugging Face cache, else downloaded; settings from the
+    /// environment) and applies the filter.
     pub fn load_rows(&self) -> Result<Vec<Value>> {
         self.load_rows_from(&self.source())
     }

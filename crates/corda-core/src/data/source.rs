@@ -1,9 +1,10 @@
 //! Tables of rows from local files, directories or cached hub datasets.
 //!
-//! The reference scripts call `load_dataset(name_or_path, split=...)`; this is the offline
-//! counterpart. A source is a `.jsonl`, `.json`, `.parquet` or `.txt` file, a directory of
-//! such files (a local copy of a dataset repo), or a hub id resolved in the local cache.
-//! Rows are JSON objects whatever the file format, so templates see one shape.
+//! The reference scripts call `load_dataset(name_or_path, split=...)`; this is the counterpart.
+//! A source is a `.jsonl`, `.json`, `.parquet` or `.txt` file (optionally `.gz`), a directory
+//! of such files (a local copy of a dataset repo), or a hub id: read from the local cache, or
+//! downloaded into it (see [`crate::data::hub`]). Rows are JSON objects whatever the file
+//! format, so templates see one shape.
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,7 @@ use crate::data::files::{list_data_files, select_files, FileSelection};
 use crate::data::hub;
 use crate::data::parquet::read_parquet;
 use crate::data::split::Split;
+use crate::hub::{Hub, HubOptions};
 use crate::{CordaError, Result};
 
 /// Where rows come from, and which of its files to read.
@@ -21,16 +23,7 @@ pub struct RowSource {
     source: String,
     config: Option<String>,
     data_files: Vec<String>,
-    cache_root: Option<PathBuf>,
-}
-
-/// A source resolved to files on disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ResolvedSource {
-    /// One local file; it is the `train` split.
-    File(PathBuf),
-    /// A directory: a local dataset copy or a hub snapshot.
-    Dir { root: PathBuf, what: String },
+    hub: Option<Hub>,
 }
 
 impl RowSource {
@@ -40,7 +33,7 @@ impl RowSource {
             source: source.into(),
             config: None,
             data_files: Vec::new(),
-            cache_root: None,
+            hub: None,
         }
     }
 
@@ -57,23 +50,48 @@ impl RowSource {
         self
     }
 
-    /// Uses this hub cache directory instead of the one named by the environment.
-    pub fn cache_root(mut self, root: impl Into<PathBuf>) -> Self {
-        self.cache_root = Some(root.into());
+    /// Reaches the hub with these settings (token, endpoint, cache) instead of the
+    /// environment's.
+    pub fn hub(mut self, hub: Hub) -> Self {
+        self.hub = Some(hub);
         self
     }
 
-    /// Finds the file or directory behind the source without reading it.
-    pub fn resolve(&self) -> Result<ResolvedSource> {
+    /// Reads hub datasets from this cache directory only, never downloading (for prepared
+    /// caches and tests).
+    pub fn cache_root(mut self, root: impl Into<PathBuf>) -> Self {
+        let mut opts = HubOptions::from_env_fn(|_| None);
+        opts.offline = true;
+        self.hub = Some(Hub::new(opts).with_cache_dir(root));
+        self
+    }
+
+    /// The files that make up `split_name`, in reading order (downloading a hub dataset's
+    /// files when the cache lacks them).
+    pub fn files(&self, split_name: &str) -> Result<Vec<PathBuf>> {
         let path = Path::new(&self.source);
+        let sel = FileSelection {
+            config: self.config.as_deref(),
+            split: split_name,
+            data_files: &self.data_files,
+        };
         if path.is_file() {
-            return Ok(ResolvedSource::File(path.to_path_buf()));
+            if split_name != "train" {
+                return Err(CordaError::Data(format!(
+                    "{} is a single file, which `datasets` loads as the `train` split, not \
+                     `{split_name}`; use `train[...]` or a directory with {split_name} files",
+                    path.display()
+                )));
+            }
+            return Ok(vec![path.to_path_buf()]);
         }
         if path.is_dir() {
-            return Ok(ResolvedSource::Dir {
-                root: path.to_path_buf(),
-                what: format!("directory {}", path.display()),
-            });
+            let all = list_data_files(path)?;
+            let what = format!("directory {}", path.display());
+            return Ok(select_files(&all, &sel, &what)?
+                .into_iter()
+                .map(|f| path.join(f))
+                .collect());
         }
         if !hub::looks_like_hub_id(&self.source) {
             return Err(CordaError::Data(format!(
@@ -82,48 +100,9 @@ impl RowSource {
                 self.source
             )));
         }
-        let root = match &self.cache_root {
-            Some(root) => root.clone(),
-            None => hub::cache_root().ok_or_else(|| {
-                CordaError::Data(format!(
-                    "cannot locate the Hugging Face cache for dataset `{}` (HF_HUB_CACHE, \
-                     HF_HOME and HOME are unset); set HF_HUB_CACHE or pass a local file",
-                    self.source
-                ))
-            })?,
-        };
-        let snapshot = hub::resolve_snapshot(&root, &self.source)?;
-        Ok(ResolvedSource::Dir {
-            root: snapshot,
-            what: format!("hub dataset `{}`", self.source),
-        })
-    }
-
-    /// The files that make up `split_name`, in reading order.
-    pub fn files(&self, split_name: &str) -> Result<Vec<PathBuf>> {
-        match self.resolve()? {
-            ResolvedSource::File(path) => {
-                if split_name != "train" {
-                    return Err(CordaError::Data(format!(
-                        "{} is a single file, which `datasets` loads as the `train` split, not \
-                         `{split_name}`; use `train[...]` or a directory with {split_name} files",
-                        path.display()
-                    )));
-                }
-                Ok(vec![path])
-            }
-            ResolvedSource::Dir { root, what } => {
-                let all = list_data_files(&root)?;
-                let sel = FileSelection {
-                    config: self.config.as_deref(),
-                    split: split_name,
-                    data_files: &self.data_files,
-                };
-                Ok(select_files(&all, &sel, &what)?
-                    .into_iter()
-                    .map(|f| root.join(f))
-                    .collect())
-            }
+        match &self.hub {
+            Some(h) => hub::dataset_files(h, &self.source, &sel),
+            None => hub::dataset_files(&Hub::from_env(), &self.source, &sel),
         }
     }
 
@@ -147,24 +126,30 @@ impl RowSource {
     }
 }
 
-/// Loads the rows of `split` (e.g. `train[:1000]`) from a local file, a directory or a cached
-/// hub dataset, optionally restricted to one config.
+/// Loads the rows of `split` (e.g. `train[:1000]`) from a local file, a directory or a hub
+/// dataset, optionally restricted to one config.
 pub fn load_rows(source: &str, split: &Split, config: Option<&str>) -> Result<Vec<Value>> {
     RowSource::new(source).config(config).load(split)
 }
 
-/// Reads one data file by its extension.
+/// Reads one data file by its extension; `.gz` files (c4's `.json.gz` shards) are
+/// decompressed on the way in and read by the extension before `.gz`.
 pub fn read_rows(path: &Path) -> Result<Vec<Value>> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
+    let lower = path
+        .file_name()
+        .and_then(|n| n.to_str())
         .map(str::to_ascii_lowercase)
         .unwrap_or_default();
-    match ext.as_str() {
-        "parquet" => read_parquet(path),
-        "jsonl" | "ndjson" => read_jsonl(path, &read_text(path)?),
-        "json" => read_json(path, &read_text(path)?),
-        "txt" => Ok(read_text(path)?
+    let (inner, gzipped) = match lower.strip_suffix(".gz") {
+        Some(stem) => (stem, true),
+        None => (lower.as_str(), false),
+    };
+    let ext = inner.rsplit_once('.').map(|(_, e)| e).unwrap_or_default();
+    match ext {
+        "parquet" if !gzipped => read_parquet(path),
+        "jsonl" | "ndjson" => read_jsonl(path, &read_text(path, gzipped)?),
+        "json" => read_json(path, &read_text(path, gzipped)?),
+        "txt" => Ok(read_text(path, gzipped)?
             .lines()
             .map(|line| {
                 let mut obj = Map::new();
@@ -172,20 +157,36 @@ pub fn read_rows(path: &Path) -> Result<Vec<Value>> {
                 Value::Object(obj)
             })
             .collect()),
-        "gz" | "bz2" | "xz" | "zst" | "zip" => Err(CordaError::Data(format!(
-            "{}: compressed data files are not supported; decompress it (e.g. `gunzip -k`) and \
-             pass the decompressed file",
-            path.display()
-        ))),
+        _ if gzipped || matches!(ext, "bz2" | "xz" | "zst" | "zip") => {
+            Err(CordaError::Data(format!(
+                "{}: this compressed data file is not supported (only .jsonl/.json/.txt may be \
+                 gzip-compressed); decompress it and pass the decompressed file",
+                path.display()
+            )))
+        }
         _ => Err(CordaError::Data(format!(
-            "{}: unknown data file type; use .jsonl, .json, .parquet or .txt",
+            "{}: unknown data file type; use .jsonl, .json, .parquet or .txt (optionally .gz)",
             path.display()
         ))),
     }
 }
 
-fn read_text(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| CordaError::io(path, e))?;
+fn read_text(path: &Path, gzipped: bool) -> Result<String> {
+    let bytes = if gzipped {
+        let file = std::fs::File::open(path).map_err(|e| CordaError::io(path, e))?;
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(file), &mut out)
+            .map_err(|e| {
+                CordaError::Data(format!(
+                    "{}: not a readable gzip file ({e}); the download may be damaged, delete it \
+                     and fetch it again",
+                    path.display()
+                ))
+            })?;
+        out
+    } else {
+        std::fs::read(path).map_err(|e| CordaError::io(path, e))?
+    };
     String::from_utf8(bytes).map_err(|e| {
         CordaError::Data(format!(
             "{}: not UTF-8 text (invalid byte at offset {}); convert the file to UTF-8",
@@ -338,10 +339,36 @@ mod tests {
         );
         let two = write(d, "two.json", r#"{"x": [{"a": 1}], "y": [{"a": 2}]}"#);
         assert!(read_rows(&two).unwrap_err().to_string().contains("x, y"));
-        let gz = write(d, "c4-train.json.gz", "");
-        assert!(read_rows(&gz).unwrap_err().to_string().contains("gunzip"));
+        let bz = write(d, "c4-train.json.bz2", "");
+        assert!(read_rows(&bz)
+            .unwrap_err()
+            .to_string()
+            .contains("decompress"));
+        let fake_gz = write(d, "c4-train.json.gz", "plain");
+        assert!(read_rows(&fake_gz)
+            .unwrap_err()
+            .to_string()
+            .contains("gzip"));
         let broken = write(d, "broken.json", "[{\"a\": 1},");
         assert!(matches!(read_rows(&broken), Err(CordaError::Json { .. })));
+    }
+
+    #[test]
+    fn gzipped_json_lines_are_read() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c4-train.00000-of-01024.json.gz");
+        let mut gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(&path).unwrap(),
+            flate2::Compression::default(),
+        );
+        gz.write_all(b"{\"text\": \"a\"}\n{\"text\": \"b\"}\n")
+            .unwrap();
+        gz.finish().unwrap();
+        assert_eq!(
+            read_rows(&path).unwrap(),
+            vec![json!({"text": "a"}), json!({"text": "b"})]
+        );
     }
 
     #[test]

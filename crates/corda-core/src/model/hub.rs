@@ -1,82 +1,214 @@
-//! `--model_id`: a local directory, or a Hugging Face hub id resolved in the local cache
-//! (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`). We never download:
-//! the error says how to fetch the model.
+//! `--model_id`: a local directory, or a Hugging Face hub id. A hub model whose config and
+//! weights are all in the cache (`HF_HUB_CACHE`, `HF_HOME/hub`, `~/.cache/huggingface/hub`) is
+//! used from there without contacting the hub; otherwise, unless `HF_HUB_OFFLINE` is set, its
+//! config, tokenizer, generation config and safetensors weights are downloaded into the cache.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use crate::hub::{is_repo_id, Hub, RepoKind};
+use crate::model::save::SUPPORT_FILES;
+use crate::model::weights::index_shards;
 use crate::{CordaError, Result};
 
-/// The hub cache directory, as huggingface_hub finds it: `$HF_HUB_CACHE`, else `$HF_HOME/hub`,
-/// else `~/.cache/huggingface/hub` (empty variables count as unset). Models and datasets share it.
-pub fn cache_root() -> Option<PathBuf> {
-    cache_root_from(|key| std::env::var_os(key))
-}
+pub use crate::hub::{cache_root, cache_root_from};
 
-/// [`cache_root`] with the environment given as a lookup function (testable without touching
-/// the process environment).
-pub fn cache_root_from(env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
-    let non_empty = |k: &str| env(k).filter(|v| !v.is_empty());
-    if let Some(dir) = non_empty("HF_HUB_CACHE") {
-        return Some(PathBuf::from(dir));
-    }
-    if let Some(home) = non_empty("HF_HOME") {
-        return Some(PathBuf::from(home).join("hub"));
-    }
-    non_empty("HOME").map(|home| PathBuf::from(home).join(".cache/huggingface/hub"))
-}
+const INDEX: &str = "model.safetensors.index.json";
+const SINGLE: &str = "model.safetensors";
 
-/// Resolve a local directory or a cached hub model id to a model directory.
+/// Resolve a local directory or a hub model id (revision `main`, settings from the
+/// environment) to a model directory, downloading what the cache lacks.
 pub fn resolve_model_dir(id: &str) -> Result<PathBuf> {
-    let root = cache_root().unwrap_or_else(|| PathBuf::from(".cache/huggingface/hub"));
-    resolve_in(id, &root)
+    resolve_model(id, "main", &Hub::from_env())
 }
 
-/// [`resolve_model_dir`] with an explicit cache root (testable without touching the environment).
-pub fn resolve_in(id: &str, cache_root: &Path) -> Result<PathBuf> {
+/// [`resolve_model_dir`] at `revision` (a branch, tag or commit) with explicit hub settings.
+pub fn resolve_model(id: &str, revision: &str, hub: &Hub) -> Result<PathBuf> {
+    resolve(id, revision, hub, Need::Model)
+}
+
+/// The config and tokenizer files of a local directory or hub model, without its weights
+/// (a tokenizer taken from the base model should not cost a download of the whole model).
+pub fn resolve_tokenizer(id: &str, revision: &str, hub: &Hub) -> Result<PathBuf> {
+    resolve(id, revision, hub, Need::Tokenizer)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    Model,
+    Tokenizer,
+}
+
+fn resolve(id: &str, revision: &str, hub: &Hub, need: Need) -> Result<PathBuf> {
     let local = Path::new(id);
     if local.is_dir() {
+        if revision != "main" {
+            return Err(CordaError::Invalid(format!(
+                "--revision `{revision}` selects a version of a hub model, but `{id}` is a local \
+                 directory; drop --revision or pass the hub id"
+            )));
+        }
         return Ok(local.to_path_buf());
     }
-    let looks_like_hub_id =
-        id.split('/').count() == 2 && !id.starts_with('.') && !id.starts_with('/');
-    if !looks_like_hub_id {
+    if !looks_like_model_id(id) {
         return Err(CordaError::Model(format!(
             "model directory `{id}` does not exist; pass a Hugging Face model directory or a hub id such as meta-llama/Llama-2-7b-hf"
         )));
     }
-    let cache = hf_hub::Cache::new(cache_root.to_path_buf());
-    let repo = cache.model(id.to_string());
-    match repo.get("config.json") {
-        Some(cfg) => Ok(cfg.parent().map(Path::to_path_buf).unwrap_or_default()),
-        None => Err(CordaError::Model(format!(
-            "`{id}` is neither a local directory nor in the Hugging Face cache at {}; download it first (`huggingface-cli download {id}`) or pass its local directory",
-            cache_root.display()
-        ))),
+    let cache = hub.repo_cache(RepoKind::Model, id)?;
+    let cached = cache.snapshot(revision)?;
+    if let Some(snap) = &cached {
+        if missing_files(snap, need)?.is_empty() {
+            return Ok(snap.clone());
+        }
     }
+    if hub.offline() {
+        let what = match &cached {
+            Some(snap) => format!(
+                "{} at revision `{revision}`",
+                missing_files(snap, need)?.join(", ")
+            ),
+            None => format!("revision `{revision}`"),
+        };
+        return Err(hub.offline_error(RepoKind::Model, id, &what));
+    }
+    download_model(hub, id, revision, need)
+}
+
+/// Whether `id` has the shape of a hub model id (`owner/name`).
+pub fn looks_like_model_id(id: &str) -> bool {
+    is_repo_id(id, false)
+}
+
+/// What a cached snapshot still lacks: the config and every weight file for a model,
+/// tokenizer.json for a tokenizer.
+fn missing_files(snap: &Path, need: Need) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    if need == Need::Tokenizer {
+        if !snap.join("tokenizer.json").is_file() {
+            missing.push("tokenizer.json".to_string());
+        }
+        return Ok(missing);
+    }
+    if !snap.join("config.json").is_file() {
+        missing.push("config.json".to_string());
+    }
+    if snap.join(INDEX).is_file() {
+        for shard in index_shards(&snap.join(INDEX))? {
+            if !snap.join(&shard).is_file() {
+                missing.push(shard);
+            }
+        }
+    } else if !snap.join(SINGLE).is_file() {
+        missing.push(format!("{SINGLE} (or {INDEX} and its shards)"));
+    }
+    Ok(missing)
+}
+
+fn download_model(hub: &Hub, id: &str, revision: &str, need: Need) -> Result<PathBuf> {
+    let info = hub.revision_info(RepoKind::Model, id, revision)?;
+    let has = |file: &str| info.files.iter().any(|f| f == file);
+    // The files a saved model directory carries besides its weights (Python reuses them too).
+    let side: Vec<String> = ["config.json"]
+        .iter()
+        .chain(SUPPORT_FILES.iter())
+        .filter(|f| has(f))
+        .map(|f| f.to_string())
+        .collect();
+    if need == Need::Tokenizer {
+        if !has("tokenizer.json") {
+            return Err(CordaError::Model(format!(
+                "hub model `{id}` (revision `{revision}`) has no tokenizer.json (a fast \
+                 tokenizer); pass a tokenizer directory that has one"
+            )));
+        }
+        return hub.download(RepoKind::Model, id, revision, &info.sha, &side);
+    }
+    if !has("config.json") {
+        return Err(CordaError::Model(format!(
+            "hub model `{id}` (revision `{revision}`) has no config.json, so it is not a \
+             transformers model directory; pass a repo or directory with config.json and \
+             safetensors weights"
+        )));
+    }
+    let weights = if has(INDEX) {
+        INDEX
+    } else if has(SINGLE) {
+        SINGLE
+    } else if info.files.iter().any(|f| f.ends_with(".bin")) {
+        return Err(CordaError::Model(format!(
+            "hub model `{id}` (revision `{revision}`) has only PyTorch .bin weights; corda reads \
+             safetensors: load it in transformers, save_pretrained(dir, \
+             safe_serialization=True), and pass the directory"
+        )));
+    } else {
+        return Err(CordaError::Model(format!(
+            "hub model `{id}` (revision `{revision}`) has neither {SINGLE} nor {INDEX}"
+        )));
+    };
+    let mut first = side;
+    first.push(weights.to_string());
+    let snap = hub.download(RepoKind::Model, id, revision, &info.sha, &first)?;
+    if weights == INDEX {
+        let shards = index_shards(&snap.join(INDEX))?;
+        if let Some(absent) = shards.iter().find(|s| !has(s)) {
+            return Err(CordaError::Model(format!(
+                "hub model `{id}`: {INDEX} names the shard `{absent}`, which the repo does not \
+                 hold at revision `{revision}`; the repo is incomplete"
+            )));
+        }
+        hub.download(RepoKind::Model, id, revision, &info.sha, &shards)?;
+    }
+    Ok(snap)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::HubOptions;
+
+    fn offline_hub(root: &Path) -> Hub {
+        let mut opts = HubOptions::from_env_fn(|_| None);
+        opts.offline = true;
+        Hub::new(opts).with_cache_dir(root)
+    }
 
     #[test]
     fn finds_a_cached_snapshot() {
         let root = tempfile::tempdir().unwrap();
+        let hub = offline_hub(root.path());
         let repo = root.path().join("models--TinyOrg--tiny-llama");
         let snap = repo.join("snapshots").join("abc123");
         std::fs::create_dir_all(&snap).unwrap();
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::write(repo.join("refs").join("main"), "abc123").unwrap();
         std::fs::write(snap.join("config.json"), "{}").unwrap();
-        assert_eq!(resolve_in("TinyOrg/tiny-llama", root.path()).unwrap(), snap);
-        let e = resolve_in("TinyOrg/other", root.path())
+        let e = resolve_model("TinyOrg/tiny-llama", "main", &hub)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.safetensors") && e.contains("HF_HUB_OFFLINE"),
+            "{e}"
+        );
+        std::fs::write(snap.join("model.safetensors"), "").unwrap();
+        assert_eq!(
+            resolve_model("TinyOrg/tiny-llama", "main", &hub).unwrap(),
+            snap
+        );
+        let e = resolve_model("TinyOrg/tiny-llama", "v2", &hub)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("revision `v2`"), "{e}");
+        let e = resolve_model("TinyOrg/other", "main", &hub)
             .unwrap_err()
             .to_string();
         assert!(e.contains("huggingface-cli download TinyOrg/other"), "{e}");
-        let e = resolve_in("./no/such/dir", root.path())
+        let e = resolve_model("./no/such/dir", "main", &hub)
             .unwrap_err()
             .to_string();
         assert!(e.contains("does not exist"), "{e}");
+        let e = resolve_model(root.path().to_str().unwrap(), "v1", &hub)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("local directory"), "{e}");
     }
 }

@@ -1,7 +1,7 @@
 //! Hugging Face model directories and the Llama-family decoder.
 //!
 //! - [`config`]: `config.json` in both transformers layouts.
-//! - [`hub`]: `--model_id` as a directory or a cached hub id.
+//! - [`hub`]: `--model_id` as a directory or a hub id (from the cache, else downloaded).
 //! - [`weights`]: memory-mapped (sharded) safetensors, and a streaming shard writer.
 //! - [`tokenizer`]: `tokenizer.json` with BOS/EOS/pad.
 //! - [`linear`], [`frozen`]: target linears with optional LoRA; frozen-weight matmul.
@@ -22,7 +22,7 @@ pub mod weights;
 pub use causal_lm::{embed, load_embeddings, resolve_dtype, CausalLM, LoadOptions};
 pub use config::{dtype_name, parse_dtype, Architecture, ModelConfig, RopeScaling};
 pub use decoder::{module_name, AttnContext, DecoderLayer, InputSite, Observer};
-pub use hub::{cache_root, resolve_model_dir};
+pub use hub::{cache_root, resolve_model, resolve_model_dir, resolve_tokenizer};
 pub use linear::{Lora, TargetLinear, TARGET_PROJECTIONS};
 pub use tokenizer::TokenizerInfo;
 pub use weights::{ShardWriter, Weights};

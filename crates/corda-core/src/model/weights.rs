@@ -83,30 +83,36 @@ fn open_shard(path: &Path, shard: usize, entries: &mut HashMap<String, Entry>) -
     Ok(map)
 }
 
+/// The shard file names a `model.safetensors.index.json` maps tensors to, sorted, each once.
+pub fn index_shards(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|e| CordaError::io(index, e))?;
+    let v: Value = serde_json::from_str(&text).map_err(|source| CordaError::Json {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| CordaError::Model(format!("{}: no `weight_map` object", index.display())))?;
+    let mut names: Vec<String> = map
+        .values()
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
 impl Weights {
     /// Open the weights of a model directory (single file or sharded with an index).
     pub fn open(dir: &Path) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let files: Vec<PathBuf> = if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|e| CordaError::io(&index, e))?;
-            let v: Value = serde_json::from_str(&text).map_err(|source| CordaError::Json {
-                path: index.clone(),
-                source,
-            })?;
-            let map = v
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .ok_or_else(|| {
-                    CordaError::Model(format!("{}: no `weight_map` object", index.display()))
-                })?;
-            let mut names: Vec<String> = map
-                .values()
-                .filter_map(|f| f.as_str().map(str::to_string))
-                .collect();
-            names.sort();
-            names.dedup();
-            names.into_iter().map(|f| dir.join(f)).collect()
+            index_shards(&index)?
+                .into_iter()
+                .map(|f| dir.join(f))
+                .collect()
         } else if single.is_file() {
             vec![single]
         } else if !dir.is_dir() {

@@ -16,9 +16,10 @@ use super::config::TrainConfig;
 use super::lora_init::plain_lora_adapter;
 use super::trainer::{target_tokens, Trainer};
 use crate::adapter::Adapter;
-use crate::data::{build_sft_examples, load_rows, SftExample, SftOptions, Split};
+use crate::data::{build_sft_examples, RowSource, SftExample, SftOptions, Split};
+use crate::hub::Hub;
 use crate::layout::CORDA_INIT_DIR;
-use crate::model::{resolve_model_dir, CausalLM, LoadOptions, TokenizerInfo};
+use crate::model::{resolve_model, resolve_tokenizer, CausalLM, LoadOptions, TokenizerInfo};
 use crate::util::PhaseReport;
 use crate::{CordaError, Result};
 
@@ -35,12 +36,16 @@ pub enum AdapterChoice {
 /// Everything a fine-tuning run is made of, before anything is loaded.
 #[derive(Debug, Clone)]
 pub struct FineTuneSpec {
-    /// A model directory or a cached hub id.
+    /// A model directory or a hub id (downloaded when not cached).
     pub model_name_or_path: String,
+    /// Branch, tag or commit of a hub model.
+    pub revision: String,
+    /// Where hub models, tokenizers and datasets come from.
+    pub hub: Hub,
     pub adapter: AdapterChoice,
     /// Where `tokenizer.json` is, when not in the model directory.
     pub tokenizer_name_or_path: Option<String>,
-    /// A cached hub dataset id or a local data file or directory.
+    /// A hub dataset id (cached, else downloaded) or a local data file or directory.
     pub data_path: String,
     pub split: Split,
     /// The instruction and response columns.
@@ -75,7 +80,7 @@ impl FineTuneSpec {
     /// The model directory, after the checks that need no loading: the model exists and, for
     /// a CorDA run, so does its initial adapter.
     pub fn check(&self) -> Result<PathBuf> {
-        let model_dir = resolve_model_dir(&self.model_name_or_path)?;
+        let model_dir = resolve_model(&self.model_name_or_path, &self.revision, &self.hub)?;
         if self.adapter == AdapterChoice::Corda {
             let dir = corda_init_dir(&model_dir);
             if !dir.join(crate::adapter::config::CONFIG_FILE).is_file() {
@@ -111,7 +116,9 @@ impl FineTuneSpec {
             .eos_id
             .ok_or_else(|| CordaError::Data("the tokenizer defines no EOS token id".into()))?;
         let examples = report.time("load data", || -> Result<_> {
-            let rows = load_rows(&self.data_path, &self.split, None)?;
+            let rows = RowSource::new(&self.data_path)
+                .hub(self.hub.clone())
+                .load(&self.split)?;
             let opts = SftOptions {
                 query_field: self.query_field.clone(),
                 response_field: self.response_field.clone(),
@@ -153,13 +160,13 @@ impl FineTuneSpec {
     /// the adapter's base model.
     fn tokenizer_dir(&self, model_dir: &Path, adapter: Option<&Adapter>) -> Result<PathBuf> {
         if let Some(t) = &self.tokenizer_name_or_path {
-            return resolve_model_dir(t);
+            return resolve_tokenizer(t, "main", &self.hub);
         }
         if model_dir.join("tokenizer.json").is_file() {
             return Ok(model_dir.to_path_buf());
         }
         if let Some(base) = adapter.and_then(|a| a.config.base_model_name_or_path.as_deref()) {
-            if let Ok(dir) = resolve_model_dir(base) {
+            if let Ok(dir) = resolve_tokenizer(base, "main", &self.hub) {
                 if dir.join("tokenizer.json").is_file() {
                     tracing::info!(
                         "no tokenizer in {}; using the one of {}",
