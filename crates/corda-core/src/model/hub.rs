@@ -1,4 +1,4 @@
-//! `--model_id`: a local directory, or a Hugging Face hub id resolved in the local cache
+//! `--model_id`: a local directory, a `.gguf` file, or a Hugging Face hub id resolved in the local cache
 //! (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`). We never download:
 //! the error says how to fetch the model.
 
@@ -26,7 +26,8 @@ pub fn cache_root_from(env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf
     non_empty("HOME").map(|home| PathBuf::from(home).join(".cache/huggingface/hub"))
 }
 
-/// Resolve a local directory or a cached hub model id to a model directory.
+/// Resolve a local directory, a `.gguf` file or a cached hub model id to the model path the
+/// loaders take (a directory, or the `.gguf` file; see [`super::gguf::find_gguf`]).
 pub fn resolve_model_dir(id: &str) -> Result<PathBuf> {
     let root = cache_root().unwrap_or_else(|| PathBuf::from(".cache/huggingface/hub"));
     resolve_in(id, &root)
@@ -38,6 +39,15 @@ pub fn resolve_in(id: &str, cache_root: &Path) -> Result<PathBuf> {
     if local.is_dir() {
         return Ok(local.to_path_buf());
     }
+    if super::gguf::is_gguf_path(local) {
+        return if local.is_file() {
+            Ok(local.to_path_buf())
+        } else {
+            Err(CordaError::Model(format!(
+                "GGUF file `{id}` does not exist"
+            )))
+        };
+    }
     let looks_like_hub_id =
         id.split('/').count() == 2 && !id.starts_with('.') && !id.starts_with('/');
     if !looks_like_hub_id {
@@ -47,13 +57,21 @@ pub fn resolve_in(id: &str, cache_root: &Path) -> Result<PathBuf> {
     }
     let cache = hf_hub::Cache::new(cache_root.to_path_buf());
     let repo = cache.model(id.to_string());
-    match repo.get("config.json") {
-        Some(cfg) => Ok(cfg.parent().map(Path::to_path_buf).unwrap_or_default()),
-        None => Err(CordaError::Model(format!(
-            "`{id}` is neither a local directory nor in the Hugging Face cache at {}; download it first (`huggingface-cli download {id}`) or pass its local directory",
-            cache_root.display()
-        ))),
+    if let Some(cfg) = repo.get("config.json") {
+        return Ok(cfg.parent().map(Path::to_path_buf).unwrap_or_default());
     }
+    // A GGUF-only repo (no config.json): its snapshot, when it holds exactly one .gguf.
+    let repo_dir = cache_root.join(hf_hub::Repo::model(id.to_string()).folder_name());
+    if let Ok(commit) = std::fs::read_to_string(repo_dir.join("refs").join("main")) {
+        let snapshot = repo_dir.join("snapshots").join(commit.trim());
+        if super::gguf::find_gguf(&snapshot)?.is_some() {
+            return Ok(snapshot);
+        }
+    }
+    Err(CordaError::Model(format!(
+        "`{id}` is neither a local directory nor in the Hugging Face cache at {}; download it first (`huggingface-cli download {id}`) or pass its local directory",
+        cache_root.display()
+    )))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Checkpoint weights: a single `model.safetensors` or shards listed in
-//! `model.safetensors.index.json`, memory-mapped once; and a streaming shard writer so a
-//! residual model can be written layer by layer without holding it in memory.
+//! `model.safetensors.index.json`, memory-mapped once, or a GGUF file (see [`super::gguf`]);
+//! and a streaming shard writer so a residual model can be written layer by layer without
+//! holding it in memory.
 //!
 //! A tensor is copied out of the mapping when loaded and its pages are then released
 //! (`MADV_DONTNEED`), so walking through a model layer by layer keeps resident memory at one
@@ -13,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::{Mmap, UncheckedAdvice};
 use serde_json::{json, Value};
 
+use super::gguf::GgufModel;
 use crate::{CordaError, Result};
 
 /// Where a tensor lives in its shard.
@@ -26,11 +28,13 @@ struct Entry {
     end: usize,
 }
 
-/// The tensors of a model directory, memory-mapped.
+/// The tensors of a model directory (or GGUF file), memory-mapped.
 pub struct Weights {
     files: Vec<PathBuf>,
     maps: Vec<Mmap>,
     entries: HashMap<String, Entry>,
+    /// Set for a GGUF model; then `maps` and `entries` are empty.
+    gguf: Option<GgufModel>,
     /// Largest shard size in bytes (used to shard written copies like the source).
     pub max_shard_bytes: u64,
 }
@@ -39,6 +43,18 @@ fn truncated(path: &Path, reason: impl Into<String>) -> CordaError {
     CordaError::Safetensors {
         path: path.to_path_buf(),
         reason: reason.into(),
+    }
+}
+
+/// The shape a caller expects, when it says, against the stored one.
+fn check_shape(name: &str, expected: Option<&[usize]>, found: &[usize]) -> Result<()> {
+    match expected {
+        Some(exp) if exp != found => Err(CordaError::ShapeMismatch {
+            name: name.to_string(),
+            expected: exp.to_vec(),
+            found: found.to_vec(),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -84,8 +100,19 @@ fn open_shard(path: &Path, shard: usize, entries: &mut HashMap<String, Entry>) -
 }
 
 impl Weights {
-    /// Open the weights of a model directory (single file or sharded with an index).
+    /// Open the weights of a model directory (single file or sharded with an index), or of a
+    /// GGUF model (a `.gguf` file, or a directory holding one and no safetensors).
     pub fn open(dir: &Path) -> Result<Self> {
+        if let Some(file) = super::gguf::find_gguf(dir)? {
+            let gguf = GgufModel::open(&file)?;
+            return Ok(Self {
+                files: vec![file],
+                maps: vec![],
+                entries: HashMap::new(),
+                gguf: Some(gguf),
+                max_shard_bytes: u64::MAX,
+            });
+        }
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let files: Vec<PathBuf> = if index.is_file() {
@@ -132,8 +159,14 @@ impl Weights {
             files,
             maps,
             entries,
+            gguf: None,
             max_shard_bytes,
         })
+    }
+
+    /// The GGUF model behind these weights, if they come from one.
+    pub fn gguf(&self) -> Option<&GgufModel> {
+        self.gguf.as_ref()
     }
 
     /// Number of shard files.
@@ -143,12 +176,18 @@ impl Weights {
 
     /// All tensor names, sorted.
     pub fn names(&self) -> Vec<String> {
+        if let Some(g) = &self.gguf {
+            return g.names();
+        }
         let mut v: Vec<String> = self.entries.keys().cloned().collect();
         v.sort();
         v
     }
 
     pub fn contains(&self, name: &str) -> bool {
+        if let Some(g) = &self.gguf {
+            return g.contains(name);
+        }
         self.entries.contains_key(name)
     }
 
@@ -177,11 +216,17 @@ impl Weights {
 
     /// Shape of a tensor as stored.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        if let Some(g) = &self.gguf {
+            return g.shape(name);
+        }
         Ok(self.entry(name)?.shape.clone())
     }
 
-    /// The stored dtype of a tensor.
+    /// The stored dtype of a tensor (for GGUF: what it dequantizes to, float32 when quantized).
     pub fn dtype(&self, name: &str) -> Result<DType> {
+        if let Some(g) = &self.gguf {
+            return g.dtype(name);
+        }
         use safetensors::Dtype as S;
         Ok(match self.entry(name)?.dtype {
             S::F32 => DType::F32,
@@ -198,16 +243,13 @@ impl Weights {
 
     /// Load a tensor in its stored dtype, checking its shape when `expected` is given.
     pub fn get(&self, name: &str, expected: Option<&[usize]>, device: &Device) -> Result<Tensor> {
-        let e = self.entry(name)?;
-        if let Some(exp) = expected {
-            if exp != e.shape.as_slice() {
-                return Err(CordaError::ShapeMismatch {
-                    name: name.to_string(),
-                    expected: exp.to_vec(),
-                    found: e.shape.clone(),
-                });
-            }
+        if let Some(g) = &self.gguf {
+            let shape = g.shape(name)?;
+            check_shape(name, expected, &shape)?;
+            return g.get(name, device);
         }
+        let e = self.entry(name)?;
+        check_shape(name, expected, &e.shape)?;
         let dtype = self.dtype(name)?;
         let map = &self.maps[e.shard];
         let t = Tensor::from_raw_buffer(&map[e.start..e.end], dtype, &e.shape, device)?;
@@ -221,6 +263,9 @@ impl Weights {
 
     /// The dtype most tensors are stored in (what `--dtype auto` means when the config is silent).
     pub fn dominant_dtype(&self) -> DType {
+        if let Some(g) = &self.gguf {
+            return g.dominant_dtype();
+        }
         let mut counts: BTreeMap<&'static str, (usize, DType)> = BTreeMap::new();
         for name in self.entries.keys() {
             if let Ok(d) = self.dtype(name) {
