@@ -544,12 +544,12 @@ fn tokenizer_dir(args: &Args, model_dir: &Path, adapter: Option<&Adapter>) -> Re
     if let Some(t) = &args.tokenizer_name_or_path {
         return Ok(resolve_model_dir(t)?);
     }
-    if model_dir.join("tokenizer.json").is_file() {
+    if TokenizerInfo::available(model_dir) {
         return Ok(model_dir.to_path_buf());
     }
     if let Some(base) = adapter.and_then(|a| a.config.base_model_name_or_path.as_deref()) {
         if let Ok(dir) = resolve_model_dir(base) {
-            if dir.join("tokenizer.json").is_file() {
+            if TokenizerInfo::available(&dir) {
                 tracing::info!(
                     "no tokenizer in {}; using the one of {}",
                     model_dir.display(),
