@@ -455,7 +455,7 @@ fn fixture_as_quantized_gguf_dequantizes_each_type() {
     let pick = |name: &str, dims: &[usize]| -> GgmlDType {
         if dims.len() == 1 {
             GgmlDType::F32
-        } else if dims[1] % 32 != 0 {
+        } else if !dims[1].is_multiple_of(32) {
             GgmlDType::BF16
         } else if name.contains("embed") {
             GgmlDType::F16
