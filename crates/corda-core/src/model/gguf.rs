@@ -741,7 +741,12 @@ impl GgufModel {
                 .collect(),
             _ => vec![1; tokens.len()],
         };
-        let pre = self.meta_str("tokenizer.ggml.pre").unwrap_or("default");
+        let pre = self.meta_str("tokenizer.ggml.pre").ok_or_else(|| {
+            CordaError::Model(format!(
+                "{} does not say how its tokenizer splits text (no tokenizer.ggml.pre; written by an old llama.cpp); {fix}",
+                self.path.display()
+            ))
+        })?;
         let (normalizer, pre_tokenizer, ignore_merges) = match pre {
             "gpt-2" | "gpt2" => (Value::Null, byte_level(true, true), false),
             "smollm" | "starcoder" | "refact" => (
@@ -957,4 +962,207 @@ fn unpermute_rotary(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?
         .reshape(dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{gguf_file, QTensor};
+
+    /// GPT-2's byte-to-character table: every byte as one visible character.
+    fn byte_chars() -> Vec<String> {
+        let mut n = 0;
+        (0u32..256)
+            .map(|b| {
+                let visible =
+                    (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+                let c = if visible {
+                    b
+                } else {
+                    n += 1;
+                    255 + n
+                };
+                char::from_u32(c).unwrap().to_string()
+            })
+            .collect()
+    }
+
+    /// A minimal llama GGUF: one embedding tensor and the given metadata on top of the basics.
+    fn tiny(dir: &Path, name: &str, extra: Vec<(&str, GgufValue)>, tensors: &[&str]) -> PathBuf {
+        let mut tokens = vec!["<s>".to_string(), "</s>".to_string()];
+        tokens.extend(byte_chars());
+        let types: Vec<GgufValue> = (0..tokens.len())
+            .map(|i| GgufValue::I32(if i < 2 { 3 } else { 1 }))
+            .collect();
+        let mut meta: Vec<(&str, GgufValue)> = vec![
+            ("general.architecture", GgufValue::String("llama".into())),
+            ("llama.embedding_length", GgufValue::U32(4)),
+            ("llama.feed_forward_length", GgufValue::U32(8)),
+            ("llama.block_count", GgufValue::U32(1)),
+            ("llama.attention.head_count", GgufValue::U32(1)),
+            ("tokenizer.ggml.model", GgufValue::String("gpt2".into())),
+            ("tokenizer.ggml.pre", GgufValue::String("gpt-2".into())),
+            (
+                "tokenizer.ggml.tokens",
+                GgufValue::Array(tokens.iter().cloned().map(GgufValue::String).collect()),
+            ),
+            ("tokenizer.ggml.token_type", GgufValue::Array(types)),
+            ("tokenizer.ggml.merges", GgufValue::Array(vec![])),
+            ("tokenizer.ggml.bos_token_id", GgufValue::U32(0)),
+            ("tokenizer.ggml.eos_token_id", GgufValue::U32(1)),
+        ];
+        for (k, v) in extra {
+            meta.retain(|(m, _)| *m != k);
+            meta.push((k, v));
+        }
+        let embd = Tensor::zeros((tokens.len(), 4), DType::F32, &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&embd, GgmlDType::F32).unwrap();
+        let small = QTensor::quantize(
+            &Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap();
+        let mut ts: Vec<(&str, &QTensor)> = vec![("token_embd.weight", &q)];
+        ts.extend(tensors.iter().map(|n| (*n, &small)));
+        let meta_refs: Vec<(&str, &GgufValue)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        let path = dir.join(name);
+        let mut f = std::fs::File::create(&path).unwrap();
+        gguf_file::write(&mut f, &meta_refs, &ts).unwrap();
+        path
+    }
+
+    fn word_ids(pre: &str, text: &str) -> Vec<u32> {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tiny(
+            tmp.path(),
+            "t.gguf",
+            vec![("tokenizer.ggml.pre", GgufValue::String(pre.into()))],
+            &[],
+        );
+        let info = GgufModel::open(&p)
+            .unwrap()
+            .tokenizer_from_metadata()
+            .unwrap();
+        let enc = info.tokenizer.encode(text, true).unwrap();
+        enc.get_word_ids().iter().map(|w| w.unwrap()).collect()
+    }
+
+    #[test]
+    fn pre_tokenizers_split_like_llama_cpp() {
+        // Words (pre-tokens) of "12345 ab": one token per byte here, so word ids show the split.
+        let text = "12345 ab";
+        assert_eq!(word_ids("gpt-2", text), [0, 0, 0, 0, 0, 1, 1, 1]);
+        assert_eq!(word_ids("smollm", text), [0, 1, 2, 3, 4, 5, 5, 5]);
+        assert_eq!(word_ids("llama-bpe", text), [0, 0, 0, 1, 1, 2, 2, 2]);
+        assert_eq!(word_ids("qwen2", text), [0, 1, 2, 3, 4, 5, 5, 5]);
+        // Llama 3 / Qwen2 keep a letter run with one leading punctuation mark: "(ab".
+        assert_eq!(word_ids("llama-bpe", "x(ab"), [0, 1, 1, 1]);
+        assert_eq!(word_ids("qwen2", "x(ab"), [0, 1, 1, 1]);
+        assert_eq!(word_ids("gpt-2", "x(ab"), [0, 1, 2, 2]);
+    }
+
+    #[test]
+    fn control_tokens_and_bos_come_from_the_metadata() {
+        let tmp = tempfile::tempdir().unwrap();
+        let plain = tiny(tmp.path(), "a.gguf", vec![], &[]);
+        let info = GgufModel::open(&plain)
+            .unwrap()
+            .tokenizer_from_metadata()
+            .unwrap();
+        // "</s>" is a control token: one id, never split into bytes.
+        assert_eq!(info.encode("a</s>").unwrap(), [2 + b'a' as u32, 1]);
+        assert_eq!((info.bos_id, info.eos_id), (Some(0), Some(1)));
+        assert_eq!(info.eos_token.as_deref(), Some("</s>"));
+        let bos = tiny(
+            tmp.path(),
+            "b.gguf",
+            vec![("tokenizer.ggml.add_bos_token", GgufValue::Bool(true))],
+            &[],
+        );
+        let info = GgufModel::open(&bos)
+            .unwrap()
+            .tokenizer_from_metadata()
+            .unwrap();
+        assert_eq!(info.encode("a").unwrap(), [0, 2 + b'a' as u32]);
+    }
+
+    #[test]
+    fn tokenizers_that_cannot_be_rebuilt_say_what_to_do() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (key, value, expect) in [
+            ("tokenizer.ggml.model", "llama", "SentencePiece"),
+            ("tokenizer.ggml.pre", "deepseek-coder", "deepseek-coder"),
+        ] {
+            let p = tiny(
+                tmp.path(),
+                "t.gguf",
+                vec![(key, GgufValue::String(value.into()))],
+                &[],
+            );
+            let e = GgufModel::open(&p)
+                .unwrap()
+                .tokenizer_from_metadata()
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                e.contains(expect) && e.contains("tokenizer.json beside"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn rope_settings_from_the_metadata() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tiny(
+            tmp.path(),
+            "lin.gguf",
+            vec![
+                (
+                    "llama.rope.scaling.type",
+                    GgufValue::String("linear".into()),
+                ),
+                ("llama.rope.scaling.factor", GgufValue::F32(4.0)),
+                ("llama.rope.freq_base", GgufValue::F32(500000.0)),
+            ],
+            &[],
+        );
+        let c = GgufModel::open(&p).unwrap().config_from_metadata().unwrap();
+        assert_eq!(
+            c.rope_scaling,
+            super::super::RopeScaling::Linear { factor: 4.0 }
+        );
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(c.vocab_size, 258);
+        assert!(c.tie_word_embeddings);
+        // Llama 3.1 factors as a tensor: only a config.json can describe them.
+        let p = tiny(tmp.path(), "l31.gguf", vec![], &["rope_freqs.weight"]);
+        let g = GgufModel::open(&p).unwrap();
+        let e = g.config().unwrap_err().to_string();
+        assert!(e.contains("rope_freqs") && e.contains("config.json"), "{e}");
+        // Unknown tensors are refused by name.
+        let p = tiny(
+            tmp.path(),
+            "moe.gguf",
+            vec![],
+            &["blk.0.ffn_gate_exps.weight"],
+        );
+        let e = GgufModel::open(&p).err().unwrap().to_string();
+        assert!(e.contains("blk.0.ffn_gate_exps.weight"), "{e}");
+    }
+
+    #[test]
+    fn which_paths_are_gguf_models() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        assert_eq!(find_gguf(d).unwrap(), None);
+        let f = tiny(d, "m.GGUF", vec![], &[]);
+        assert_eq!(find_gguf(d).unwrap(), Some(f.clone()));
+        assert_eq!(find_gguf(&f).unwrap(), Some(f.clone()));
+        // Safetensors weights win over a stray .gguf.
+        std::fs::write(d.join("model.safetensors"), b"").unwrap();
+        assert_eq!(find_gguf(d).unwrap(), None);
+        assert_eq!(find_gguf(&d.join("model.safetensors")).unwrap(), None);
+    }
 }

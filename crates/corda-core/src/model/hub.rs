@@ -97,4 +97,37 @@ mod tests {
             .to_string();
         assert!(e.contains("does not exist"), "{e}");
     }
+
+    #[test]
+    fn finds_a_gguf_only_snapshot_and_gguf_files() {
+        let root = tempfile::tempdir().unwrap();
+        let repo = root.path().join("models--TinyOrg--tiny-GGUF");
+        let snap = repo.join("snapshots").join("def456");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs").join("main"), "def456\n").unwrap();
+        std::fs::write(snap.join("tiny.Q4_1.gguf"), b"GGUF").unwrap();
+        assert_eq!(resolve_in("TinyOrg/tiny-GGUF", root.path()).unwrap(), snap);
+        let file = snap.join("tiny.Q4_1.gguf");
+        assert_eq!(
+            resolve_in(file.to_str().unwrap(), root.path()).unwrap(),
+            file
+        );
+        // Several quantizations in one repo: the user picks the file.
+        std::fs::write(snap.join("tiny.Q8_0.gguf"), b"GGUF").unwrap();
+        let e = resolve_in("TinyOrg/tiny-GGUF", root.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("2 .gguf files") && e.contains("tiny.Q8_0.gguf"),
+            "{e}"
+        );
+        let e = resolve_in("models/none.gguf", root.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("GGUF file `models/none.gguf` does not exist"),
+            "{e}"
+        );
+    }
 }
