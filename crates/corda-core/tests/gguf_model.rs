@@ -10,8 +10,8 @@ use candle_core::quantized::gguf_file::{self, Value as G};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use corda_core::model::{
-    find_gguf, resolve_model_dir, CausalLM, GgufModel, LoadOptions, ModelConfig, TokenizerInfo,
-    Weights,
+    find_gguf, resolve_model_dir, CausalLM, GgufModel, LoadOptions, ModelConfig, ShardWriter,
+    TokenizerInfo, Weights,
 };
 use serde_json::Value;
 
@@ -259,7 +259,8 @@ fn gguf_name(hf: &str) -> String {
     }
     let rest = hf.strip_prefix("model.layers.").unwrap();
     let (layer, rest) = rest.split_once('.').unwrap();
-    let part = match rest.strip_suffix(".weight").unwrap() {
+    let (module, kind) = rest.rsplit_once('.').unwrap();
+    let part = match module {
         "input_layernorm" => "attn_norm",
         "post_attention_layernorm" => "ffn_norm",
         "self_attn.q_proj" => "attn_q",
@@ -271,7 +272,7 @@ fn gguf_name(hf: &str) -> String {
         "mlp.down_proj" => "ffn_down",
         other => panic!("{other}"),
     };
-    format!("blk.{layer}.{part}.weight")
+    format!("blk.{layer}.{part}.{kind}")
 }
 
 /// The fixture's tokenizer as GGUF metadata (byte-level BPE, BOS added).
@@ -338,10 +339,14 @@ fn write_fixture_gguf(
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap();
-        if name.ends_with("q_proj.weight") {
-            t = permute(&t, cfg.num_attention_heads);
-        } else if name.ends_with("k_proj.weight") {
-            t = permute(&t, cfg.num_key_value_heads);
+        // llama.cpp permutes q/k only for its `llama` architecture.
+        let heads = match name.rsplit('.').nth(1) {
+            Some("q_proj") if name.ends_with(".weight") => cfg.num_attention_heads,
+            Some("k_proj") if name.ends_with(".weight") => cfg.num_key_value_heads,
+            _ => 0,
+        };
+        if arch == "llama" && heads > 0 {
+            t = permute(&t, heads);
         }
         let q = QTensor::quantize(&t, quant(&name, t.dims())).unwrap();
         tensors.push((gguf_name(&name), q));
@@ -438,6 +443,70 @@ fn fixture_as_float32_gguf_has_transformers_logits_config_and_tokenizer() {
         assert_eq!(tok.encode(text).unwrap(), ids, "{text:?}");
     }
     assert_eq!((tok.bos_id, tok.eos_id), (Some(1), Some(2)));
+}
+
+/// The fixture turned into a Qwen2 model (q/k/v biases), as a Hugging Face directory.
+fn qwen2_fixture(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["model_type"] = "qwen2".into();
+    cfg["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    std::fs::write(dst.join("config.json"), cfg.to_string()).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let w = Weights::open(src).unwrap();
+    let mut out = ShardWriter::new(dst, u64::MAX);
+    for name in w.names() {
+        let t = w.get(&name, None, &Device::Cpu).unwrap();
+        if let Some(stem) = name
+            .strip_suffix("_proj.weight")
+            .filter(|s| s.ends_with(".q") || s.ends_with(".k") || s.ends_with(".v"))
+        {
+            let n = t.dim(0).unwrap();
+            let bias = Tensor::arange(0u32, n as u32, &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .affine(0.37, 0.0)
+                .unwrap()
+                .sin()
+                .unwrap();
+            out.push(format!("{stem}_proj.bias"), bias).unwrap();
+        }
+        out.push(name, t).unwrap();
+    }
+    out.finish().unwrap();
+}
+
+#[test]
+fn fixture_as_qwen2_gguf_keeps_rows_and_biases() {
+    let Some(src) = fixture_model() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("qwen2-hf");
+    qwen2_fixture(&src, &hf);
+    let file = tmp.path().join("qwen2.gguf");
+    write_fixture_gguf(&hf, &file, "qwen2", |_, _| GgmlDType::F32);
+    let cfg = ModelConfig::from_dir(&file).unwrap();
+    assert_eq!(cfg.architecture.as_str(), "qwen2");
+    assert!(cfg.qkv_bias && !cfg.o_bias);
+    let (g, want) = (Weights::open(&file).unwrap(), Weights::open(&hf).unwrap());
+    assert_eq!(g.names(), want.names());
+    assert!(g.contains("model.layers.1.self_attn.k_proj.bias"));
+    for n in want.names() {
+        let a = g.get(&n, None, &Device::Cpu).unwrap();
+        let b = want.get(&n, None, &Device::Cpu).unwrap();
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{n}");
+    }
+    let (ids, _) = fixture_probe();
+    let a = CausalLM::load(&file, &LoadOptions::default()).unwrap();
+    let b = CausalLM::load(&hf, &LoadOptions::default()).unwrap();
+    let d = max_abs_diff(
+        &a.forward(&ids, None).unwrap(),
+        &b.forward(&ids, None).unwrap(),
+    );
+    assert_eq!(d, 0.0);
 }
 
 #[test]
