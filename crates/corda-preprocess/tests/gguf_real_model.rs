@@ -25,22 +25,24 @@ fn model_dir() -> Option<PathBuf> {
     }
 }
 
-/// A binary of this workspace next to corda-preprocess, built first: `cargo test -p
-/// corda-preprocess` alone does not build the other packages' binaries (a no-op when fresh).
+/// A binary of this workspace next to corda-preprocess. `cargo test -p corda-preprocess` alone
+/// does not build the other packages' binaries, so the workspace is built first, with the
+/// same command as the quickstart test (a no-op when everything is fresh).
 fn workspace_bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let exe = Path::new(env!("CARGO_BIN_EXE_corda-preprocess"));
     let dir = exe.parent().unwrap();
-    if name != "corda-preprocess" {
+    BUILT.call_once(|| {
         let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         build
-            .args(["build", "--quiet", "-p", name])
+            .args(["build", "--quiet", "--workspace"])
             .current_dir(env!("CARGO_MANIFEST_DIR"));
         if dir.ends_with("release") {
             build.arg("--release");
         }
         let status = build.status().expect("run cargo build");
-        assert!(status.success(), "cargo build -p {name} failed");
-    }
+        assert!(status.success(), "cargo build --workspace failed");
+    });
     dir.join(name)
 }
 

@@ -10,13 +10,13 @@
 //! the GGUF metadata), else from the metadata; the tokenizer from a `tokenizer.json` beside it,
 //! else it is rebuilt from the metadata's byte-level BPE vocabulary, merges and special tokens.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value as GgufValue};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
 use candle_core::{DType, Device, Tensor};
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::Mmap;
 use serde_json::{json, Value};
 
 use super::config::ModelConfig;
@@ -190,16 +190,9 @@ fn hf_name(gguf: &str) -> Option<(String, Option<bool>)> {
 impl GgufModel {
     /// Map the file, parse its header and check that every tensor can be read.
     pub fn open(path: &Path) -> Result<Self> {
-        if !path.is_file() {
-            return Err(CordaError::Model(format!(
-                "GGUF file {} does not exist",
-                path.display()
-            )));
-        }
-        let file = std::fs::File::open(path).map_err(|e| CordaError::io(path, e))?;
-        // SAFETY: mapped read-only; like every GGUF reader we assume nobody truncates the file
-        // while we run.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| CordaError::io(path, e))?;
+        let map = super::weights::map_file(path, || {
+            format!("GGUF file {} does not exist", path.display())
+        })?;
         if map.len() < 4 || &map[..4] != b"GGUF" {
             return Err(corrupt(path, "no GGUF magic at the start of the file"));
         }
@@ -490,30 +483,8 @@ impl GgufModel {
             )
         })?;
         // The bytes are copied; give the mapped pages back (as the safetensors reader does).
-        // SAFETY: the mapping is private and read-only and nothing borrows these bytes now.
-        unsafe {
-            let _ = self.map.unchecked_advise_range(
-                UncheckedAdvice::DontNeed,
-                e.start,
-                e.end - e.start,
-            );
-        }
+        super::weights::release_pages(&self.map, e.start, e.end);
         Ok(t.to_device(device)?)
-    }
-
-    /// The dtype most tensors dequantize to (what `--dtype auto` means without a config dtype).
-    pub fn dominant_dtype(&self) -> DType {
-        let mut counts: BTreeMap<&'static str, (usize, DType)> = BTreeMap::new();
-        for name in self.entries.keys() {
-            if let Ok(d) = self.dtype(name) {
-                counts.entry(d.as_str()).or_insert((0, d)).0 += 1;
-            }
-        }
-        counts
-            .values()
-            .max_by_key(|(n, _)| *n)
-            .map(|(_, d)| *d)
-            .unwrap_or(DType::F32)
     }
 
     /// The model config: `config.json` beside the file (checked against the metadata) when

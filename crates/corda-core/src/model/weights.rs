@@ -46,6 +46,15 @@ fn truncated(path: &Path, reason: impl Into<String>) -> CordaError {
     }
 }
 
+/// Give back the mapped pages of bytes `start..end` once they have been copied out (they are
+/// re-read if needed again), so walking a model keeps resident memory at one layer.
+pub(super) fn release_pages(map: &Mmap, start: usize, end: usize) {
+    // SAFETY: the mapping is private and read-only and nothing borrows these bytes now.
+    unsafe {
+        let _ = map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start);
+    }
+}
+
 /// The shape a caller expects, when it says, against the stored one.
 fn check_shape(name: &str, expected: Option<&[usize]>, found: &[usize]) -> Result<()> {
     match expected {
@@ -58,18 +67,25 @@ fn check_shape(name: &str, expected: Option<&[usize]>, found: &[usize]) -> Resul
     }
 }
 
-/// Map one shard and read its header.
-fn open_shard(path: &Path, shard: usize, entries: &mut HashMap<String, Entry>) -> Result<Mmap> {
+/// Map a weights file read-only; `missing` is the error when it does not exist.
+pub(super) fn map_file(path: &Path, missing: impl FnOnce() -> String) -> Result<Mmap> {
     if !path.is_file() {
-        return Err(CordaError::Model(format!(
-            "{} is missing; the model directory is incomplete, re-download it",
-            path.display()
-        )));
+        return Err(CordaError::Model(missing()));
     }
     let file = std::fs::File::open(path).map_err(|e| CordaError::io(path, e))?;
-    // SAFETY: the file is mapped read-only; like every safetensors reader we assume nobody
-    // truncates it while we run.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| CordaError::io(path, e))?;
+    // SAFETY: the file is mapped read-only; like every safetensors or GGUF reader we assume
+    // nobody truncates it while we run.
+    unsafe { Mmap::map(&file) }.map_err(|e| CordaError::io(path, e))
+}
+
+/// Map one shard and read its header.
+fn open_shard(path: &Path, shard: usize, entries: &mut HashMap<String, Entry>) -> Result<Mmap> {
+    let map = map_file(path, || {
+        format!(
+            "{} is missing; the model directory is incomplete, re-download it",
+            path.display()
+        )
+    })?;
     let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map)
         .map_err(|e| truncated(path, format!("invalid header: {e}")))?;
     let data_start = 8 + header_len;
@@ -253,22 +269,15 @@ impl Weights {
         let dtype = self.dtype(name)?;
         let map = &self.maps[e.shard];
         let t = Tensor::from_raw_buffer(&map[e.start..e.end], dtype, &e.shape, device)?;
-        // The bytes are copied; give the mapped pages back (they are re-read if needed again).
-        // SAFETY: the mapping is private and read-only and nothing borrows these bytes now.
-        unsafe {
-            let _ = map.unchecked_advise_range(UncheckedAdvice::DontNeed, e.start, e.end - e.start);
-        }
+        release_pages(map, e.start, e.end);
         Ok(t)
     }
 
     /// The dtype most tensors are stored in (what `--dtype auto` means when the config is silent).
     pub fn dominant_dtype(&self) -> DType {
-        if let Some(g) = &self.gguf {
-            return g.dominant_dtype();
-        }
         let mut counts: BTreeMap<&'static str, (usize, DType)> = BTreeMap::new();
-        for name in self.entries.keys() {
-            if let Ok(d) = self.dtype(name) {
+        for name in self.names() {
+            if let Ok(d) = self.dtype(&name) {
                 counts.entry(d.as_str()).or_insert((0, d)).0 += 1;
             }
         }
