@@ -58,7 +58,7 @@ pub fn find_gguf(path: &Path) -> Result<Option<PathBuf>> {
         0 => Ok(None),
         1 => Ok(found.pop()),
         _ => Err(CordaError::Model(format!(
-            "{} holds {} .gguf files ({}); pass the one you mean, e.g. --model_id {}",
+            "{} holds {} .gguf files ({}); pass the path of the one you mean, e.g. {}",
             path.display(),
             found.len(),
             found
@@ -245,7 +245,10 @@ impl GgufModel {
         let n_head = model.meta_usize("attention.head_count")?;
         let n_kv = model.meta_usize_or("attention.head_count_kv", n_head)?;
         let data_start = content.tensor_data_offset;
-        for (name, info) in &content.tensor_infos {
+        // In file order, so that the first problem reported is the same on every run.
+        let mut infos: Vec<_> = content.tensor_infos.iter().collect();
+        infos.sort_by_key(|(_, info)| info.offset);
+        for (name, info) in infos {
             if name == "rope_freqs.weight" {
                 // Llama 3.1 rope scaling, precomputed; the config carries it (see `config`).
                 model.rope_freqs = true;
@@ -266,6 +269,9 @@ impl GgufModel {
                 )));
             }
             let shape = info.shape.dims().to_vec();
+            if shape.is_empty() {
+                return Err(corrupt(path, format!("tensor `{name}` has no dimensions")));
+            }
             let elems = shape
                 .iter()
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
@@ -411,7 +417,10 @@ impl GgufModel {
     }
 
     fn token_id(&self, key: &str) -> Option<u32> {
-        self.metadata.get(key).and_then(as_u64).map(|x| x as u32)
+        self.metadata
+            .get(key)
+            .and_then(as_u64)
+            .and_then(|x| u32::try_from(x).ok())
     }
 
     /// Tensor names (Hugging Face), sorted.
