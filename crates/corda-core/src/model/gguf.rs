@@ -8,7 +8,8 @@
 //!
 //! The config comes from a `config.json` beside the file when there is one (checked against
 //! the GGUF metadata), else from the metadata; the tokenizer from a `tokenizer.json` beside it,
-//! else it is rebuilt from the metadata's byte-level BPE vocabulary, merges and special tokens.
+//! else it is rebuilt from the metadata (byte-level BPE with merges, or SentencePiece BPE with
+//! scores) and its special tokens.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -652,8 +653,28 @@ fn split(pattern: &str) -> Value {
 }
 
 /// GGUF token types (llama.cpp `llama_token_type`).
+const TOKEN_UNKNOWN: i64 = 2;
 const TOKEN_CONTROL: i64 = 3;
 const TOKEN_USER_DEFINED: i64 = 4;
+
+const REBUILD_FIX: &str = "put the model's tokenizer.json beside the .gguf";
+
+/// Control and unknown tokens as special added tokens, user-defined ones as plain added
+/// tokens (matched whole in the text, as llama.cpp does).
+fn added_tokens(tokens: &[&str], types: &[i64]) -> Vec<Value> {
+    tokens
+        .iter()
+        .enumerate()
+        .filter_map(|(id, tok)| {
+            let ty = types.get(id).copied().unwrap_or(1);
+            let special = ty == TOKEN_CONTROL || ty == TOKEN_UNKNOWN;
+            (special || ty == TOKEN_USER_DEFINED).then(|| {
+                json!({"id": id, "content": tok, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": special})
+            })
+        })
+        .collect()
+}
 
 impl GgufModel {
     fn string_array(&self, key: &str) -> Result<Option<Vec<&str>>> {
@@ -689,28 +710,19 @@ impl GgufModel {
     }
 
     /// A `tokenizer.json` document rebuilt from the metadata (`tokenizer.ggml.*`): byte-level
-    /// BPE vocabulary and merges, llama.cpp's pre-tokenizer type, control tokens as special
-    /// tokens, BOS/EOS insertion as `add_bos_token` / `add_eos_token` say.
+    /// BPE (`gpt2`: vocabulary, merges, llama.cpp's pre-tokenizer type) or SentencePiece BPE
+    /// (`llama`: pieces and scores), control tokens as special tokens, BOS/EOS insertion as
+    /// `add_bos_token` / `add_eos_token` say.
     pub fn tokenizer_json(&self) -> Result<Value> {
-        let fix = "put the model's tokenizer.json beside the .gguf";
         let kind = self.meta_str("tokenizer.ggml.model").ok_or_else(|| {
             CordaError::Model(format!(
-                "{} has no tokenizer in its metadata (tokenizer.ggml.model); {fix}",
+                "{} has no tokenizer in its metadata (tokenizer.ggml.model); {REBUILD_FIX}",
                 self.path.display()
             ))
         })?;
-        if kind != "gpt2" {
-            return Err(CordaError::Model(format!(
-                "{}: the `{kind}` tokenizer (SentencePiece-style) cannot be rebuilt from GGUF metadata, only byte-level BPE (`gpt2`) can; {fix}",
-                self.path.display()
-            )));
-        }
         let tokens = self
             .string_array("tokenizer.ggml.tokens")?
             .ok_or_else(|| corrupt(&self.path, "tokenizer.ggml.tokens is missing"))?;
-        let merges = self
-            .string_array("tokenizer.ggml.merges")?
-            .ok_or_else(|| corrupt(&self.path, "tokenizer.ggml.merges is missing"))?;
         let types: Vec<i64> = match self.metadata.get("tokenizer.ggml.token_type") {
             Some(GgufValue::Array(a)) => a
                 .iter()
@@ -721,9 +733,24 @@ impl GgufModel {
                 .collect(),
             _ => vec![1; tokens.len()],
         };
+        match kind {
+            "gpt2" => self.byte_level_json(&tokens, &types),
+            "llama" => self.sentencepiece_json(&tokens, &types),
+            other => Err(CordaError::Model(format!(
+                "{}: the `{other}` tokenizer cannot be rebuilt from GGUF metadata (only `gpt2` byte-level BPE and `llama` SentencePiece BPE can); {REBUILD_FIX}",
+                self.path.display()
+            ))),
+        }
+    }
+
+    /// `tokenizer.json` for a byte-level BPE vocabulary (GPT-2 style: SmolLM, Llama 3, Qwen2).
+    fn byte_level_json(&self, tokens: &[&str], types: &[i64]) -> Result<Value> {
+        let merges = self
+            .string_array("tokenizer.ggml.merges")?
+            .ok_or_else(|| corrupt(&self.path, "tokenizer.ggml.merges is missing"))?;
         let pre = self.meta_str("tokenizer.ggml.pre").ok_or_else(|| {
             CordaError::Model(format!(
-                "{} does not say how its tokenizer splits text (no tokenizer.ggml.pre; written by an old llama.cpp); {fix}",
+                "{} does not say how its tokenizer splits text (no tokenizer.ggml.pre; written by an old llama.cpp); {REBUILD_FIX}",
                 self.path.display()
             ))
         })?;
@@ -747,22 +774,14 @@ impl GgufModel {
             ),
             other => {
                 return Err(CordaError::Model(format!(
-                    "{}: pre-tokenizer `{other}` cannot be rebuilt from GGUF metadata (known: gpt-2, smollm, starcoder, refact, llama-bpe, qwen2); {fix}",
+                    "{}: pre-tokenizer `{other}` cannot be rebuilt from GGUF metadata (known: gpt-2, smollm, starcoder, refact, llama-bpe, qwen2); {REBUILD_FIX}",
                     self.path.display()
                 )))
             }
         };
         let mut vocab = serde_json::Map::with_capacity(tokens.len());
-        let mut added = vec![];
         for (id, tok) in tokens.iter().enumerate() {
             vocab.insert(tok.to_string(), id.into());
-            let ty = types.get(id).copied().unwrap_or(1);
-            if ty == TOKEN_CONTROL || ty == TOKEN_USER_DEFINED {
-                added.push(
-                    json!({"id": id, "content": tok, "single_word": false, "lstrip": false,
-                    "rstrip": false, "normalized": false, "special": ty == TOKEN_CONTROL}),
-                );
-            }
         }
         let merges: Vec<Value> = merges
             .iter()
@@ -781,53 +800,14 @@ impl GgufModel {
             .collect::<Result<_>>()?;
         let mut post = byte_level(false, true);
         post["add_prefix_space"] = true.into();
-        let add_bos = self.flag("tokenizer.ggml.add_bos_token").unwrap_or(false);
-        let add_eos = self.flag("tokenizer.ggml.add_eos_token").unwrap_or(false);
-        if add_bos || add_eos {
-            let special = |key: &str, what: &str| -> Result<(String, u32)> {
-                let id = self.token_id(key).ok_or_else(|| {
-                    corrupt(
-                        &self.path,
-                        format!("add_{what}_token is set but {key} is missing"),
-                    )
-                })?;
-                let text = tokens.get(id as usize).ok_or_else(|| {
-                    corrupt(&self.path, format!("{key} {id} is outside the vocabulary"))
-                })?;
-                Ok((text.to_string(), id))
-            };
-            let mut single = vec![];
-            let mut pair = vec![];
-            let mut specials = serde_json::Map::new();
-            let piece = |t: &str| json!({"SpecialToken": {"id": t, "type_id": 0}});
-            let bos = add_bos
-                .then(|| special("tokenizer.ggml.bos_token_id", "bos"))
-                .transpose()?;
-            let eos = add_eos
-                .then(|| special("tokenizer.ggml.eos_token_id", "eos"))
-                .transpose()?;
-            for (seq, type_id) in [("A", 0), ("B", 1)] {
-                let target = if seq == "A" { &mut single } else { &mut pair };
-                if let Some((t, _)) = &bos {
-                    target.push(piece(t));
-                }
-                target.push(json!({"Sequence": {"id": seq, "type_id": type_id}}));
-                if let Some((t, _)) = &eos {
-                    target.push(piece(t));
-                }
-            }
-            let pair: Vec<Value> = single.iter().cloned().chain(pair).collect();
-            for (t, id) in bos.iter().chain(eos.iter()) {
-                specials.insert(t.clone(), json!({"id": t, "ids": [id], "tokens": [t]}));
-            }
-            post = json!({"type": "Sequence", "processors": [post, {"type": "TemplateProcessing",
-                "single": single, "pair": pair, "special_tokens": specials}]});
+        if let Some(template) = self.special_template(tokens)? {
+            post = json!({"type": "Sequence", "processors": [post, template]});
         }
         Ok(json!({
             "version": "1.0",
             "truncation": null,
             "padding": null,
-            "added_tokens": added,
+            "added_tokens": added_tokens(tokens, types),
             "normalizer": normalizer,
             "pre_tokenizer": pre_tokenizer,
             "post_processor": post,
@@ -836,6 +816,135 @@ impl GgufModel {
                 "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
                 "byte_fallback": false, "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
         }))
+    }
+
+    /// `tokenizer.json` for a SentencePiece BPE vocabulary (`tokenizer.ggml.model` `llama`:
+    /// Llama 1/2, Mistral), as transformers' `LlamaConverter` builds it: pieces with byte
+    /// fallback, merges derived from the piece scores (every split of a piece into two pieces,
+    /// highest-scoring piece first), "▁" for spaces with one prepended.
+    fn sentencepiece_json(&self, tokens: &[&str], types: &[i64]) -> Result<Value> {
+        let scores: Vec<f64> = match self.metadata.get("tokenizer.ggml.scores") {
+            Some(GgufValue::Array(a)) if a.len() == tokens.len() => {
+                a.iter().map(|v| as_f64(v).unwrap_or(0.0)).collect()
+            }
+            _ => {
+                return Err(corrupt(
+                    &self.path,
+                    "a SentencePiece vocabulary needs tokenizer.ggml.scores, one per token",
+                ))
+            }
+        };
+        let mut vocab = serde_json::Map::with_capacity(tokens.len());
+        let mut ids: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
+        for (id, tok) in tokens.iter().enumerate() {
+            vocab.insert(tok.to_string(), id.into());
+            ids.entry(tok).or_insert(id);
+        }
+        let mut merges: Vec<(usize, usize, f64)> = vec![];
+        for (id, piece) in tokens.iter().enumerate() {
+            let start = merges.len();
+            for (at, _) in piece.char_indices().skip(1) {
+                if let (Some(&l), Some(&r)) = (ids.get(&piece[..at]), ids.get(&piece[at..])) {
+                    merges.push((l, r, scores[id]));
+                }
+            }
+            merges[start..].sort_by_key(|&(l, r, _)| (l, r));
+        }
+        // Stable: ties keep the order above, as in transformers' SentencePieceExtractor.
+        merges.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let merges: Vec<Value> = merges
+            .iter()
+            .map(|&(l, r, _)| json!([tokens[l], tokens[r]]))
+            .collect();
+        let unk = self
+            .token_id("tokenizer.ggml.unknown_token_id")
+            .and_then(|i| tokens.get(i as usize))
+            .map(|t| Value::from(*t))
+            .unwrap_or(Value::Null);
+        let prefix = self.flag("tokenizer.ggml.add_space_prefix").unwrap_or(true);
+        let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+        let normalizer = if prefix {
+            json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+        } else {
+            replace
+        };
+        let mut decoders = vec![
+            json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if prefix {
+            decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        Ok(json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added_tokens(tokens, types),
+            "normalizer": normalizer,
+            "pre_tokenizer": null,
+            "post_processor": self.special_template(tokens)?,
+            "decoder": {"type": "Sequence", "decoders": decoders},
+            "model": {"type": "BPE", "dropout": null, "unk_token": unk,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+                "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges},
+        }))
+    }
+
+    /// Whether encoding adds BOS: `add_bos_token`, else llama.cpp's default (on for
+    /// SentencePiece vocabularies, off for byte-level BPE).
+    fn add_bos(&self) -> bool {
+        self.flag("tokenizer.ggml.add_bos_token")
+            .unwrap_or(self.meta_str("tokenizer.ggml.model") == Some("llama"))
+    }
+
+    /// BOS/EOS insertion (`add_bos_token` / `add_eos_token`, llama.cpp's default when absent)
+    /// as a template post-processor; `None` when neither is added.
+    fn special_template(&self, tokens: &[&str]) -> Result<Option<Value>> {
+        let add_bos = self.add_bos();
+        let add_eos = self.flag("tokenizer.ggml.add_eos_token").unwrap_or(false);
+        let special = |on: bool, key: &str| -> Result<Option<(String, u32)>> {
+            if !on {
+                return Ok(None);
+            }
+            let id = self.token_id(key).ok_or_else(|| {
+                corrupt(
+                    &self.path,
+                    format!("BOS/EOS insertion is on but {key} is missing"),
+                )
+            })?;
+            let text = tokens.get(id as usize).ok_or_else(|| {
+                corrupt(&self.path, format!("{key} {id} is outside the vocabulary"))
+            })?;
+            Ok(Some((text.to_string(), id)))
+        };
+        let bos = special(add_bos, "tokenizer.ggml.bos_token_id")?;
+        let eos = special(add_eos, "tokenizer.ggml.eos_token_id")?;
+        if bos.is_none() && eos.is_none() {
+            return Ok(None);
+        }
+        let piece = |t: &str| json!({"SpecialToken": {"id": t, "type_id": 0}});
+        let mut single = vec![];
+        let mut pair = vec![];
+        for (seq, type_id) in [("A", 0), ("B", 1)] {
+            let target = if seq == "A" { &mut single } else { &mut pair };
+            if let Some((t, _)) = &bos {
+                target.push(piece(t));
+            }
+            target.push(json!({"Sequence": {"id": seq, "type_id": type_id}}));
+            if let Some((t, _)) = &eos {
+                target.push(piece(t));
+            }
+        }
+        let pair: Vec<Value> = single.iter().cloned().chain(pair).collect();
+        let mut specials = serde_json::Map::new();
+        for (t, id) in bos.iter().chain(eos.iter()) {
+            specials.insert(t.clone(), json!({"id": t, "ids": [id], "tokens": [t]}));
+        }
+        Ok(Some(
+            json!({"type": "TemplateProcessing", "single": single, "pair": pair,
+            "special_tokens": specials}),
+        ))
     }
 
     /// The tokenizer rebuilt from the metadata, with BOS/EOS/pad from `tokenizer.ggml.*_token_id`.
@@ -879,7 +988,7 @@ impl GgufModel {
         let text = serde_json::to_string(&doc).expect("json");
         std::fs::write(&path, text).map_err(|e| CordaError::io(&path, e))?;
         let mut cfg = json!({
-            "add_bos_token": self.flag("tokenizer.ggml.add_bos_token").unwrap_or(false),
+            "add_bos_token": self.add_bos(),
             "add_eos_token": self.flag("tokenizer.ggml.add_eos_token").unwrap_or(false),
             "clean_up_tokenization_spaces": false,
             "model_max_length": self.meta_usize_or("context_length", 2048)?,
@@ -1070,7 +1179,7 @@ mod tests {
     fn tokenizers_that_cannot_be_rebuilt_say_what_to_do() {
         let tmp = tempfile::tempdir().unwrap();
         for (key, value, expect) in [
-            ("tokenizer.ggml.model", "llama", "SentencePiece"),
+            ("tokenizer.ggml.model", "bert", "`bert` tokenizer"),
             ("tokenizer.ggml.pre", "deepseek-coder", "deepseek-coder"),
         ] {
             let p = tiny(
@@ -1090,6 +1199,82 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn sentencepiece_vocabularies_merge_by_score_with_byte_fallback() {
+        // <unk>, <s>, </s>, the 256 byte pieces, then pieces with SentencePiece scores.
+        let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+        tokens.extend((0..=255).map(|b| format!("<0x{b:02X}>")));
+        let pieces = [
+            ("\u{2581}", -100.0),
+            ("a", -101.0),
+            ("b", -102.0),
+            ("c", -103.0),
+            ("\u{2581}a", -1.0),
+            ("ab", -2.0),
+            ("\u{2581}ab", -3.0),
+            ("bc", -4.0),
+        ];
+        let mut scores = vec![0f32; tokens.len()];
+        for (p, sc) in pieces {
+            tokens.push(p.to_string());
+            scores.push(sc);
+        }
+        let id = |p: &str| tokens.iter().position(|t| t == p).unwrap() as u32;
+        let types: Vec<GgufValue> = (0..tokens.len())
+            .map(|i| {
+                GgufValue::I32(match i {
+                    0 => 2,
+                    1 | 2 => 3,
+                    3..=258 => 6,
+                    _ => 1,
+                })
+            })
+            .collect();
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tiny(
+            tmp.path(),
+            "spm.gguf",
+            vec![
+                ("tokenizer.ggml.model", GgufValue::String("llama".into())),
+                (
+                    "tokenizer.ggml.tokens",
+                    GgufValue::Array(tokens.iter().cloned().map(GgufValue::String).collect()),
+                ),
+                ("tokenizer.ggml.token_type", GgufValue::Array(types)),
+                (
+                    "tokenizer.ggml.scores",
+                    GgufValue::Array(scores.into_iter().map(GgufValue::F32).collect()),
+                ),
+                ("tokenizer.ggml.unknown_token_id", GgufValue::U32(0)),
+                ("tokenizer.ggml.bos_token_id", GgufValue::U32(1)),
+                ("tokenizer.ggml.eos_token_id", GgufValue::U32(2)),
+            ],
+            &[],
+        );
+        let info = GgufModel::open(&p)
+            .unwrap()
+            .tokenizer_from_metadata()
+            .unwrap();
+        let sp = |s: &str| id(&s.replace(' ', "\u{2581}"));
+        // "▁a" (score -1) merges first, then "▁a"+"b" into "▁ab"; BOS is added by default.
+        assert_eq!(info.encode("ab").unwrap(), [1, sp(" ab")]);
+        // Higher scores merge first: "▁ab" + "c", not "▁a" + "bc" (score -4 comes last).
+        assert_eq!(info.encode("abc").unwrap(), [1, sp(" ab"), id("c")]);
+        assert_eq!(
+            info.encode("ba c").unwrap(),
+            [1, sp(" "), id("b"), id("a"), sp(" "), id("c")]
+        );
+        // Unknown characters fall back to their UTF-8 bytes.
+        assert_eq!(info.encode("é").unwrap(), [1, sp(" "), 3 + 0xC3, 3 + 0xA9]);
+        // Control tokens are matched whole; decoding restores spaces and bytes.
+        assert_eq!(info.encode("a</s>").unwrap(), [1, sp(" a"), 2]);
+        for text in ["ab", "ba c", "é bc"] {
+            let ids = info.encode(text).unwrap();
+            assert_eq!(info.tokenizer.decode(&ids, true).unwrap(), text);
+        }
+        assert_eq!((info.bos_id, info.eos_id), (Some(1), Some(2)));
     }
 
     #[test]
