@@ -626,15 +626,7 @@ impl GgufModel {
         if self.arch == Arch::Qwen2 {
             o.insert("use_sliding_window".into(), false.into());
         }
-        for (key, hf) in [
-            ("tokenizer.ggml.bos_token_id", "bos_token_id"),
-            ("tokenizer.ggml.eos_token_id", "eos_token_id"),
-            ("tokenizer.ggml.padding_token_id", "pad_token_id"),
-        ] {
-            if let Some(id) = self.token_id(key) {
-                o.insert(hf.into(), id.into());
-            }
-        }
+        o.extend(self.special_token_ids());
         ModelConfig::from_value(raw, &format!("{} (GGUF metadata)", self.path.display()))
     }
 }
@@ -1012,18 +1004,22 @@ impl GgufModel {
         std::fs::write(&path, text + "\n").map_err(|e| CordaError::io(&path, e))
     }
 
-    /// Write `generation_config.json` (BOS/EOS/pad ids) from the metadata into `dst`.
-    pub fn write_generation_config(&self, dst: &Path) -> Result<()> {
-        let mut cfg = serde_json::Map::new();
-        for (key, hf) in [
+    /// `bos_token_id` / `eos_token_id` / `pad_token_id` as config.json and
+    /// generation_config.json name them, for those the metadata has.
+    fn special_token_ids(&self) -> serde_json::Map<String, Value> {
+        [
             ("tokenizer.ggml.bos_token_id", "bos_token_id"),
             ("tokenizer.ggml.eos_token_id", "eos_token_id"),
             ("tokenizer.ggml.padding_token_id", "pad_token_id"),
-        ] {
-            if let Some(id) = self.token_id(key) {
-                cfg.insert(hf.into(), id.into());
-            }
-        }
+        ]
+        .into_iter()
+        .filter_map(|(key, hf)| self.token_id(key).map(|id| (hf.to_string(), id.into())))
+        .collect()
+    }
+
+    /// Write `generation_config.json` (BOS/EOS/pad ids) from the metadata into `dst`.
+    pub fn write_generation_config(&self, dst: &Path) -> Result<()> {
+        let cfg = self.special_token_ids();
         let path = dst.join("generation_config.json");
         let text = serde_json::to_string_pretty(&Value::Object(cfg)).expect("json");
         std::fs::write(&path, text + "\n").map_err(|e| CordaError::io(&path, e))
