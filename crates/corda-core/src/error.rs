@@ -32,6 +32,8 @@ pub enum CordaError {
     },
     #[error("{path}: cannot read safetensors ({reason}); the file may be truncated or not safetensors, re-download or re-save it")]
     Safetensors { path: PathBuf, reason: String },
+    #[error("{path}: cannot read GGUF ({reason}); the file may be truncated or not GGUF, re-download it")]
+    Gguf { path: PathBuf, reason: String },
     /// Bad or insufficient data (datasets, templates, splits).
     #[error("{0}")]
     Data(String),

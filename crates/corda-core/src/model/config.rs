@@ -143,8 +143,12 @@ fn token_ids(v: Option<&Value>) -> Vec<u32> {
 }
 
 impl ModelConfig {
-    /// Read and parse `dir/config.json`.
+    /// Read and parse `dir/config.json`; for a GGUF model (a `.gguf` file, or a directory
+    /// holding one and no safetensors) see [`super::GgufModel::config`].
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if let Some(file) = super::gguf::find_gguf(dir)? {
+            return super::GgufModel::open(&file)?.config();
+        }
         if !dir.is_dir() {
             return Err(CordaError::Model(format!(
                 "model directory {} does not exist; pass a Hugging Face model directory or a cached hub id",

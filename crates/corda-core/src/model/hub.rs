@@ -1,4 +1,4 @@
-//! `--model_id`: a local directory, or a Hugging Face hub id. A hub model whose config and
+//! `--model_id`: a local directory, a `.gguf` file, or a Hugging Face hub id. A hub model whose config and
 //! weights are all in the cache (`HF_HUB_CACHE`, `HF_HOME/hub`, `~/.cache/huggingface/hub`) is
 //! used from there without contacting the hub; otherwise, unless `HF_HUB_OFFLINE` is set, its
 //! config, tokenizer, generation config and safetensors weights are downloaded into the cache.
@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::hub::{is_repo_id, Hub, RepoKind};
+use crate::model::gguf::{find_gguf, is_gguf_path};
 use crate::model::save::SUPPORT_FILES;
 use crate::model::weights::index_shards;
 use crate::{CordaError, Result};
@@ -49,6 +50,15 @@ fn resolve(id: &str, revision: &str, hub: &Hub, need: Need) -> Result<PathBuf> {
         }
         return Ok(local.to_path_buf());
     }
+    if is_gguf_path(local) {
+        return if local.is_file() {
+            Ok(local.to_path_buf())
+        } else {
+            Err(CordaError::Model(format!(
+                "GGUF file `{id}` does not exist"
+            )))
+        };
+    }
     if !looks_like_model_id(id) {
         return Err(CordaError::Model(format!(
             "model directory `{id}` does not exist; pass a Hugging Face model directory or a hub id such as meta-llama/Llama-2-7b-hf"
@@ -84,9 +94,13 @@ pub fn looks_like_model_id(id: &str) -> bool {
 fn missing_files(snap: &Path, need: Need) -> Result<Vec<String>> {
     let mut missing = Vec::new();
     if need == Need::Tokenizer {
-        if !snap.join("tokenizer.json").is_file() {
+        if !snap.join("tokenizer.json").is_file() && find_gguf(snap)?.is_none() {
             missing.push("tokenizer.json".to_string());
         }
+        return Ok(missing);
+    }
+    // A GGUF-only snapshot (one .gguf, no safetensors) carries its config in the file.
+    if find_gguf(snap)?.is_some() {
         return Ok(missing);
     }
     if !snap.join("config.json").is_file() {
@@ -122,6 +136,29 @@ fn download_model(hub: &Hub, id: &str, revision: &str, need: Need) -> Result<Pat
             )));
         }
         return hub.download(RepoKind::Model, id, revision, &info.sha, &side);
+    }
+    let ggufs: Vec<&String> = info
+        .files
+        .iter()
+        .filter(|f| is_gguf_path(Path::new(f)))
+        .collect();
+    if !has(INDEX) && !has(SINGLE) && !ggufs.is_empty() {
+        // A GGUF repo: its one .gguf (config and tokenizer inside), with the side files it has.
+        if ggufs.len() > 1 {
+            return Err(CordaError::Model(format!(
+                "hub model `{id}` (revision `{revision}`) holds {} .gguf files ({}); download the \
+                 one you want and pass its path as the model",
+                ggufs.len(),
+                ggufs
+                    .iter()
+                    .map(|f| f.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let mut files = side;
+        files.push(ggufs[0].clone());
+        return hub.download(RepoKind::Model, id, revision, &info.sha, &files);
     }
     if !has("config.json") {
         return Err(CordaError::Model(format!(

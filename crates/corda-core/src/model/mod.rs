@@ -2,7 +2,8 @@
 //!
 //! - [`config`]: `config.json` in both transformers layouts.
 //! - [`hub`]: `--model_id` as a directory or a hub id (from the cache, else downloaded).
-//! - [`weights`]: memory-mapped (sharded) safetensors, and a streaming shard writer.
+//! - [`weights`]: memory-mapped (sharded) safetensors or GGUF, and a streaming shard writer.
+//! - [`gguf`]: llama.cpp GGUF files as weights, config and tokenizer (dequantized on read).
 //! - [`tokenizer`]: `tokenizer.json` with BOS/EOS/pad.
 //! - [`linear`], [`frozen`]: target linears with optional LoRA; frozen-weight matmul.
 //! - [`decoder`]: one decoder layer with observable linear inputs.
@@ -13,6 +14,7 @@ pub mod causal_lm;
 pub mod config;
 pub mod decoder;
 pub mod frozen;
+pub mod gguf;
 pub mod hub;
 pub mod linear;
 pub mod save;
@@ -22,6 +24,7 @@ pub mod weights;
 pub use causal_lm::{embed, load_embeddings, resolve_dtype, CausalLM, LoadOptions};
 pub use config::{dtype_name, parse_dtype, Architecture, ModelConfig, RopeScaling};
 pub use decoder::{module_name, AttnContext, DecoderLayer, InputSite, Observer};
+pub use gguf::{find_gguf, GgufModel};
 pub use hub::{cache_root, resolve_model, resolve_model_dir, resolve_tokenizer};
 pub use linear::{Lora, TargetLinear, TARGET_PROJECTIONS};
 pub use tokenizer::TokenizerInfo;

@@ -21,8 +21,26 @@ pub const SUPPORT_FILES: [&str; 7] = [
     "chat_template.jinja",
 ];
 
-/// Copy the tokenizer and generation files that exist in `src` into `dst`.
+/// Copy the tokenizer and generation files that exist in `src` into `dst`. For a GGUF model
+/// they are taken from beside the `.gguf`, and what is missing there (tokenizer, generation
+/// config) is written from its metadata, so `dst` is a complete Hugging Face directory.
 pub fn copy_support_files(src: &Path, dst: &Path) -> Result<()> {
+    if let Some(file) = super::gguf::find_gguf(src)? {
+        let gguf = super::GgufModel::open(&file)?;
+        let beside = gguf.dir();
+        copy_existing(&beside, dst)?;
+        if !beside.join("tokenizer.json").is_file() {
+            gguf.write_tokenizer_files(dst)?;
+        }
+        if !beside.join("generation_config.json").is_file() {
+            gguf.write_generation_config(dst)?;
+        }
+        return Ok(());
+    }
+    copy_existing(src, dst)
+}
+
+fn copy_existing(src: &Path, dst: &Path) -> Result<()> {
     for f in SUPPORT_FILES {
         let from = src.join(f);
         if from.is_file() {

@@ -47,8 +47,29 @@ fn first_id(v: Option<&Value>) -> Option<u32> {
 }
 
 impl TokenizerInfo {
-    /// Load from a model directory.
+    /// Load from a model directory. For a GGUF model: the `tokenizer.json` beside the file
+    /// (special ids it leaves unset come from the GGUF metadata), else one rebuilt from the
+    /// metadata.
     pub fn load(dir: &Path) -> Result<Self> {
+        if let Some(file) = super::gguf::find_gguf(dir)? {
+            let gguf = super::GgufModel::open(&file)?;
+            let beside = gguf.dir();
+            if !beside.join("tokenizer.json").is_file() {
+                return gguf.tokenizer_from_metadata();
+            }
+            let mut info = Self::load_dir(&beside)?;
+            gguf.fill_special_ids(&mut info);
+            return Ok(info);
+        }
+        Self::load_dir(dir)
+    }
+
+    /// Whether [`Self::load`] finds a tokenizer for this model path without looking elsewhere.
+    pub fn available(dir: &Path) -> bool {
+        dir.join("tokenizer.json").is_file() || matches!(super::gguf::find_gguf(dir), Ok(Some(_)))
+    }
+
+    fn load_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
             return Err(CordaError::Model(format!(

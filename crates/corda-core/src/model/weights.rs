@@ -1,6 +1,7 @@
 //! Checkpoint weights: a single `model.safetensors` or shards listed in
-//! `model.safetensors.index.json`, memory-mapped once; and a streaming shard writer so a
-//! residual model can be written layer by layer without holding it in memory.
+//! `model.safetensors.index.json`, memory-mapped once, or a GGUF file (see [`super::gguf`]);
+//! and a streaming shard writer so a residual model can be written layer by layer without
+//! holding it in memory.
 //!
 //! A tensor is copied out of the mapping when loaded and its pages are then released
 //! (`MADV_DONTNEED`), so walking through a model layer by layer keeps resident memory at one
@@ -13,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::{Mmap, UncheckedAdvice};
 use serde_json::{json, Value};
 
+use super::gguf::GgufModel;
 use crate::{CordaError, Result};
 
 /// Where a tensor lives in its shard.
@@ -26,11 +28,13 @@ struct Entry {
     end: usize,
 }
 
-/// The tensors of a model directory, memory-mapped.
+/// The tensors of a model directory (or GGUF file), memory-mapped.
 pub struct Weights {
     files: Vec<PathBuf>,
     maps: Vec<Mmap>,
     entries: HashMap<String, Entry>,
+    /// Set for a GGUF model; then `maps` and `entries` are empty.
+    gguf: Option<GgufModel>,
     /// Largest shard size in bytes (used to shard written copies like the source).
     pub max_shard_bytes: u64,
 }
@@ -42,18 +46,46 @@ fn truncated(path: &Path, reason: impl Into<String>) -> CordaError {
     }
 }
 
-/// Map one shard and read its header.
-fn open_shard(path: &Path, shard: usize, entries: &mut HashMap<String, Entry>) -> Result<Mmap> {
+/// Give back the mapped pages of bytes `start..end` once they have been copied out (they are
+/// re-read if needed again), so walking a model keeps resident memory at one layer.
+pub(super) fn release_pages(map: &Mmap, start: usize, end: usize) {
+    // SAFETY: the mapping is private and read-only and nothing borrows these bytes now.
+    unsafe {
+        let _ = map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start);
+    }
+}
+
+/// The shape a caller expects, when it says, against the stored one.
+fn check_shape(name: &str, expected: Option<&[usize]>, found: &[usize]) -> Result<()> {
+    match expected {
+        Some(exp) if exp != found => Err(CordaError::ShapeMismatch {
+            name: name.to_string(),
+            expected: exp.to_vec(),
+            found: found.to_vec(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Map a weights file read-only; `missing` is the error when it does not exist.
+pub(super) fn map_file(path: &Path, missing: impl FnOnce() -> String) -> Result<Mmap> {
     if !path.is_file() {
-        return Err(CordaError::Model(format!(
-            "{} is missing; the model directory is incomplete, re-download it",
-            path.display()
-        )));
+        return Err(CordaError::Model(missing()));
     }
     let file = std::fs::File::open(path).map_err(|e| CordaError::io(path, e))?;
-    // SAFETY: the file is mapped read-only; like every safetensors reader we assume nobody
-    // truncates it while we run.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| CordaError::io(path, e))?;
+    // SAFETY: the file is mapped read-only; like every safetensors or GGUF reader we assume
+    // nobody truncates it while we run.
+    unsafe { Mmap::map(&file) }.map_err(|e| CordaError::io(path, e))
+}
+
+/// Map one shard and read its header.
+fn open_shard(path: &Path, shard: usize, entries: &mut HashMap<String, Entry>) -> Result<Mmap> {
+    let map = map_file(path, || {
+        format!(
+            "{} is missing; the model directory is incomplete, re-download it",
+            path.display()
+        )
+    })?;
     let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map)
         .map_err(|e| truncated(path, format!("invalid header: {e}")))?;
     let data_start = 8 + header_len;
@@ -104,8 +136,19 @@ pub fn index_shards(index: &Path) -> Result<Vec<String>> {
 }
 
 impl Weights {
-    /// Open the weights of a model directory (single file or sharded with an index).
+    /// Open the weights of a model directory (single file or sharded with an index), or of a
+    /// GGUF model (a `.gguf` file, or a directory holding one and no safetensors).
     pub fn open(dir: &Path) -> Result<Self> {
+        if let Some(file) = super::gguf::find_gguf(dir)? {
+            let gguf = GgufModel::open(&file)?;
+            return Ok(Self {
+                files: vec![file],
+                maps: vec![],
+                entries: HashMap::new(),
+                gguf: Some(gguf),
+                max_shard_bytes: u64::MAX,
+            });
+        }
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let files: Vec<PathBuf> = if index.is_file() {
@@ -138,8 +181,14 @@ impl Weights {
             files,
             maps,
             entries,
+            gguf: None,
             max_shard_bytes,
         })
+    }
+
+    /// The GGUF model behind these weights, if they come from one.
+    pub fn gguf(&self) -> Option<&GgufModel> {
+        self.gguf.as_ref()
     }
 
     /// Number of shard files.
@@ -149,12 +198,18 @@ impl Weights {
 
     /// All tensor names, sorted.
     pub fn names(&self) -> Vec<String> {
+        if let Some(g) = &self.gguf {
+            return g.names();
+        }
         let mut v: Vec<String> = self.entries.keys().cloned().collect();
         v.sort();
         v
     }
 
     pub fn contains(&self, name: &str) -> bool {
+        if let Some(g) = &self.gguf {
+            return g.contains(name);
+        }
         self.entries.contains_key(name)
     }
 
@@ -183,11 +238,17 @@ impl Weights {
 
     /// Shape of a tensor as stored.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        if let Some(g) = &self.gguf {
+            return g.shape(name);
+        }
         Ok(self.entry(name)?.shape.clone())
     }
 
-    /// The stored dtype of a tensor.
+    /// The stored dtype of a tensor (for GGUF: what it dequantizes to, float32 when quantized).
     pub fn dtype(&self, name: &str) -> Result<DType> {
+        if let Some(g) = &self.gguf {
+            return g.dtype(name);
+        }
         use safetensors::Dtype as S;
         Ok(match self.entry(name)?.dtype {
             S::F32 => DType::F32,
@@ -204,32 +265,25 @@ impl Weights {
 
     /// Load a tensor in its stored dtype, checking its shape when `expected` is given.
     pub fn get(&self, name: &str, expected: Option<&[usize]>, device: &Device) -> Result<Tensor> {
-        let e = self.entry(name)?;
-        if let Some(exp) = expected {
-            if exp != e.shape.as_slice() {
-                return Err(CordaError::ShapeMismatch {
-                    name: name.to_string(),
-                    expected: exp.to_vec(),
-                    found: e.shape.clone(),
-                });
-            }
+        if let Some(g) = &self.gguf {
+            let shape = g.shape(name)?;
+            check_shape(name, expected, &shape)?;
+            return g.get(name, device);
         }
+        let e = self.entry(name)?;
+        check_shape(name, expected, &e.shape)?;
         let dtype = self.dtype(name)?;
         let map = &self.maps[e.shard];
         let t = Tensor::from_raw_buffer(&map[e.start..e.end], dtype, &e.shape, device)?;
-        // The bytes are copied; give the mapped pages back (they are re-read if needed again).
-        // SAFETY: the mapping is private and read-only and nothing borrows these bytes now.
-        unsafe {
-            let _ = map.unchecked_advise_range(UncheckedAdvice::DontNeed, e.start, e.end - e.start);
-        }
+        release_pages(map, e.start, e.end);
         Ok(t)
     }
 
     /// The dtype most tensors are stored in (what `--dtype auto` means when the config is silent).
     pub fn dominant_dtype(&self) -> DType {
         let mut counts: BTreeMap<&'static str, (usize, DType)> = BTreeMap::new();
-        for name in self.entries.keys() {
-            if let Ok(d) = self.dtype(name) {
+        for name in self.names() {
+            if let Ok(d) = self.dtype(&name) {
                 counts.entry(d.as_str()).or_insert((0, d)).0 += 1;
             }
         }

@@ -162,12 +162,12 @@ impl FineTuneSpec {
         if let Some(t) = &self.tokenizer_name_or_path {
             return resolve_tokenizer(t, "main", &self.hub);
         }
-        if model_dir.join("tokenizer.json").is_file() {
+        if TokenizerInfo::available(model_dir) {
             return Ok(model_dir.to_path_buf());
         }
         if let Some(base) = adapter.and_then(|a| a.config.base_model_name_or_path.as_deref()) {
             if let Ok(dir) = resolve_tokenizer(base, "main", &self.hub) {
-                if dir.join("tokenizer.json").is_file() {
+                if TokenizerInfo::available(&dir) {
                     tracing::info!(
                         "no tokenizer in {}; using the one of {}",
                         model_dir.display(),
