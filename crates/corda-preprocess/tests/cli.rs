@@ -297,10 +297,13 @@ fn peak_memory_does_not_grow_with_depth() {
     let shallow = peak_rss_for_layers(tmp.path(), 2);
     let deep = peak_rss_for_layers(tmp.path(), 8);
     // One layer of this model is 11.5 MB of float32 weights: holding the whole model (or every
-    // covariance) would add at least 6 layers' worth; layer by layer it stays within one.
+    // covariance) would add at least 6 layers' worth. Layer by layer it stays flat; the
+    // decomposition of layer l overlaps the calibration of layer l + 1, so one more layer is
+    // in flight at a moment that depends on thread timing, and the peak of 7 overlaps can sit
+    // up to about one layer above the peak of 1: two layers' worth is the bound.
     let layer_bytes = 4 * (4 * 512 * 512 + 3 * 512 * 1408) as u64;
     assert!(
-        deep < shallow + layer_bytes,
+        deep < shallow + 2 * layer_bytes,
         "peak RSS grew from {shallow} (2 layers) to {deep} (8 layers); one layer is {layer_bytes} bytes"
     );
 }
