@@ -85,6 +85,9 @@ pub fn target_weights(layer: &DecoderLayer, targets: &[Target]) -> Result<Vec<Ma
         .collect()
 }
 
+/// The damped covariance of each input site of a layer.
+type DampedSites = BTreeMap<InputSite, Arc<Damped>>;
+
 /// One unit of a layer's decomposition.
 #[derive(Clone, Copy)]
 enum Task {
@@ -104,7 +107,7 @@ fn layer_eigens(
     weights: &[Mat<f32>],
     covs: &BTreeMap<InputSite, Mat<f32>>,
     mode: CordaMode,
-) -> Result<(Vec<CordaEigens>, BTreeMap<InputSite, Arc<Damped>>)> {
+) -> Result<(Vec<CordaEigens>, DampedSites)> {
     struct State {
         ready: Vec<Task>,
         damped: BTreeMap<InputSite, Arc<Damped>>,

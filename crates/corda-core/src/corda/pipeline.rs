@@ -335,7 +335,6 @@ pub fn preprocess(
     if let Some(done) = in_flight.take() {
         finish(done, &mut phases, &mut outputs)?;
     }
-    drop(finish);
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
