@@ -15,7 +15,7 @@
 //! the float32 covariance) are the same as PEFT's, so the result is PEFT's decomposition without
 //! its rounding; `docs/peft-compat.md` has the figures.
 
-use faer::linalg::solvers::{DenseSolveCore, Solve};
+use faer::linalg::solvers::Solve;
 use faer::{Accum, Mat, MatRef, Par, Side};
 
 use crate::{CordaError, Result};
@@ -113,7 +113,8 @@ fn float32_inverse_error(c: MatRef<'_, f32>, add: f32) -> f64 {
         n,
         |i, j| if i == j { c[(i, j)] + add } else { c[(i, j)] },
     );
-    let inv = cf.partial_piv_lu().inverse();
+    // As torch.linalg.inv does it: an LU factorization, then solves against the identity.
+    let inv = cf.partial_piv_lu().solve(Mat::<f32>::identity(n, n));
     let mut prod = Mat::<f32>::zeros(n, n);
     faer::linalg::matmul::matmul(
         prod.as_mut(),
@@ -143,7 +144,8 @@ pub fn damp_covariance(c: MatRef<'_, f32>, module: &str) -> Result<Damped> {
             c.ncols()
         )));
     }
-    let diag_mean = (0..n).map(|i| c[(i, i)]).sum::<f32>() / n as f32;
+    // torch.mean sums accurately (pairwise); a float64 sum rounded once is as close to it.
+    let diag_mean = ((0..n).map(|i| c[(i, i)] as f64).sum::<f64>() / n as f64) as f32;
     if !diag_mean.is_finite() || (0..n).any(|j| (0..n).any(|i| !c[(i, j)].is_finite())) {
         return Err(CordaError::Numerics(format!(
             "{module}: the covariance contains NaN or inf; the calibration forward overflowed (try the float32 dtype) or the model has NaN weights"
