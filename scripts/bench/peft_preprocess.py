@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--calib", required=True, help="jsonl with a text field per row")
     ap.add_argument("--n", type=int, default=16, help="calibration samples")
     ap.add_argument("--seq", type=int, default=256, help="tokens per sample")
+    ap.add_argument("--rows", action="store_true",
+                    help="one sample per row, truncated to --seq (real questions are short)")
     ap.add_argument("--r", type=int, default=64)
     ap.add_argument("--mode", default="kpm", choices=["kpm", "ipm"])
     ap.add_argument("--threads", type=int, default=2)
@@ -64,7 +66,7 @@ def main() -> None:
     tok = Tokenizer.from_file(os.path.join(a.model, "tokenizer.json"))
     rows = [json.loads(l) for l in open(a.calib) if l.strip()][: a.n]
     samples = [tok.encode(r["text"]).ids[: a.seq] for r in rows]
-    if len(samples) < a.n or any(len(s) != a.seq for s in samples):
+    if len(samples) < a.n or (not a.rows and any(len(s) != a.seq for s in samples)):
         sys.exit(f"calibration file gives {len(samples)} samples of lengths {sorted({len(s) for s in samples})}, "
                  f"need {a.n} x {a.seq}")
     res["samples"] = len(samples)
