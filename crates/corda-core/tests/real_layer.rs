@@ -24,17 +24,10 @@ const RANK: usize = 16;
 const BOUND: f64 = 1e-3;
 
 fn fixture() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/fixtures/real-layer/smollm2-layer11.safetensors");
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!(
-            "NOTICE: {} is absent; the real-layer tests are skipped (CI always has ../shared)",
-            p.display()
-        );
-        None
-    }
+    corda_testdata::shared(
+        "fixtures/real-layer/smollm2-layer11.safetensors",
+        "the real-layer decomposition tests",
+    )
 }
 
 struct Fixture {
