@@ -8,17 +8,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use corda_core::corda::{corda_eigens_damped, corda_init, damp_covariance, degeneracy, CordaMode};
+use corda_core::model::TARGET_PROJECTIONS;
 use faer::{Mat, Par};
 
-const PROJECTIONS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 const RANK: usize = 16;
 /// The bound: ‖s·B·A − exact‖_F / ‖exact‖_F per module.
 const BOUND: f64 = 1e-3;
@@ -79,7 +71,7 @@ fn check_mode(mode: CordaMode) {
     let m = mode.as_str();
     let mut worst: f64 = 0.0;
     println!("{m}: module      ours(s·B·A)  ours(U·S·Vt)  PEFT f32   gap     δ     sensitivity");
-    for p in PROJECTIONS {
+    for p in TARGET_PROJECTIONS {
         let site = fx.meta["covariance_sites"][p].as_str().unwrap();
         let w = fx.mat_f32(&format!("{p}.weight"));
         let c = fx.mat_f32(&format!("{m}.{site}.covariance"));

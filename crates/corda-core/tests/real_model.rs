@@ -13,7 +13,7 @@ use corda_core::adapter::Adapter;
 use corda_core::corda::{preprocess, CordaMode, PreprocessOptions};
 use corda_core::data::{calibration_samples, read_rows, CalibOptions, CalibSampling, Template};
 use corda_core::layout::CORDA_INIT_DIR;
-use corda_core::model::{CausalLM, LoadOptions, TokenizerInfo, Weights};
+use corda_core::model::{CausalLM, LoadOptions, TokenizerInfo, Weights, TARGET_PROJECTIONS};
 use faer::linalg::solvers::DenseSolveCore;
 use faer::Mat;
 
@@ -137,15 +137,7 @@ fn run(mode: CordaMode, test: &str) {
             .flat_map(|h| h.join().unwrap())
             .collect()
     });
-    for proj in [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ] {
+    for proj in TARGET_PROJECTIONS {
         let worst = errors
             .iter()
             .filter(|(n, _)| n.ends_with(proj))
