@@ -170,3 +170,54 @@ fn cli_reference_is_current() {
         tail(&run.stderr, 50)
     );
 }
+
+/// The stage scripts look for the binaries in Cargo's target directory, which
+/// `CARGO_TARGET_DIR` moves (shared build machines set it); never in a hard-coded target/.
+#[test]
+fn scripts_honour_cargo_target_dir() {
+    let root = repo_root();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let run = Command::new("bash")
+        .arg(root.join("scripts/target-dir.sh"))
+        .current_dir(&root)
+        .env("CARGO_TARGET_DIR", elsewhere.path())
+        .env("CARGO_NET_OFFLINE", "true")
+        .output()
+        .expect("run bash");
+    assert!(run.status.success(), "{}", tail(&run.stderr, 20));
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout).trim(),
+        elsewhere.path().to_str().unwrap()
+    );
+    // Every stage script takes its binaries from there (or from BIN).
+    for script in [
+        "quickstart.sh",
+        "gen-cli-docs.sh",
+        "finetune.sh",
+        "convert.sh",
+        "preprocess_kpm_nqopen.sh",
+        "preprocess_ipm_metamath.sh",
+    ] {
+        let text = std::fs::read_to_string(root.join("scripts").join(script)).unwrap();
+        assert!(
+            text.contains(r#"BIN="${BIN:-$("$ROOT/scripts/target-dir.sh")/release}""#)
+                && !text.contains("$ROOT/target/release"),
+            "{script} does not use scripts/target-dir.sh"
+        );
+    }
+    // With the variable set, the script reports the missing binary under that directory.
+    let run = Command::new("bash")
+        .arg(root.join("scripts/gen-cli-docs.sh"))
+        .arg("--check")
+        .current_dir(&root)
+        .env("SKIP_BUILD", "1")
+        .env_remove("BIN")
+        .env("CARGO_TARGET_DIR", elsewhere.path())
+        .output()
+        .expect("run bash");
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success() && err.contains(elsewhere.path().to_str().unwrap()),
+        "{err}"
+    );
+}
