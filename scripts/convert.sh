@@ -10,7 +10,7 @@
 # corda-convert (e.g. --rank 64, --merge --base_model M --merged_path DIR, --overwrite).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN="${BIN:-$ROOT/target/release}"
+BIN="${BIN:-$("$ROOT/scripts/target-dir.sh")/release}"
 RESIDUAL="${RESIDUAL:-out/llama2-7b-kpm-nqopen}"
 FT="${FT:-${RESIDUAL%/}-ft/ft}"
 LORA="${LORA:-${RESIDUAL%/}-lora}"

@@ -11,7 +11,7 @@
 # Same run: configs/llama2-7b-finetune-metamath.yaml.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN="${BIN:-$ROOT/target/release}"
+BIN="${BIN:-$("$ROOT/scripts/target-dir.sh")/release}"
 RESIDUAL="${RESIDUAL:-out/llama2-7b-kpm-nqopen}"
 OUTPUT_DIR="${OUTPUT_DIR:-${RESIDUAL%/}-ft}"
 DATA="${DATA:-meta-math/MetaMathQA}"

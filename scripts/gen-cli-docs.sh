@@ -4,10 +4,11 @@
 #
 #   scripts/gen-cli-docs.sh            # build, then rewrite docs/cli.md
 #   scripts/gen-cli-docs.sh --check    # build, then compare
-#   SKIP_BUILD=1 scripts/gen-cli-docs.sh   # use target/release as it is
+#   SKIP_BUILD=1 scripts/gen-cli-docs.sh   # use the built binaries as they are
+#   BIN=DIR scripts/gen-cli-docs.sh        # binaries in DIR [default: cargo's target dir/release]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN="$ROOT/target/release"
+BIN="${BIN:-$("$ROOT/scripts/target-dir.sh")/release}"
 DOC="$ROOT/docs/cli.md"
 BINARIES=(corda-preprocess corda-finetune corda-convert corda-demo)
 

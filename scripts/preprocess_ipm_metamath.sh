@@ -8,7 +8,7 @@
 # arguments go to corda-preprocess. Same run: configs/llama2-7b-ipm-metamath.yaml.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN="${BIN:-$ROOT/target/release}"
+BIN="${BIN:-$("$ROOT/scripts/target-dir.sh")/release}"
 MODEL="${MODEL:-meta-llama/Llama-2-7b-hf}"
 SAVE_PATH="${SAVE_PATH:-out/llama2-7b-ipm-metamath}"
 R="${R:-128}"

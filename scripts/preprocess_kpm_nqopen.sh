@@ -10,7 +10,7 @@
 # corda-preprocess (e.g. --calib_loader_size 64 --overwrite). Same run: configs/llama2-7b-kpm-nqopen.yaml.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN="${BIN:-$ROOT/target/release}"
+BIN="${BIN:-$("$ROOT/scripts/target-dir.sh")/release}"
 MODEL="${MODEL:-meta-llama/Llama-2-7b-hf}"
 SAVE_PATH="${SAVE_PATH:-out/llama2-7b-kpm-nqopen}"
 R="${R:-128}"

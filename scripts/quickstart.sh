@@ -21,12 +21,13 @@
 #   CALIB_TEMPLATE ({question}; empty for a registry name's own)   CALIB_SAMPLES (256)
 #   TRAIN_DATA ($DATA/math.jsonl)   TRAIN_FIELDS ("query response")
 #   R (8)   STEPS (60)   BATCH (8)   LR (5e-3 on the demo; the recipe's 2e-5 with MODEL)
-#   SKIP_BUILD=1 uses the binaries in target/release as they are.
+#   SKIP_BUILD=1 uses the built binaries as they are.
+#   BIN (cargo's target directory/release: CARGO_TARGET_DIR is honoured) holds the binaries.
 # Logs of every stage go to $OUT/logs/.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BIN="$ROOT/target/release"
+BIN="${BIN:-$("$ROOT/scripts/target-dir.sh")/release}"
 OUT="${OUT:-$ROOT/demo}"
 R="${R:-8}"
 STEPS="${STEPS:-60}"

@@ -40,7 +40,9 @@ pub fn read_config_file(path: &Path) -> Result<Vec<(String, Value)>> {
 
 /// Replace `--config FILE` (or `--config=FILE`) in `args` by the file's flags. Booleans become
 /// `--flag=true`, lists become one flag followed by its values, `null` leaves the flag out.
-pub fn expand_config_args(args: Vec<OsString>) -> Result<Vec<OsString>> {
+/// When `known` lists the command's long flags, a key that is none of them (in either spelling)
+/// is refused naming the file and the key, instead of surfacing later as an unknown `--flag`.
+pub fn expand_config_args(args: Vec<OsString>, known: Option<&[&str]>) -> Result<Vec<OsString>> {
     let mut out: Vec<OsString> = vec![];
     let mut from_file: Vec<OsString> = vec![];
     let mut it = args.into_iter();
@@ -59,6 +61,15 @@ pub fn expand_config_args(args: Vec<OsString>) -> Result<Vec<OsString>> {
             continue;
         };
         for (key, value) in read_config_file(Path::new(&f))? {
+            if let Some(known) = known {
+                let snake = key.replace('-', "_");
+                if !known.contains(&key.as_str()) && !known.contains(&snake.as_str()) {
+                    bail!(
+                        "{}: unknown key `{key}` (not a flag of this program; see --help for the flag names)",
+                        Path::new(&f).display()
+                    );
+                }
+            }
             let flag = format!("--{key}");
             match value {
                 Value::Null => {}
@@ -100,7 +111,7 @@ mod tests {
             .iter()
             .map(OsString::from)
             .collect();
-        let got: Vec<String> = expand_config_args(args)
+        let got: Vec<String> = expand_config_args(args, None)
             .unwrap()
             .into_iter()
             .map(|s| s.into_string().unwrap())
@@ -121,10 +132,25 @@ mod tests {
         );
         let t = dir.path().join("c.toml");
         std::fs::write(&t, "lora_alpha = 32\n").unwrap();
-        let got = expand_config_args(vec!["p".into(), format!("--config={}", t.display()).into()])
-            .unwrap();
+        let got = expand_config_args(
+            vec!["p".into(), format!("--config={}", t.display()).into()],
+            Some(&["lora_alpha"]),
+        )
+        .unwrap();
         assert_eq!(got, ["p", "--lora_alpha", "32"].map(OsString::from));
-        assert!(expand_config_args(vec!["p".into(), "--config".into(), "x.ini".into()]).is_err());
-        assert!(expand_config_args(vec!["p".into(), "--config".into()]).is_err());
+        let err = expand_config_args(
+            vec!["p".into(), format!("--config={}", t.display()).into()],
+            Some(&["r"]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("c.toml") && err.contains("`lora_alpha`"),
+            "{err}"
+        );
+        assert!(
+            expand_config_args(vec!["p".into(), "--config".into(), "x.ini".into()], None).is_err()
+        );
+        assert!(expand_config_args(vec!["p".into(), "--config".into()], None).is_err());
     }
 }

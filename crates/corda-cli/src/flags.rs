@@ -104,16 +104,56 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     }
 }
 
-/// One `KEY=VALUE` item of a pattern flag (`down_proj=64`).
+/// One `KEY=VALUE` item of a pattern flag (`down_proj=64`); the key must not be empty.
 pub fn key_value<T: FromStr>(s: &str) -> std::result::Result<(String, T), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("`{s}` is not KEY=VALUE (e.g. down_proj=64)"))?;
+    let k = k.trim();
+    if k.is_empty() {
+        return Err(format!(
+            "`{s}` has an empty module name; use KEY=VALUE (e.g. down_proj=64)"
+        ));
+    }
     let v = v
         .trim()
         .parse::<T>()
         .map_err(|_| format!("`{}` in `{s}` is not a number", v.trim()))?;
-    Ok((k.trim().to_string(), v))
+    Ok((k.to_string(), v))
+}
+
+/// A count that must be at least 1 (a rank, a batch size).
+pub fn positive_count(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1, got 0".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a whole number ≥ 1")),
+    }
+}
+
+/// A finite number above zero (a LoRA alpha): NaN, infinities, 0 and negatives are refused.
+pub fn positive_number(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("must be a finite number above 0, got {v}")),
+        Err(_) => Err(format!("`{s}` is not a number")),
+    }
+}
+
+/// One `KEY=RANK` item of `--rank_pattern`: a non-empty key and a rank of at least 1.
+pub fn key_rank(s: &str) -> std::result::Result<(String, usize), String> {
+    let (k, v) = key_value::<String>(s)?;
+    positive_count(&v)
+        .map(|r| (k, r))
+        .map_err(|e| format!("rank in `{s}`: {e}"))
+}
+
+/// One `KEY=ALPHA` item of `--alpha_pattern`: a non-empty key and a finite alpha above 0.
+pub fn key_alpha(s: &str) -> std::result::Result<(String, f64), String> {
+    let (k, v) = key_value::<String>(s)?;
+    positive_number(&v)
+        .map(|a| (k, a))
+        .map_err(|e| format!("alpha in `{s}`: {e}"))
 }
 
 /// `cpu`, `cuda` (= `cuda:0`, also `gpu`) or `cuda:N`. CUDA needs a build with the `cuda`
@@ -205,6 +245,15 @@ mod tests {
         );
         assert!(key_value::<usize>("down_proj").is_err());
         assert!(key_value::<usize>("down_proj=x").is_err());
+        assert!(key_value::<usize>("=3").unwrap_err().contains("empty"));
+        assert!(key_rank("down_proj=0").is_err());
+        assert_eq!(key_rank("q_proj=16").unwrap(), ("q_proj".into(), 16));
+        for bad in ["nan", "inf", "-inf", "0", "-16", "x"] {
+            assert!(positive_number(bad).is_err(), "{bad}");
+            assert!(key_alpha(&format!("q_proj={bad}")).is_err(), "{bad}");
+        }
+        assert_eq!(positive_number("16").unwrap(), 16.0);
+        assert!(positive_count("0").unwrap_err().contains("at least 1"));
         assert!(parse_device("cpu").is_ok());
         assert!(parse_device("tpu").is_err());
     }

@@ -19,7 +19,8 @@ use corda_core::CordaError;
 
 pub use config::{expand_config_args, read_config_file};
 pub use flags::{
-    hf_booleans, key_value, normalize_flag_names, parse_bool, parse_device, parse_size,
+    hf_booleans, key_alpha, key_rank, key_value, normalize_flag_names, parse_bool, parse_device,
+    parse_size, positive_count, positive_number,
 };
 
 /// Log to stderr at `default_level` unless `RUST_LOG` says otherwise; colours only on a terminal.
@@ -53,6 +54,24 @@ pub fn overwrite_hint(e: CordaError) -> anyhow::Error {
     }
 }
 
+/// An error and its causes joined by `: `, like anyhow's `{:#}`, except that a cause whose text
+/// the message before it already ends with (an error that prints its source, such as
+/// `CordaError::Io`) is not repeated.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// Why parsing the command line did not give arguments.
 #[derive(Debug)]
 pub enum ParseOutcome {
@@ -64,8 +83,10 @@ pub enum ParseOutcome {
 
 /// `--config` expansion, flag spelling, then clap.
 pub fn parse_args<A: clap::Parser>(argv: Vec<OsString>) -> Result<A, ParseOutcome> {
-    let argv = expand_config_args(argv).map_err(|e| ParseOutcome::Error(format!("{e:#}")))?;
     let cmd = hf_booleans(A::command());
+    let longs: Vec<&str> = cmd.get_arguments().filter_map(|a| a.get_long()).collect();
+    let argv =
+        expand_config_args(argv, Some(&longs)).map_err(|e| ParseOutcome::Error(error_text(&e)))?;
     let argv = normalize_flag_names(&cmd, argv);
     let parsed = cmd
         .try_get_matches_from(argv)
@@ -102,7 +123,7 @@ pub fn main<A: clap::Parser>(
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("Error: {e:#}");
+            eprintln!("Error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
@@ -152,6 +173,36 @@ mod tests {
         assert!(parse(&["t"]).unwrap().on);
         assert!(!parse(&["t", "--on", "FALSE"]).unwrap().on);
         assert!(parse(&["t", "--on"]).unwrap().on);
+    }
+
+    #[test]
+    fn errors_do_not_repeat_a_cause_their_message_already_shows() {
+        let io = CordaError::Io {
+            path: "/x/y".into(),
+            source: std::io::Error::from_raw_os_error(20),
+        };
+        let text = error_text(&anyhow::Error::from(io).context("reading the model"));
+        assert_eq!(text.matches("os error 20").count(), 1, "{text}");
+        assert!(text.starts_with("reading the model: /x/y: "), "{text}");
+    }
+
+    #[test]
+    fn an_unknown_config_key_names_the_file_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(
+            &f,
+            "save_path: x
+save_pth: y
+",
+        )
+        .unwrap();
+        match parse(&["t", "--config", f.to_str().unwrap()]) {
+            Err(ParseOutcome::Error(m)) => {
+                assert!(m.contains("c.yaml") && m.contains("`save_pth`"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -12,6 +12,15 @@ fn repo_root() -> PathBuf {
         .unwrap()
 }
 
+/// Where Cargo put the workspace's binaries for this test run (it honours `CARGO_TARGET_DIR`):
+/// next to the corda-demo binary it built for these tests.
+fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_corda-demo"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
 fn tail(bytes: &[u8], n: usize) -> String {
     let s = String::from_utf8_lossy(bytes);
     let lines: Vec<&str> = s.lines().collect();
@@ -27,6 +36,7 @@ fn quickstart_runs_end_to_end_offline() {
         .arg(root.join("scripts/quickstart.sh"))
         .current_dir(&root)
         .env("OUT", &out_dir)
+        .env("BIN", bin_dir())
         .env("STEPS", "12")
         // Never download: cargo uses the local registry cache, hub ids the local cache.
         .env("CARGO_NET_OFFLINE", "true")
@@ -115,7 +125,7 @@ fn quickstart_runs_end_to_end_offline() {
     assert_eq!(lora["r"], 16, "{lora}");
 
     // Every paper config names only real flags (clap rejects unknown ones before --help).
-    let bin = root.join("target/release");
+    let bin = bin_dir();
     for entry in std::fs::read_dir(root.join("configs")).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
@@ -148,6 +158,7 @@ fn cli_reference_is_current() {
     let run = Command::new("bash")
         .arg(root.join("scripts/gen-cli-docs.sh"))
         .arg("--check")
+        .env("BIN", bin_dir())
         .current_dir(&root)
         .env("CARGO_NET_OFFLINE", "true")
         .output()
@@ -157,5 +168,56 @@ fn cli_reference_is_current() {
         "{}\n{}",
         tail(&run.stdout, 10),
         tail(&run.stderr, 50)
+    );
+}
+
+/// The stage scripts look for the binaries in Cargo's target directory, which
+/// `CARGO_TARGET_DIR` moves (shared build machines set it); never in a hard-coded target/.
+#[test]
+fn scripts_honour_cargo_target_dir() {
+    let root = repo_root();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let run = Command::new("bash")
+        .arg(root.join("scripts/target-dir.sh"))
+        .current_dir(&root)
+        .env("CARGO_TARGET_DIR", elsewhere.path())
+        .env("CARGO_NET_OFFLINE", "true")
+        .output()
+        .expect("run bash");
+    assert!(run.status.success(), "{}", tail(&run.stderr, 20));
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout).trim(),
+        elsewhere.path().to_str().unwrap()
+    );
+    // Every stage script takes its binaries from there (or from BIN).
+    for script in [
+        "quickstart.sh",
+        "gen-cli-docs.sh",
+        "finetune.sh",
+        "convert.sh",
+        "preprocess_kpm_nqopen.sh",
+        "preprocess_ipm_metamath.sh",
+    ] {
+        let text = std::fs::read_to_string(root.join("scripts").join(script)).unwrap();
+        assert!(
+            text.contains(r#"BIN="${BIN:-$("$ROOT/scripts/target-dir.sh")/release}""#)
+                && !text.contains("$ROOT/target/release"),
+            "{script} does not use scripts/target-dir.sh"
+        );
+    }
+    // With the variable set, the script reports the missing binary under that directory.
+    let run = Command::new("bash")
+        .arg(root.join("scripts/gen-cli-docs.sh"))
+        .arg("--check")
+        .current_dir(&root)
+        .env("SKIP_BUILD", "1")
+        .env_remove("BIN")
+        .env("CARGO_TARGET_DIR", elsewhere.path())
+        .output()
+        .expect("run bash");
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success() && err.contains(elsewhere.path().to_str().unwrap()),
+        "{err}"
     );
 }

@@ -3,7 +3,7 @@
 //! `TrainingArguments`. The work happens in `corda_core::train`; this file parses flags,
 //! loads the model, adapter and data, and reports.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -12,6 +12,7 @@ use clap::Parser;
 use corda_cli::parse_device;
 use corda_core::data::Split;
 use corda_core::hub::Hub;
+use corda_core::layout::{checkpoint_step, FINAL_ADAPTER_DIR, LOSS_CURVE_FILE, TRAINER_STATE_FILE};
 use corda_core::train::{
     defaults, resolve_resume, AdapterChoice, FineTuneSpec, LossNormalization, OptimizerName,
     ResumeFrom, SaveStrategy, SchedulerType, TrainConfig,
@@ -155,6 +156,7 @@ struct Args {
     /// Peak learning rate.
     #[arg(
         long = "learning_rate",
+        allow_negative_numbers = true,
         default_value_t = defaults::LEARNING_RATE,
         help_heading = "Training"
     )]
@@ -264,6 +266,14 @@ struct Args {
     #[arg(long = "save_total_limit", help_heading = "Logging and checkpoints")]
     save_total_limit: Option<usize>,
 
+    /// Train into a non-empty --output_dir, replacing the run there (its checkpoints, ft/,
+    /// trainer_state.json and loss.svg); without it such a directory is refused unless resuming.
+    #[arg(
+        long = "overwrite_output_dir",
+        help_heading = "Logging and checkpoints"
+    )]
+    overwrite_output_dir: bool,
+
     /// Continue from a checkpoint directory, or `true` for the latest in --output_dir.
     #[arg(long = "resume_from_checkpoint", num_args = 0..=1,
           default_missing_value = "true", value_name = "PATH|true", help_heading = "Logging and checkpoints")]
@@ -347,6 +357,45 @@ fn finetune_spec(a: &Args, device: Device) -> Result<FineTuneSpec> {
     })
 }
 
+/// A fresh run may not mix with what is already in `dir` (a finished run or checkpoints, which
+/// `save_total_limit` and a later `--resume_from_checkpoint` would confuse with this run's):
+/// refuse a non-empty directory unless `overwrite`, which removes the previous run's outputs.
+fn claim_output_dir(dir: &Path, overwrite: bool) -> Result<()> {
+    let entries: Vec<_> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("reading --output_dir {}", dir.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("--output_dir {}", dir.display())),
+    };
+    if entries.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
+        bail!(
+            "--output_dir {} is not empty; pass --overwrite_output_dir to replace the run in it, --resume_from_checkpoint to continue it, or choose another directory",
+            dir.display()
+        );
+    }
+    for e in entries {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let path = e.path();
+        let run_output = checkpoint_step(&name).is_some()
+            || [FINAL_ADAPTER_DIR, TRAINER_STATE_FILE, LOSS_CURVE_FILE].contains(&name.as_ref());
+        if !run_output {
+            continue;
+        }
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.with_context(|| format!("--overwrite_output_dir: removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     corda_cli::main("info", run)
 }
@@ -380,6 +429,8 @@ fn run(args: Args) -> Result<()> {
     })?;
     if let Some(from) = &config.resume_from_checkpoint {
         resolve_resume(&config.output_dir, from)?;
+    } else {
+        claim_output_dir(&config.output_dir, args.overwrite_output_dir)?;
     }
 
     let run = spec.load().with_context(|| {

@@ -162,6 +162,37 @@ fn corda_run_writes_adapter_state_curve_and_checkpoint() {
     // Resuming the finished run continues from checkpoint-2 and ends at once.
     let o = finetune(&base_args(m, f, &d, &["--resume_from_checkpoint"]));
     assert!(o.status.success(), "{}", stderr(&o));
+
+    // A fresh run into the finished one is refused and leaves it alone...
+    let o = finetune(&base_args(m, f, &d, &[]));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--overwrite_output_dir"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(ft.join("checkpoint-2").is_dir() && ft.join("ft").is_dir());
+    // ...unless --overwrite_output_dir, which replaces the previous run's outputs.
+    std::fs::write(ft.join("notes.txt"), "mine").unwrap();
+    let o = finetune(&base_args(
+        m,
+        f,
+        &d,
+        &[
+            "--overwrite_output_dir",
+            "--max_steps",
+            "1",
+            "--save_steps",
+            "1",
+        ],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!ft.join("checkpoint-2").exists() && ft.join("checkpoint-1").is_dir());
+    assert!(ft.join("notes.txt").is_file(), "files of the user are kept");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ft.join("trainer_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["global_step"], 1);
 }
 
 #[test]
@@ -243,6 +274,18 @@ fn bad_input_fails_before_training() {
         (
             base_args(m, f, &d, &["--gradient_checkpointing", "True"]),
             "not supported yet",
+        ),
+        (
+            base_args(m, f, &d, &["--learning_rate", "-1"]),
+            "learning_rate must be a non-negative number",
+        ),
+        (
+            base_args(m, f, &d, &["--learning_rate", "nan"]),
+            "learning_rate must be a non-negative number",
+        ),
+        (
+            base_args(m, f, &d, &["--per_device_train_batch_size", "0"]),
+            "per_device_train_batch_size must be at least 1",
         ),
     ];
     for (args, needle) in cases {

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use corda_cli::{key_value, parse_device, parse_size};
+use corda_cli::{key_alpha, key_rank, parse_device, parse_size, positive_count, positive_number};
 use corda_core::corda::{
     preprocess, CordaMode, CovariancePrecision, PreprocessOptions, PreprocessReport, REPORT_FILE,
 };
@@ -59,6 +59,7 @@ struct Args {
     #[arg(
         long = "calib_loader_size",
         default_value_t = 256,
+        value_parser = positive_count,
         help_heading = "Calibration"
     )]
     calib_loader_size: usize,
@@ -66,6 +67,7 @@ struct Args {
     #[arg(
         long = "calib_max_length",
         default_value_t = 2048,
+        value_parser = positive_count,
         help_heading = "Calibration"
     )]
     calib_max_length: usize,
@@ -79,6 +81,7 @@ struct Args {
     #[arg(
         long = "calib_batch_size",
         default_value_t = 1,
+        value_parser = positive_count,
         help_heading = "Calibration"
     )]
     calib_batch_size: usize,
@@ -86,11 +89,16 @@ struct Args {
     #[arg(long, default_value_t = 233, help_heading = "Calibration")]
     seed: u64,
 
-    /// LoRA rank.
-    #[arg(long, help_heading = "Adapter")]
+    /// LoRA rank (at least 1).
+    #[arg(long, value_parser = positive_count, help_heading = "Adapter")]
     r: Option<usize>,
-    /// LoRA alpha (default: r, as the reference).
-    #[arg(long = "lora_alpha", help_heading = "Adapter")]
+    /// LoRA alpha, a finite number above 0 (default: r, as the reference).
+    #[arg(
+        long = "lora_alpha",
+        value_parser = positive_number,
+        allow_negative_numbers = true,
+        help_heading = "Adapter"
+    )]
     lora_alpha: Option<f64>,
     /// Scale by alpha/sqrt(r) instead of alpha/r.
     #[arg(long = "use_rslora", help_heading = "Adapter")]
@@ -110,7 +118,7 @@ struct Args {
     #[arg(
         long = "rank_pattern",
         value_delimiter = ',',
-        value_parser = key_value::<usize>,
+        value_parser = key_rank,
         help_heading = "Adapter"
     )]
     rank_pattern: Vec<(String, usize)>,
@@ -118,7 +126,7 @@ struct Args {
     #[arg(
         long = "alpha_pattern",
         value_delimiter = ',',
-        value_parser = key_value::<f64>,
+        value_parser = key_alpha,
         help_heading = "Adapter"
     )]
     alpha_pattern: Vec<(String, f64)>,
@@ -244,7 +252,7 @@ fn run(args: Args) -> Result<()> {
     opts.cache_file = args.cache_file.clone();
     opts.dtype = dtype;
     opts.device = device;
-    opts.batch_size = args.calib_batch_size.max(1);
+    opts.batch_size = args.calib_batch_size;
     opts.max_shard_bytes = args.max_shard_size;
     opts.base_model_name = args.model_id.clone();
     opts.progress = !args.quiet;

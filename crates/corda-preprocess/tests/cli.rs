@@ -204,6 +204,36 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
     case(&|a| a[1] = "/no/such/model".into(), "does not exist");
     case(&|a| a.push("--bogus".into()), "--bogus");
 
+    // Numeric flags are checked up front, with the flag and the rule in the message.
+    case(&|a| a[3] = "0".into(), "at least 1");
+    for alpha in ["nan", "inf", "0", "-16"] {
+        case(&|a| a[5] = alpha.into(), "above 0");
+    }
+    let pattern =
+        |p: &'static str| move |a: &mut Vec<String>| a.extend(["--rank_pattern".into(), p.into()]);
+    case(&pattern("down_proj=64,,=3"), "--rank_pattern");
+    case(&pattern("down_proj=64,=3"), "empty module name");
+    case(&pattern("down_proj=0"), "at least 1");
+    case(
+        &|a| a.extend(["--calib_batch_size".into(), "0".into()]),
+        "--calib_batch_size",
+    );
+    // An unknown key in a --config file names the file and the key.
+    let cfg = tmp.path().join("data/bad.yaml");
+    std::fs::write(&cfg, "calib_batchsize: 4\n").unwrap();
+    case(
+        &|a| a.extend(["--config".into(), cfg.to_str().unwrap().into()]),
+        "bad.yaml: unknown key `calib_batchsize`",
+    );
+    // An I/O error's detail is said once.
+    let file = tmp.path().join("data/a-file");
+    std::fs::write(&file, "x").unwrap();
+    let mut args = base_args(&out);
+    args[8] = file.join("out").to_str().unwrap().into();
+    let (ok, err) = run(&args);
+    assert!(!ok, "{err}");
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
+
     // A NaN in the model.
     let nan_model = tmp.path().join("data/nan-model");
     std::fs::create_dir(&nan_model).unwrap();
