@@ -3,7 +3,7 @@
 # knows while it learns a task, against plain LoRA of the same rank, data and schedule?
 #
 #   scripts/bench/setup_reference.sh        # once: torch, transformers, peft, gguf (.venv)
-#   scripts/bench/kpm_outcome.sh            # ~30 min on 2 cores; table in $OUT/results.md
+#   scripts/bench/kpm_outcome.sh            # ~20 min on a quiet 2-core machine; table in $OUT/results.md
 #
 # Model: SmolLM2-135M-Instruct (../shared/models, GGUF Q4_1 dequantized to float32). Data: the
 # project's own tests/data: 80 knowledge questions with answer aliases (the first 40 calibrate
@@ -27,7 +27,7 @@ LRS="${LRS:-2e-5 5e-4}"
 EPOCHS="${EPOCHS:-1}"
 THREADS="${THREADS:-2}"
 R=16
-BIN="$ROOT/target/release"
+BIN="${BIN:-$("$ROOT/scripts/target-dir.sh")/release}"
 export RAYON_NUM_THREADS="$THREADS" OMP_NUM_THREADS="$THREADS" TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt" >&2; }
