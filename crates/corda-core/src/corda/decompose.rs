@@ -96,15 +96,6 @@ impl Factor {
     }
 }
 
-impl Damped {
-    /// `Cf⁻¹ · rhs`, by the factorization (used by tests and diagnostics).
-    pub fn solve(&self, rhs: MatRef<'_, f64>) -> Mat<f64> {
-        let mut x = rhs.to_owned();
-        self.factor.solve_in_place(x.as_mut());
-        x
-    }
-}
-
 /// PEFT's float32 inverse check at damping `damp`: ‖Cf·inv(Cf) − I‖_F with an LU inverse.
 fn float32_inverse_error(c: MatRef<'_, f32>, add: f32) -> f64 {
     let n = c.nrows();

@@ -36,10 +36,14 @@ pub fn deviation_tolerance(dtype: DType) -> f64 {
 
 /// The weight-level identity: max|W − (W_res + s·B·A)| relative to max|W|, on every path (a
 /// reused cache included), so a broken decomposition never reaches the files.
-fn weight_identity(w: &Mat<f32>, m: &ModuleInit, scaling: f64) -> Result<f64> {
-    let residual = tensor_to_mat(&m.residual)?;
-    let (a, b) = (tensor_to_mat(&m.a)?, tensor_to_mat(&m.b)?);
-    let mut sum = residual;
+fn weight_identity(
+    w: &Mat<f32>,
+    residual: &Tensor,
+    a: &Mat<f32>,
+    b: &Mat<f32>,
+    scaling: f64,
+) -> Result<f64> {
+    let mut sum = tensor_to_mat(residual)?;
     faer::linalg::matmul::matmul(
         sum.as_mut(),
         faer::Accum::Add,
@@ -251,12 +255,11 @@ pub fn init_layer(
                 .to_dtype(DType::F32)?)
         };
         let (a, b) = (round(&init.a)?, round(&init.b)?);
-        let degenerate = degeneracy(
-            &eigens,
-            tensor_to_mat(&a)?.as_ref(),
-            tensor_to_mat(&b)?.as_ref(),
-        );
+        // The factors as stored, once, for the guard and the identity check.
+        let (a_stored, b_stored) = (tensor_to_mat(&a)?, tensor_to_mat(&b)?);
+        let degenerate = degeneracy(&eigens, a_stored.as_ref(), b_stored.as_ref());
         let residual = mat_to_tensor(&init.residual, &Device::Cpu)?.to_dtype(dtype)?;
+        let dev = weight_identity(w, &residual, &a_stored, &b_stored, t.scaling)?;
         let site = damped.get(&t.site);
         let report = ModuleReport {
             name: t.name.clone(),
@@ -274,7 +277,6 @@ pub fn init_layer(
             residual,
             report,
         };
-        let dev = weight_identity(w, &init, t.scaling)?;
         if dev.is_nan() || dev > deviation_tolerance(dtype) {
             return Err(CordaError::Numerics(format!(
                 "{}: residual + s·B·A deviates from the weight by {dev:.3e} of max|W| (expected below {:.0e}); the decomposition (or a reused cache) is broken: delete the cache file, check the model for NaN/huge weights",

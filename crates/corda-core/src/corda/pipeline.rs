@@ -209,11 +209,12 @@ pub fn preprocess(
         &provenance,
     )?;
     let calibrate = reused.needs_calibration();
-    let mut hidden = match calibrate {
-        true => Some(phases.time("embed", || {
+    let mut hidden = if calibrate {
+        Some(phases.time("embed", || {
             HiddenStates::embed(&weights, &cfg, samples, opts.batch_size, dtype, device)
-        })?),
-        false => None,
+        })?)
+    } else {
+        None
     };
     let max_shard = opts.max_shard_bytes.unwrap_or(if weights.num_files() == 1 {
         u64::MAX
