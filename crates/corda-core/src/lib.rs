@@ -9,6 +9,7 @@
 //! - [`corda`]: covariance collection and the covariance-oriented decomposition.
 //! - [`adapter`]: the PEFT adapter format and conversion to a plain LoRA.
 //! - [`train`]: optimizer, schedules, trainer and checkpoints.
+//! - [`eval`]: perplexity, greedy generation (KV cache) and the QA / math benchmarks.
 //! - [`layout`]: the names of every output directory and file.
 //! - [`hub`]: the Hugging Face hub cache and downloads (used by `model` and `data`).
 //! - [`util`]: atomic output directories, phase timing and memory reports.
@@ -17,6 +18,7 @@ pub mod adapter;
 pub mod corda;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod hub;
 pub mod layout;
 pub mod model;

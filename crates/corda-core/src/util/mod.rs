@@ -1,7 +1,8 @@
-//! Small shared pieces: atomic output directories, phase reports, progress bars.
+//! Small shared pieces: atomic output directories, phase reports, progress bars, SVG charts.
 
 pub mod alloc;
 pub mod atomic;
+pub mod plot;
 pub mod report;
 pub mod tensor;
 
