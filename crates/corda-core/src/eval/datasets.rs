@@ -171,7 +171,13 @@ impl EvalSource {
             .as_ref()
             .and_then(|e| e.join.clone())
             .unwrap_or_else(|| "\n\n".to_string());
-        Ok(template.format_rows(&rows)?.join(&join))
+        let texts = template.format_rows(&rows).map_err(|e| {
+            CordaError::Data(format!(
+                "dataset `{}`: {e}; name the text column (text_field)",
+                self.name
+            ))
+        })?;
+        Ok(texts.join(&join))
     }
 
     /// The evaluated questions (after the first `skip`) and the `shots` few-shot examples.
@@ -205,16 +211,22 @@ impl EvalSource {
                 (rows, rest)
             }
         };
+        let columns = |e: CordaError| {
+            CordaError::Data(format!(
+                "dataset `{}`: {e}; name the columns (question_field, answer_field)",
+                self.name
+            ))
+        };
         let questions = eval_rows
             .iter()
             .enumerate()
-            .map(|(i, r)| question_of(r, &q, &a).map_err(|e| in_row(i, e)))
+            .map(|(i, r)| question_of(r, &q, &a).map_err(|e| columns(in_row(i, e))))
             .collect::<Result<Vec<_>>>()?;
         let shots = shot_rows
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let x = question_of(r, &q, &a).map_err(|e| in_row(i, e))?;
+                let x = question_of(r, &q, &a).map_err(|e| columns(in_row(i, e)))?;
                 Ok(Shot {
                     question: x.question,
                     answer: x.answers.into_iter().next().unwrap_or_default(),
