@@ -13,6 +13,7 @@
 //! - [`subject`]: a model alone or with one adapter.
 //! - [`results`]: records as JSON, a table and a bar chart.
 //! - [`run`]: a whole run over several subjects.
+//! - [`verify`]: original vs residual + adapter perplexity after preprocessing.
 
 pub mod answers;
 pub mod datasets;
@@ -24,11 +25,13 @@ pub mod results;
 pub mod run;
 pub mod subject;
 pub mod task;
+pub mod verify;
 
 pub use datasets::{EvalSource, Question};
 pub use generate::{greedy_generate, GenerationOptions};
 pub use perplexity::{perplexity, relative_difference, PerplexityResult};
 pub use results::{EvalRecord, EvalResults};
-pub use run::{EvalSpec, DEFAULT_SEQ_LEN};
+pub use run::{default_seq_len, EvalSpec, DEFAULT_SEQ_LEN};
 pub use subject::{subjects, Subject};
 pub use task::Task;
+pub use verify::{verify_perplexity, PerplexityCheck, VerifyPplOptions};

@@ -46,6 +46,19 @@ pub struct EvalSpec {
     pub device: Device,
 }
 
+/// [`DEFAULT_SEQ_LEN`], or the model's maximum (`max_position_embeddings`) if smaller.
+pub fn default_seq_len(model_dir: &std::path::Path) -> Result<usize> {
+    let max = match crate::model::find_gguf(model_dir)? {
+        Some(g) => {
+            crate::model::GgufModel::open(&g)?
+                .config()?
+                .max_position_embeddings
+        }
+        None => ModelConfig::from_dir(model_dir)?.max_position_embeddings,
+    };
+    Ok(DEFAULT_SEQ_LEN.min(max.max(2)))
+}
+
 /// A progress bar over `len` units (tokens) showing the throughput.
 fn token_bar(len: u64, msg: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(len);
