@@ -1,4 +1,5 @@
-//! corda-core: the library behind `corda-preprocess`, `corda-finetune` and `corda-convert`.
+//! corda-core: the library behind `corda-preprocess`, `corda-finetune`, `corda-convert` and
+//! `corda-eval`.
 //!
 //! CorDA (Context-Oriented Decomposition Adaptation, NeurIPS 2024) builds task-aware LoRA
 //! adapters from an SVD of each weight oriented by the covariance of its inputs. The modules

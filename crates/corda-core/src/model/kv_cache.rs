@@ -214,7 +214,7 @@ mod tests {
         };
         let mut padded = vec![0u32; 3];
         padded.extend(&short);
-        let ids = Tensor::new(vec![long.clone(), padded].concat(), &Device::Cpu)
+        let ids = Tensor::new([long.clone(), padded].concat(), &Device::Cpu)
             .unwrap()
             .reshape((2, 7))
             .unwrap();
