@@ -59,7 +59,8 @@ struct Args {
     #[arg(long, value_name = "DIR", action = clap::ArgAction::Append, help_heading = "Model")]
     adapter: Vec<PathBuf>,
 
-    /// Also evaluate the model without adapter [default: only when no --adapter is given].
+    /// Also evaluate the model without adapter (it always is when there is no --adapter and no
+    /// --compare_model).
     #[arg(long = "eval_base", help_heading = "Model")]
     eval_base: bool,
 
