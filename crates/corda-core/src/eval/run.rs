@@ -142,6 +142,28 @@ impl EvalSpec {
         Ok(DEFAULT_SEQ_LEN.min(max.max(2)))
     }
 
+    /// The record of `subject`: (value, count, tokens, seconds) and the task's details.
+    fn record(
+        &self,
+        subject: &Subject,
+        (value, count, tokens, seconds): (f64, usize, usize, f64),
+        details: serde_json::Value,
+    ) -> EvalRecord {
+        EvalRecord {
+            label: subject.label.clone(),
+            model: subject.model.clone(),
+            adapter: subject.adapter.as_ref().map(|a| a.display().to_string()),
+            task: self.task.name().into(),
+            dataset: self.source.name.clone(),
+            metric: self.task.metric().into(),
+            value,
+            count,
+            tokens,
+            seconds,
+            details,
+        }
+    }
+
     fn run_perplexity(&self, tok: &TokenizerInfo) -> Result<Vec<EvalRecord>> {
         let text = self.source.load_text()?;
         let ids = tok.encode(&text)?;
@@ -168,24 +190,16 @@ impl EvalSpec {
                 r.perplexity,
                 r.windows
             );
-            records.push(EvalRecord {
-                label: s.label.clone(),
-                model: s.model.clone(),
-                adapter: s.adapter.as_ref().map(|a| a.display().to_string()),
-                task: self.task.name().into(),
-                dataset: self.source.name.clone(),
-                metric: self.task.metric().into(),
-                value: r.perplexity,
-                count: r.windows,
-                tokens: r.windows * seq_len,
-                seconds,
-                details: json!({
+            records.push(self.record(
+                s,
+                (r.perplexity, r.windows, r.windows * seq_len, seconds),
+                json!({
                     "seq_len": seq_len,
                     "mean_nll": r.mean_nll,
                     "text_tokens": ids.len(),
                     "window_nll": r.window_nll,
                 }),
-            });
+            ));
         }
         Ok(records)
     }
@@ -255,19 +269,11 @@ impl EvalSpec {
                 r.correct,
                 r.total
             );
-            records.push(EvalRecord {
-                label: s.label.clone(),
-                model: s.model.clone(),
-                adapter: s.adapter.as_ref().map(|a| a.display().to_string()),
-                task: self.task.name().into(),
-                dataset: self.source.name.clone(),
-                metric: self.task.metric().into(),
-                value: r.score,
-                count: r.total,
-                tokens: r.generated_tokens,
-                seconds,
-                details: json!({ "correct": r.correct, "samples": r.samples }),
-            });
+            records.push(self.record(
+                s,
+                (r.score, r.total, r.generated_tokens, seconds),
+                json!({ "correct": r.correct, "samples": r.samples }),
+            ));
         }
         Ok(records)
     }

@@ -71,6 +71,19 @@ fn open_svg(title: &str) -> String {
     svg
 }
 
+/// The document closed with `message` in the middle instead of a plot.
+fn close_empty(mut svg: String, message: &str) -> String {
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+        WIDTH / 2.0,
+        HEIGHT / 2.0,
+        escape(message)
+    );
+    svg.push_str("</svg>\n");
+    svg
+}
+
 /// Horizontal grid lines with tick marks and labels at `ticks` (mapped to pixels by `sy`).
 fn y_axis(svg: &mut String, ticks: &[f64], sy: impl Fn(f64) -> f64) {
     for &t in ticks {
@@ -134,14 +147,7 @@ pub fn bar_chart_svg(
         .filter(|v| v.is_finite())
         .collect();
     if categories.is_empty() || finite.is_empty() {
-        let _ = writeln!(
-            svg,
-            r#"<text x="{}" y="{}" text-anchor="middle">no results</text>"#,
-            WIDTH / 2.0,
-            HEIGHT / 2.0
-        );
-        svg.push_str("</svg>\n");
-        return svg;
+        return close_empty(svg, "no results");
     }
     let hi = finite.iter().copied().fold(0.0, f64::max).max(1e-12);
     let yticks = nice_ticks(0.0, hi * 1.08, 5);
@@ -206,14 +212,7 @@ pub fn loss_curve_svg(points: &[(u64, f64)], title: &str) -> String {
     let mut svg = open_svg(title);
     let (pw, ph) = (WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM);
     if pts.is_empty() {
-        let _ = writeln!(
-            svg,
-            r#"<text x="{}" y="{}" text-anchor="middle">no loss was logged</text>"#,
-            WIDTH / 2.0,
-            HEIGHT / 2.0
-        );
-        svg.push_str("</svg>\n");
-        return svg;
+        return close_empty(svg, "no loss was logged");
     }
     let (mut x0, mut x1) = (pts[0].0, pts[0].0);
     let (mut y0, mut y1) = (pts[0].1, pts[0].1);
