@@ -326,3 +326,57 @@ fn bad_input_fails_with_clear_messages() {
         assert!(stderr.starts_with("Error: "), "{stderr}");
     }
 }
+
+/// `--dataset c4` reads GPTQ's C4 evaluation text: the first validation shard from the main
+/// branch (gzip JSON Lines), its first 1100 documents joined with spaces.
+#[test]
+fn builtin_c4_perplexity_reads_the_validation_shard_from_the_hub() {
+    use std::io::Write;
+    let paragraphs: Vec<String> =
+        std::fs::read_to_string(repo_file("tests/data/public_domain.txt"))
+            .unwrap()
+            .split("\n\n")
+            .map(|p| serde_json::json!({ "text": p.trim() }).to_string())
+            .collect();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all((paragraphs.join("\n") + "\n").as_bytes())
+        .unwrap();
+    let server = HubServer::start(vec![FakeRepo::new("datasets", "allenai/c4").revision(
+        "main",
+        [(
+            "en/c4-validation.00000-of-00008.json.gz".to_string(),
+            gz.finish().unwrap(),
+        )]
+        .into(),
+    )]);
+    let home = tempfile::tempdir().unwrap();
+    let json = home.path().join("c4.json");
+    let o = hub_command(env!("CARGO_BIN_EXE_corda-eval"), &server, home.path())
+        .env("RUST_LOG", "warn")
+        .args([
+            "--model_name_or_path",
+            base().to_str().unwrap(),
+            "--task",
+            "ppl",
+            "--dataset",
+            "c4",
+            "--seq_len",
+            "128",
+            "--output",
+            json.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stdout.contains("c4"), "{stdout}");
+    let r = read_json(&json);
+    let rec = &r["records"][0];
+    assert!(rec["count"].as_u64().unwrap() >= 2, "{rec}");
+    // The paragraphs joined by single spaces, tokenized once.
+    assert!(
+        rec["details"]["text_tokens"].as_u64().unwrap() > 1000,
+        "{rec}"
+    );
+    assert!(rec["value"].as_f64().unwrap() > 1.0);
+}
