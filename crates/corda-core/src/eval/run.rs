@@ -272,7 +272,11 @@ impl EvalSpec {
             records.push(self.record(
                 s,
                 (r.score, r.total, r.generated_tokens, seconds),
-                json!({ "correct": r.correct, "samples": r.samples }),
+                json!({
+                    "correct": r.correct,
+                    "prompt_tokens": prompts.iter().map(Vec::len).sum::<usize>(),
+                    "samples": r.samples,
+                }),
             ));
         }
         Ok(records)
