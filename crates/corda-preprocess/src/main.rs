@@ -365,10 +365,13 @@ fn run(args: Args) -> Result<()> {
     };
 
     let damps: Vec<f64> = report.modules.iter().filter_map(|m| m.damp).collect();
+    let method = match init.corda_mode() {
+        Some(mode) => format!("{} mode", mode.as_str()),
+        None => init.label(),
+    };
     eprint!(
-        "decomposed {} modules ({}, r {}, dtype {:?})",
+        "decomposed {} modules ({method}, r {}, dtype {:?})",
         report.modules.len(),
-        init.label(),
         r,
         report.dtype,
     );

@@ -2,7 +2,8 @@
 //! corda-preprocess in KPM and IPM (identity check), corda-finetune for a few steps and
 //! corda-convert with verification against the GGUF base. The residual directories are plain
 //! Hugging Face directories that load again, and residual + adapter reproduce the GGUF model's
-//! logits. Sizes are small (8 short rows, r 8, a subset of the modules) to keep CI fast.
+//! logits. Sizes are small (8 short rows, r 8, a subset of the modules) to keep CI fast. The
+//! PiSSA / MiLoRA baselines take the same path without calibration data.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -280,6 +281,102 @@ fn gguf_model_through_preprocess_finetune_and_convert() {
     );
     assert!(out.contains("r 8 -> 16"), "{out}\n{err}");
     assert!(out.contains("verify:"), "{out}\n{err}");
+    let lora = Adapter::load(&tmp.path().join("lora")).unwrap();
+    assert_eq!((lora.modules.len(), lora.config.r), (123, 16));
+}
+
+#[test]
+fn gguf_model_baselines_through_preprocess_finetune_and_convert() {
+    let Some(dir) = model_dir() else { return };
+    let gguf = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let g = gguf.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |rel: &str| tmp.path().join(rel).to_str().unwrap().to_string();
+    write_data(&tmp.path().join("qa.jsonl"));
+    let ids = probe_ids(&dir);
+    let base = CausalLM::load(&gguf, &LoadOptions::default()).unwrap();
+    let base_logits = logits(&base, &ids);
+    drop(base);
+    let gguf_tok = TokenizerInfo::load(&gguf).unwrap();
+    let targets = "q_proj,k_proj,v_proj,o_proj,layers.0.mlp.gate_proj,layers.0.mlp.up_proj,layers.0.mlp.down_proj";
+    for init in ["pissa", "milora"] {
+        let (_, err) = run(
+            "corda-preprocess",
+            &[
+                "--quiet",
+                "--model_id",
+                g,
+                "--r",
+                "8",
+                "--init",
+                init,
+                "--target_modules",
+                targets,
+                "--save_model",
+                "--save_path",
+                &p(init),
+            ],
+        );
+        let label = if init == "pissa" { "PiSSA" } else { "MiLoRA" };
+        assert!(
+            err.contains(&format!("decomposed 123 modules ({label}, r 8")),
+            "{err}"
+        );
+        assert!(
+            err.contains("identity check: residual + s·B·A vs W"),
+            "{err}"
+        );
+        check_residual(&tmp.path().join(init), &base_logits, &ids, &gguf_tok);
+    }
+
+    // The PiSSA residual fine-tunes and converts like a CorDA one.
+    let (_, err) = run(
+        "corda-finetune",
+        &[
+            "--model_name_or_path",
+            &p("pissa"),
+            "--output_dir",
+            &p("ft"),
+            "--corda_mode",
+            "True",
+            "--data_path",
+            &p("qa.jsonl"),
+            "--dataset_field",
+            "question",
+            "answer",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--learning_rate",
+            "1e-4",
+            "--report_to",
+            "none",
+            "--model_max_length",
+            "64",
+        ],
+    );
+    assert!(err.contains("trained 2 steps"), "{err}");
+    let (out, err) = run(
+        "corda-convert",
+        &[
+            "--initial_adapter",
+            &p("pissa/corda_init"),
+            "--trained_adapter",
+            &p("ft/ft"),
+            "--output_dir",
+            &p("lora"),
+            "--base_model",
+            g,
+            "--residual_model",
+            &p("pissa"),
+            "--verify",
+        ],
+    );
+    assert!(
+        out.contains("r 8 -> 16") && out.contains("verify:"),
+        "{out}\n{err}"
+    );
     let lora = Adapter::load(&tmp.path().join("lora")).unwrap();
     assert_eq!((lora.modules.len(), lora.config.r), (123, 16));
 }
