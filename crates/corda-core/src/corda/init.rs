@@ -127,13 +127,11 @@ fn layer_eigens(
         Some(_) => targets.iter().map(|t| t.site).collect(),
         None => BTreeSet::new(),
     };
-    for t in targets.iter().filter(|_| covs.is_some()) {
-        if !covs.is_some_and(|c| c.contains_key(&t.site)) {
-            return Err(CordaError::Invalid(format!(
-                "no covariance for the input of {}",
-                t.name
-            )));
-        }
+    if let Some(t) = covs.and_then(|c| targets.iter().find(|t| !c.contains_key(&t.site))) {
+        return Err(CordaError::Invalid(format!(
+            "no covariance for the input of {}",
+            t.name
+        )));
     }
     let cost = |task: &Task| -> (bool, usize) {
         match *task {
