@@ -85,7 +85,7 @@ struct Args {
     #[arg(long, help_heading = "Calibration")]
     seed: Option<u64>,
 
-    /// corda (default), or a baseline from the weights alone: pissa (PEFT's init_lora_weights="pissa", the r largest singular components of W) or milora (the r smallest). The baselines take no calibration flags.
+    /// corda, or a baseline from the weights alone: pissa (PEFT's init_lora_weights="pissa", the r largest singular components of W) or milora (the r smallest). The baselines take no calibration flags.
     #[arg(long, default_value = "corda", value_parser = parse_init, help_heading = "Adapter")]
     init: InitName,
 
