@@ -622,6 +622,47 @@ mod tests {
     }
 
     #[test]
+    fn pissa_and_milora_split_the_weight_itself() {
+        let mut seed = 11;
+        let (d_out, d_in, r) = (10, 7, 3);
+        let w = Mat::from_fn(d_out, d_in, |_, _| lcg(&mut seed));
+        let all = Mat::from_fn(d_out, d_in, |i, j| w[(i, j)] as f64)
+            .singular_values()
+            .unwrap();
+        for (init, kept) in [
+            (InitMethod::Pissa, 0..r),
+            (InitMethod::Milora, d_in - r..d_in),
+        ] {
+            let e = weight_eigens(w.as_ref(), r, init.keeps_largest(), "m", Par::Seq).unwrap();
+            assert!(e.damp.is_nan() && e.spectrum.unwrap().error_estimate < 1e-12);
+            for (got, want) in e.s.iter().zip(&all[kept]) {
+                assert!((got - want).abs() < 1e-12, "{init:?}: {got} vs {want}");
+            }
+            let init_ = corda_init(w.as_ref(), &e, 0.5);
+            for i in 0..d_out {
+                for j in 0..d_in {
+                    let ba: f32 = (0..r).map(|k| init_.b[(i, k)] * init_.a[(k, j)]).sum();
+                    assert!((init_.residual[(i, j)] + 0.5 * ba - w[(i, j)]).abs() < 1e-6);
+                }
+            }
+        }
+        // A weight of rank 2: MiLoRA's r = 3 smallest include a zero, PiSSA's r = 2 do not.
+        let w = Mat::from_fn(5, 6, |i, j| if i == j && i < 2 { 1.0f32 } else { 0.0 });
+        let e = weight_eigens(w.as_ref(), 3, false, "m", Par::Seq).unwrap();
+        let init_ = corda_init(w.as_ref(), &e, 1.0);
+        assert!(degeneracy(&e, init_.a.as_ref(), init_.b.as_ref()).is_some());
+        let e = weight_eigens(w.as_ref(), 2, true, "m", Par::Seq).unwrap();
+        let init_ = corda_init(w.as_ref(), &e, 1.0);
+        assert!(degeneracy(&e, init_.a.as_ref(), init_.b.as_ref()).is_none());
+        let nan = Mat::from_fn(3, 3, |_, _| f32::NAN);
+        let err = weight_eigens(nan.as_ref(), 1, true, "m", Par::Seq)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("NaN"), "{err}");
+        assert!(weight_eigens(w.as_ref(), 6, true, "m", Par::Seq).is_err());
+    }
+
+    #[test]
     fn rank_too_large_is_refused() {
         let w = Mat::<f32>::identity(3, 5);
         let c = Mat::<f32>::identity(5, 5);
