@@ -226,8 +226,13 @@ fn print_exactness(report: &PreprocessReport) {
     }
     let ill: Vec<_> = report.ill_determined().collect();
     if !ill.is_empty() {
+        let what = if report.init.needs_calibration() {
+            "this covariance but ill-determined by the data"
+        } else {
+            "these weights but ill-determined by their float32 rounding"
+        };
         eprintln!(
-            "  {} of {} modules have kept components that float32 rounding of their inputs could turn (gap at the cut tiny against σ_max); they are exact for this covariance but ill-determined by the data, e.g.:",
+            "  {} of {} modules have kept components that float32 rounding of their inputs could turn (gap at the cut tiny against σ_max); they are exact for {what}, e.g.:",
             ill.len(),
             report.modules.len()
         );
