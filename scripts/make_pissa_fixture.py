@@ -155,10 +155,18 @@ def main():
         os.path.join(mode_dir, "lora"),
         path_initial_model_for_weight_conversion=os.path.join(mode_dir, "corda_init"),
     )
-    for d in ("trained", "lora"):
+    # PEFT writes target_modules from a set (its order follows the hash seed): sort it, so a
+    # rerun writes the same bytes.
+    for d, base_path in (
+        ("corda_init", "../../../peft-tiny-llama/base-model"),
+        ("trained", "../residual-model"),
+        ("lora", "../../../peft-tiny-llama/base-model"),
+    ):
         p = os.path.join(mode_dir, d, "adapter_config.json")
         c = json.load(open(p))
-        c["base_model_name_or_path"] = "../../../peft-tiny-llama/base-model" if d == "lora" else "../residual-model"
+        c["base_model_name_or_path"] = base_path
+        if isinstance(c.get("target_modules"), list):
+            c["target_modules"] = sorted(c["target_modules"])
         json.dump(c, open(p, "w"), indent=2, sort_keys=True)
     lora_model = PeftModel.from_pretrained(load_base(), os.path.join(mode_dir, "lora"))
     converted_logits = logits(lora_model, ids)
