@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use corda_core::adapter::Adapter;
 use corda_core::corda::{
-    preprocess, CordaMode, CovariancePrecision, PreprocessOptions, REPORT_FILE,
+    preprocess, CordaMode, CovariancePrecision, InitMethod, PreprocessOptions, REPORT_FILE,
 };
 use corda_core::data::{calibration_samples, read_rows, CalibOptions, CalibSampling, Template};
 use corda_core::layout::CORDA_INIT_DIR;
@@ -63,7 +63,7 @@ fn run_mode(mode: CordaMode) {
     std::fs::create_dir(&model_out).unwrap();
     let mut opts = PreprocessOptions::new(8);
     opts.lora_alpha = 16.0;
-    opts.mode = mode;
+    opts.init = InitMethod::Corda(mode);
     opts.batch_size = 5; // padded batches must give PEFT's batch-1 covariances
     opts.covariance_file = Some(cov_file.clone());
     let report = preprocess(
@@ -308,7 +308,7 @@ fn degenerate_adapters_are_refused_unless_allowed() {
     assert!(k["degenerate"].as_str().unwrap().contains("singular value"));
     // IPM on the same model is degenerate too (every singular value of a zero weight is 0).
     opts.allow_degenerate_adapters = false;
-    opts.mode = CordaMode::Ipm;
+    opts.init = InitMethod::Corda(CordaMode::Ipm);
     assert!(preprocess(&model, &s, &opts, None).is_err());
 }
 
@@ -328,6 +328,7 @@ fn the_report_has_every_module_with_its_figures() {
     )
     .unwrap();
     assert_eq!(json["corda_method"], "kpm");
+    assert_eq!(json["init_method"], "corda");
     let modules = json["modules"].as_array().unwrap();
     assert_eq!(modules.len(), 14);
     for m in modules {

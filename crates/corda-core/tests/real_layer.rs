@@ -1,13 +1,18 @@
 //! The decomposition on one real decoder layer (SmolLM2-135M-Instruct layer 11, PEFT's own
 //! float32 covariances on real text, condition numbers 1e5–1e10), against the float64-exact
 //! factors in ../shared/fixtures/real-layer: every projection, both modes, within 1e-3 of exact.
-//! PEFT's own float32 error is printed beside ours.
+//! PEFT's own float32 error is printed beside ours. The PiSSA / MiLoRA baselines on the same
+//! weights: residual + s·B·A = W, and the kept components are the largest / smallest, checked
+//! against the eigenvalues of the Gram matrix (an algorithm independent of the SVD).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use corda_core::corda::{corda_eigens_damped, corda_init, damp_covariance, degeneracy, CordaMode};
+use corda_core::corda::{
+    corda_eigens_damped, corda_init, damp_covariance, degeneracy, weight_eigens, CordaMode,
+    InitMethod,
+};
 use corda_core::model::TARGET_PROJECTIONS;
 use faer::{Mat, Par};
 
@@ -157,4 +162,86 @@ fn kpm_is_exact_on_a_real_layer() {
 #[test]
 fn ipm_is_exact_on_a_real_layer() {
     check_mode(CordaMode::Ipm);
+}
+
+/// PiSSA / MiLoRA on the real weights: the identity within CorDA's residual bound (1e-6·‖W‖),
+/// and the kept σ² and both parts of the split (Eckart–Young: ‖s·B·A‖² = Σ kept σ²,
+/// ‖W − s·B·A‖² = Σ the others) against the eigenvalues of the Gram matrix W·Wᵀ or Wᵀ·W.
+fn check_baseline(init: InitMethod) {
+    let Some(path) = fixture() else { return };
+    let fx = Fixture::load(&path);
+    let label = init.label();
+    for p in TARGET_PROJECTIONS {
+        let w = fx.mat_f32(&format!("{p}.weight"));
+        let w64 = fx.mat(&format!("{p}.weight"));
+        let e = weight_eigens(w.as_ref(), RANK, init.keeps_largest(), p, Par::rayon(0)).unwrap();
+        let scaling = 2.0;
+        let out = corda_init(w.as_ref(), &e, scaling);
+        assert!(
+            degeneracy(&e, out.a.as_ref(), out.b.as_ref()).is_none(),
+            "{label} {p} degenerate"
+        );
+        let a = Mat::from_fn(out.a.nrows(), out.a.ncols(), |i, j| out.a[(i, j)] as f64);
+        let b = Mat::from_fn(out.b.nrows(), out.b.ncols(), |i, j| {
+            out.b[(i, j)] as f64 * scaling
+        });
+        let sba = &b * &a;
+        let res = Mat::from_fn(w.nrows(), w.ncols(), |i, j| out.residual[(i, j)] as f64);
+        let w_norm = w64.norm_l2();
+        let identity = (&(&res + &sba) - &w64).norm_l2() / w_norm;
+        assert!(
+            identity < 1e-6,
+            "{label} {p}: residual + s·B·A off W by {identity:e}"
+        );
+
+        let gram = if w64.nrows() <= w64.ncols() {
+            &w64 * w64.transpose()
+        } else {
+            w64.transpose() * &w64
+        };
+        let mut lambda = gram.self_adjoint_eigenvalues(faer::Side::Lower).unwrap();
+        lambda.reverse();
+        let k = lambda.len();
+        let kept: Vec<usize> = if init.keeps_largest() {
+            (0..RANK).collect()
+        } else {
+            (k - RANK..k).collect()
+        };
+        let floor = 1e-12 * lambda[0];
+        for (s, &i) in e.s.iter().zip(&kept) {
+            assert!(
+                (s * s - lambda[i]).abs() <= 1e-9 * lambda[i] + floor,
+                "{label} {p}: σ² {} vs λ_{i} {}",
+                s * s,
+                lambda[i]
+            );
+        }
+        let kept_sum: f64 = kept.iter().map(|&i| lambda[i]).sum();
+        let rest_sum: f64 = lambda.iter().sum::<f64>() - kept_sum;
+        let split = sba.squared_norm_l2();
+        let remainder = (&w64 - &sba).squared_norm_l2();
+        assert!(
+            (split - kept_sum).abs() <= 1e-5 * kept_sum + floor,
+            "{label} {p}: ‖s·B·A‖² {split:e} vs Σ kept σ² {kept_sum:e}"
+        );
+        assert!(
+            (remainder - rest_sum).abs() <= 1e-5 * rest_sum + floor,
+            "{label} {p}: ‖W − s·B·A‖² {remainder:e} vs Σ other σ² {rest_sum:e}"
+        );
+        println!(
+            "{label}: {p:10} identity {identity:.1e}, kept σ² share {:.2e}, Eckart–Young {:.1e}",
+            kept_sum / (kept_sum + rest_sum),
+            (split - kept_sum).abs() / kept_sum
+        );
+    }
+}
+
+#[test]
+fn pissa_is_exact_on_a_real_layer() {
+    check_baseline(InitMethod::Pissa);
+}
+
+#[test]
+fn milora_is_exact_on_a_real_layer() {
+    check_baseline(InitMethod::Milora);
 }

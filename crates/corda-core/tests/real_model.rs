@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use corda_core::adapter::Adapter;
-use corda_core::corda::{preprocess, CordaMode, PreprocessOptions};
+use corda_core::corda::{preprocess, CordaMode, InitMethod, PreprocessOptions};
 use corda_core::data::{calibration_samples, read_rows, CalibOptions, CalibSampling, Template};
 use corda_core::layout::CORDA_INIT_DIR;
 use corda_core::model::{CausalLM, LoadOptions, TokenizerInfo, Weights, TARGET_PROJECTIONS};
@@ -85,7 +85,7 @@ fn run(mode: CordaMode, test: &str) {
     std::fs::create_dir(&out).unwrap();
     let mut opts = PreprocessOptions::new(RANK);
     opts.lora_alpha = 32.0;
-    opts.mode = mode;
+    opts.init = InitMethod::Corda(mode);
     opts.covariance_file = Some(tmp.path().join("cov.safetensors"));
     let report = preprocess(&model, &s, &opts, Some(&out)).unwrap();
     assert_eq!(report.modules.len(), 210);

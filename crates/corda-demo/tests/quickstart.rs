@@ -197,6 +197,7 @@ fn scripts_honour_cargo_target_dir() {
         "convert.sh",
         "preprocess_kpm_nqopen.sh",
         "preprocess_ipm_metamath.sh",
+        "preprocess_pissa.sh",
     ] {
         let text = std::fs::read_to_string(root.join("scripts").join(script)).unwrap();
         assert!(

@@ -1,5 +1,6 @@
 //! `corda-preprocess`: sample calibration data, collect covariances, decompose, and write the
-//! residual model plus the initial CorDA adapter (`OUT/corda_init`).
+//! residual model plus the initial CorDA adapter (`OUT/corda_init`). `--init pissa|milora`
+//! writes the PiSSA / MiLoRA baselines in the same layout, from the weights alone.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -9,7 +10,8 @@ use clap::Parser;
 use corda_cli::{key_alpha, key_rank, parse_device, parse_size, positive_count, positive_number};
 use corda_core::adapter::Adapter;
 use corda_core::corda::{
-    preprocess, CordaMode, CovariancePrecision, PreprocessOptions, PreprocessReport, REPORT_FILE,
+    preprocess, CordaMode, CovariancePrecision, InitMethod, PreprocessOptions, PreprocessReport,
+    REPORT_FILE,
 };
 use corda_core::data::{calibration_samples, CalibOptions, CalibSampling, CalibrationSource};
 use corda_core::eval::{
@@ -23,6 +25,7 @@ use corda_core::model::{parse_dtype, resolve_model, TokenizerInfo, TARGET_PROJEC
 ///
 /// KPM (default) trains the r smallest components and freezes the principal ones
 /// (knowledge-preserved); IPM (--first_eigen) trains the r largest (instruction-previewed).
+/// --init pissa|milora writes the PiSSA / MiLoRA baselines instead (SVD of W, no calibration).
 #[derive(Parser, Debug)]
 #[command(name = "corda-preprocess", version, about, long_about = None, args_override_self = true)]
 struct Args {
@@ -49,49 +52,46 @@ struct Args {
     #[arg(long, default_value = "cpu", help_heading = "Input")]
     device: String,
 
-    /// Registry name (nqopen, trivia_qa, wikitext2, ptb, c4, MetaMATH, codefeedback, WizLMinstruct, alpaca) or a local .parquet/.jsonl/.json file or directory.
-    #[arg(
-        long = "calib_dataset",
-        default_value = "wikitext2",
-        help_heading = "Calibration"
-    )]
-    calib_dataset: String,
+    /// Registry name (nqopen, trivia_qa, wikitext2, ptb, c4, MetaMATH, codefeedback, WizLMinstruct, alpaca) or a local .parquet/.jsonl/.json file or directory [default: wikitext2].
+    #[arg(long = "calib_dataset", help_heading = "Calibration")]
+    calib_dataset: Option<String>,
     /// Data files to read for a registry dataset instead of its hub files.
     #[arg(long = "calib_data_files", num_args = 1.., help_heading = "Calibration")]
     calib_data_files: Vec<PathBuf>,
-    /// Number of calibration samples.
+    /// Number of calibration samples [default: 256].
     #[arg(
         long = "calib_loader_size",
-        default_value_t = 256,
         value_parser = positive_count,
         help_heading = "Calibration"
     )]
-    calib_loader_size: usize,
-    /// Tokens per calibration sample at most.
+    calib_loader_size: Option<usize>,
+    /// Tokens per calibration sample at most [default: 2048].
     #[arg(
         long = "calib_max_length",
-        default_value_t = 2048,
         value_parser = positive_count,
         help_heading = "Calibration"
     )]
-    calib_max_length: usize,
+    calib_max_length: Option<usize>,
     /// Row template for a local dataset, e.g. "{query} {response}" (default "{text}").
     #[arg(long = "calib_template", help_heading = "Calibration")]
     calib_template: Option<String>,
     /// rows (one sample per row, truncated), windows (random windows of the joined text) or chat.
     #[arg(long = "calib_sampling", help_heading = "Calibration")]
     calib_sampling: Option<CalibSampling>,
-    /// Calibration samples per forward pass (padded tokens are masked out of the covariance).
+    /// Calibration samples per forward pass (padded tokens are masked out of the covariance) [default: 1].
     #[arg(
         long = "calib_batch_size",
-        default_value_t = 1,
         value_parser = positive_count,
         help_heading = "Calibration"
     )]
-    calib_batch_size: usize,
-    /// Seed of the calibration sampling.
-    #[arg(long, default_value_t = 233, help_heading = "Calibration")]
-    seed: u64,
+    calib_batch_size: Option<usize>,
+    /// Seed of the calibration sampling [default: 233].
+    #[arg(long, help_heading = "Calibration")]
+    seed: Option<u64>,
+
+    /// corda, or a baseline from the weights alone: pissa (PEFT's init_lora_weights="pissa", the r largest singular components of W) or milora (the r smallest). The baselines take no calibration flags.
+    #[arg(long, default_value = "corda", value_parser = parse_init, help_heading = "Adapter")]
+    init: InitName,
 
     /// LoRA rank (at least 1).
     #[arg(long, value_parser = positive_count, help_heading = "Adapter")]
@@ -107,7 +107,7 @@ struct Args {
     /// Scale by alpha/sqrt(r) instead of alpha/r.
     #[arg(long = "use_rslora", help_heading = "Adapter")]
     use_rslora: bool,
-    /// IPM: train the largest r components (default KPM: the smallest).
+    /// CorDA IPM: train the largest r components (default KPM: the smallest).
     #[arg(long = "first_eigen", help_heading = "Adapter")]
     first_eigen: bool,
     /// Comma-separated target modules.
@@ -244,6 +244,53 @@ fn verify_ppl(
     Ok(check)
 }
 
+/// The `--init` value; CorDA's mode comes from `--first_eigen`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InitName {
+    Corda,
+    Pissa,
+    Milora,
+}
+
+/// `corda`, `pissa` or `milora`. PEFT's `pissa_niter_K` (a randomized low-rank SVD, K subspace
+/// iterations) is refused rather than silently run as the exact SVD.
+fn parse_init(s: &str) -> std::result::Result<InitName, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "corda" => Ok(InitName::Corda),
+        "pissa" => Ok(InitName::Pissa),
+        "milora" => Ok(InitName::Milora),
+        v if v.starts_with("pissa_niter_") => Err(format!(
+            "`{s}` (PEFT's fast randomized SVD) is not implemented; use --init pissa, the exact SVD (in float64) that pissa_niter_K approximates"
+        )),
+        _ => Err(format!("`{s}` is not an init method; use corda, pissa or milora")),
+    }
+}
+
+/// The calibration and covariance flags given (on the command line or in --config); the
+/// baselines refuse them, since they would change nothing.
+fn calibration_flags_given(args: &Args) -> Vec<&'static str> {
+    [
+        (args.calib_dataset.is_some(), "--calib_dataset"),
+        (!args.calib_data_files.is_empty(), "--calib_data_files"),
+        (args.calib_loader_size.is_some(), "--calib_loader_size"),
+        (args.calib_max_length.is_some(), "--calib_max_length"),
+        (args.calib_template.is_some(), "--calib_template"),
+        (args.calib_sampling.is_some(), "--calib_sampling"),
+        (args.calib_batch_size.is_some(), "--calib_batch_size"),
+        (args.seed.is_some(), "--seed"),
+        (args.first_eigen, "--first_eigen"),
+        (
+            args.use_float16_for_covariance,
+            "--use_float16_for_covariance",
+        ),
+        (args.covariance_file.is_some(), "--covariance_file"),
+        (args.cache_file.is_some(), "--cache_file"),
+    ]
+    .into_iter()
+    .filter_map(|(given, flag)| given.then_some(flag))
+    .collect()
+}
+
 /// The per-module figures a user should see: how exact the decomposition is, and which modules'
 /// selections are ill-determined by the data or degenerate.
 fn print_exactness(report: &PreprocessReport) {
@@ -254,8 +301,13 @@ fn print_exactness(report: &PreprocessReport) {
     }
     let ill: Vec<_> = report.ill_determined().collect();
     if !ill.is_empty() {
+        let what = if report.init.needs_calibration() {
+            "this covariance but ill-determined by the data"
+        } else {
+            "these weights but ill-determined by their float32 rounding"
+        };
         eprintln!(
-            "  {} of {} modules have kept components that float32 rounding of their inputs could turn (gap at the cut tiny against σ_max); they are exact for this covariance but ill-determined by the data, e.g.:",
+            "  {} of {} modules have kept components that float32 rounding of their inputs could turn (gap at the cut tiny against σ_max); they are exact for {what}, e.g.:",
             ill.len(),
             report.modules.len()
         );
@@ -286,6 +338,26 @@ fn run(args: Args) -> Result<()> {
     if args.save_model && args.save_path.is_none() {
         bail!("--save_model needs --save_path DIR");
     }
+    let init = match args.init {
+        InitName::Corda if args.first_eigen => InitMethod::Corda(CordaMode::Ipm),
+        InitName::Corda => InitMethod::Corda(CordaMode::Kpm),
+        InitName::Pissa => InitMethod::Pissa,
+        InitName::Milora => InitMethod::Milora,
+    };
+    if !init.needs_calibration() {
+        let given = calibration_flags_given(&args);
+        if !given.is_empty() {
+            bail!(
+                "--init {} decomposes the weights alone (no calibration data, no covariance) and would ignore {}; drop {} (from the command line or --config), or use --init corda",
+                init.as_str(),
+                given.join(", "),
+                if given.len() == 1 { "it" } else { "them" }
+            );
+        }
+        if !args.save_model {
+            bail!("nothing to write: pass --save_model --save_path DIR");
+        }
+    }
     if !args.save_model && args.covariance_file.is_none() && args.cache_file.is_none() {
         bail!("nothing to write: pass --save_model --save_path DIR (and/or --covariance_file / --cache_file)");
     }
@@ -315,11 +387,7 @@ fn run(args: Args) -> Result<()> {
     let mut opts = PreprocessOptions::new(r);
     opts.lora_alpha = args.lora_alpha.unwrap_or(r as f64);
     opts.use_rslora = args.use_rslora;
-    opts.mode = if args.first_eigen {
-        CordaMode::Ipm
-    } else {
-        CordaMode::Kpm
-    };
+    opts.init = init;
     opts.target_modules = args.target_modules.clone();
     // A later KEY=VALUE for the same key wins.
     opts.rank_pattern = args.rank_pattern.iter().cloned().collect();
@@ -328,7 +396,7 @@ fn run(args: Args) -> Result<()> {
     opts.cache_file = args.cache_file.clone();
     opts.dtype = dtype;
     opts.device = device.clone();
-    opts.batch_size = args.calib_batch_size;
+    opts.batch_size = args.calib_batch_size.unwrap_or(1);
     opts.max_shard_bytes = args.max_shard_size;
     opts.base_model_name = args.model_id.clone();
     opts.progress = !args.quiet;
@@ -337,22 +405,25 @@ fn run(args: Args) -> Result<()> {
         opts.covariance_precision = CovariancePrecision::ModelHalf;
     }
 
-    let samples = if let Some(what) = opts.reuses() {
+    let calib_dataset = args.calib_dataset.as_deref().unwrap_or("wikitext2");
+    let samples = if !init.needs_calibration() {
+        vec![]
+    } else if let Some(what) = opts.reuses() {
         eprintln!("reusing saved {what}: no calibration pass");
         vec![]
     } else {
         let tok = TokenizerInfo::load(&model_dir)?;
         let source = CalibrationSource {
-            dataset: args.calib_dataset.clone(),
+            dataset: calib_dataset.to_string(),
             data_files: args.calib_data_files.clone(),
             template: args.calib_template.clone(),
             sampling: args.calib_sampling,
         };
         let calib = source.load_with(&hub).context("--calib_dataset")?;
         let copts = CalibOptions {
-            n: args.calib_loader_size,
-            max_length: args.calib_max_length,
-            seed: args.seed,
+            n: args.calib_loader_size.unwrap_or(256),
+            max_length: args.calib_max_length.unwrap_or(2048),
+            seed: args.seed.unwrap_or(233),
             sampling: calib.sampling,
         };
         calibration_samples(&calib.rows, &calib.template, &tok.tokenizer, &copts)
@@ -364,7 +435,7 @@ fn run(args: Args) -> Result<()> {
             "calibration: {} samples, {} tokens ({})",
             samples.len(),
             tokens,
-            args.calib_dataset
+            calib_dataset
         );
     }
     let report = preprocess(&model_dir, &samples, &opts, out.as_ref().map(|o| o.path()))
@@ -379,15 +450,25 @@ fn run(args: Args) -> Result<()> {
     };
 
     let damps: Vec<f64> = report.modules.iter().filter_map(|m| m.damp).collect();
-    eprintln!(
-        "decomposed {} modules ({} mode, r {}, dtype {:?}); damping δ from {:.3} to {:.3}",
+    let method = match init.corda_mode() {
+        Some(mode) => format!("{} mode", mode.as_str()),
+        None => init.label(),
+    };
+    eprint!(
+        "decomposed {} modules ({method}, r {}, dtype {:?})",
         report.modules.len(),
-        opts.mode.as_str(),
         r,
         report.dtype,
-        damps.iter().copied().fold(f64::INFINITY, f64::min),
-        damps.iter().copied().fold(0.0, f64::max),
     );
+    if damps.is_empty() {
+        eprintln!();
+    } else {
+        eprintln!(
+            "; damping δ from {:.3} to {:.3}",
+            damps.iter().copied().fold(f64::INFINITY, f64::min),
+            damps.iter().copied().fold(0.0, f64::max),
+        );
+    }
     let damped: Vec<_> = report
         .modules
         .iter()
@@ -402,6 +483,10 @@ fn run(args: Args) -> Result<()> {
     for m in damped.iter().take(5) {
         eprintln!("    {}: δ = {}", m.name, m.damp.unwrap_or(0.0));
     }
+    eprintln!(
+        "identity check: residual + s·B·A vs W, largest deviation {:.2e} of max|W|",
+        report.max_weight_deviation()
+    );
     if !report.layer_deviation.is_empty() {
         eprintln!("identity check: residual + adapter vs original layer, largest relative deviation {:.2e}", report.max_deviation());
     }

@@ -270,6 +270,100 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
     assert!(!ok && !err.contains("panicked"), "{err}");
 }
 
+/// The baselines: `--init pissa|milora` write the same layout from the weights alone, refuse
+/// every calibration flag (command line or --config) and PEFT's unimplemented `pissa_niter_K`.
+#[test]
+fn pissa_and_milora_need_no_calibration_and_refuse_its_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("base-model");
+    let args = |init: &str, out: &Path| -> Vec<String> {
+        [
+            "--model_id",
+            model.to_str().unwrap(),
+            "--r",
+            "8",
+            "--init",
+            init,
+            "--save_model",
+            "--save_path",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    for init in ["pissa", "milora"] {
+        let out = tmp.path().join(init);
+        let (ok, err) = run(&args(init, &out));
+        assert!(ok, "{err}");
+        assert!(!err.contains("calibration:"), "no calibration pass: {err}");
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("corda_init/adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["init_lora_weights"], true);
+        assert!(cfg.get("corda_config").is_none(), "{cfg}");
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("corda_init/corda_report.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report["init_method"], init);
+        let (got, base) = probe_logits(&out, Some(&out.join(CORDA_INIT_DIR)));
+        assert!(max_abs_diff(&got, &base) < 1e-4, "{init}");
+        let (residual_only, _) = probe_logits(&out, None);
+        assert!(max_abs_diff(&residual_only, &base) > 1e-3, "{init}");
+    }
+    // PiSSA and MiLoRA train different components.
+    let a = |init: &str| Adapter::load(&tmp.path().join(init).join(CORDA_INIT_DIR)).unwrap();
+    let m = "model.layers.0.self_attn.q_proj";
+    assert!(max_abs_diff(&a("pissa").modules[m].b, &a("milora").modules[m].b) > 1e-3);
+
+    let out = tmp.path().join("refused");
+    let refused = |extra: &[&str], expect: &str| {
+        let mut v = args("pissa", &out);
+        v.extend(extra.iter().map(|s| s.to_string()));
+        let (ok, err) = run(&v);
+        assert!(!ok, "expected failure for {extra:?}");
+        assert!(err.contains(expect), "expected `{expect}` in: {err}");
+        assert!(!out.exists(), "{extra:?}: output was written");
+    };
+    for flag in [
+        "--calib_dataset=nqopen",
+        "--calib_loader_size=4",
+        "--calib_max_length=64",
+        "--calib_template={question}",
+        "--calib_sampling=rows",
+        "--calib_batch_size=2",
+        "--seed=1",
+        "--first_eigen",
+        "--use_float16_for_covariance",
+        "--covariance_file=c.safetensors",
+        "--cache_file=c.safetensors",
+    ] {
+        let name = flag.split('=').next().unwrap();
+        refused(&[flag], &format!("would ignore {name}"));
+    }
+    refused(
+        &["--calib_data_files", "a.jsonl", "b.jsonl"],
+        "would ignore --calib_data_files",
+    );
+    let cfg = tmp.path().join("calib.yaml");
+    std::fs::write(&cfg, "calib_dataset: nqopen\nseed: 7\n").unwrap();
+    refused(
+        &["--config", cfg.to_str().unwrap()],
+        "would ignore --calib_dataset, --seed; drop them",
+    );
+    refused(
+        &["--init", "pissa_niter_4"],
+        "not implemented; use --init pissa",
+    );
+    refused(&["--init", "lora"], "corda, pissa or milora");
+    let mut v = args("milora", &out);
+    v.retain(|s| s != "--save_model");
+    let (ok, err) = run(&v);
+    assert!(!ok && err.contains("nothing to write"), "{err}");
+}
+
 /// Peak resident memory of a run on a random model of `layers` layers (hidden 512), from the
 /// `--report_json` of the binary.
 fn peak_rss_for_layers(root: &Path, layers: usize) -> u64 {

@@ -2,7 +2,8 @@
 //! corda-preprocess in KPM and IPM (identity check), corda-finetune for a few steps and
 //! corda-convert with verification against the GGUF base. The residual directories are plain
 //! Hugging Face directories that load again, and residual + adapter reproduce the GGUF model's
-//! logits. Sizes are small (8 short rows, r 8, a subset of the modules) to keep CI fast.
+//! logits. Sizes are small (8 short rows, r 8, a subset of the modules) to keep CI fast. The
+//! PiSSA / MiLoRA baselines take the same path without calibration data.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -119,9 +120,11 @@ fn logits(model: &CausalLM, ids: &[Tensor]) -> Vec<Tensor> {
         .collect()
 }
 
-/// The residual directory is a complete Hugging Face model directory, and residual + the
-/// initial adapter give the GGUF model's logits.
-fn check_residual(out: &Path, base_logits: &[Tensor], ids: &[Tensor], gguf_tok: &TokenizerInfo) {
+/// The residual directory `tmp/rel` is a complete Hugging Face model directory, and residual +
+/// the initial adapter give the GGUF model's logits.
+fn check_residual(s: &Setup, rel: &str) {
+    let out = &s.tmp.path().join(rel);
+    let (base_logits, ids, gguf_tok) = (&s.base_logits, &s.ids, &s.gguf_tok);
     for f in [
         "config.json",
         "model.safetensors",
@@ -157,19 +160,110 @@ fn check_residual(out: &Path, base_logits: &[Tensor], ids: &[Tensor], gguf_tok: 
     assert_eq!(tok.eos_id, Some(2));
 }
 
-#[test]
-fn gguf_model_through_preprocess_finetune_and_convert() {
-    let Some(dir) = model_dir() else { return };
+/// What both tests start from: the GGUF model, a temporary directory with the data rows, the
+/// probe ids with the GGUF model's logits, and its tokenizer.
+struct Setup {
+    dir: PathBuf,
+    gguf: PathBuf,
+    tmp: tempfile::TempDir,
+    ids: Vec<Tensor>,
+    base_logits: Vec<Tensor>,
+    gguf_tok: TokenizerInfo,
+}
+
+fn setup() -> Option<Setup> {
+    let dir = model_dir()?;
     let gguf = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    let g = gguf.to_str().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let p = |rel: &str| tmp.path().join(rel).to_str().unwrap().to_string();
     write_data(&tmp.path().join("qa.jsonl"));
     let ids = probe_ids(&dir);
     let base = CausalLM::load(&gguf, &LoadOptions::default()).unwrap();
     let base_logits = logits(&base, &ids);
-    drop(base);
     let gguf_tok = TokenizerInfo::load(&gguf).unwrap();
+    Some(Setup {
+        dir,
+        gguf,
+        tmp,
+        ids,
+        base_logits,
+        gguf_tok,
+    })
+}
+
+impl Setup {
+    /// `tmp/rel` as a string argument.
+    fn p(&self, rel: &str) -> String {
+        self.tmp.path().join(rel).to_str().unwrap().to_string()
+    }
+
+    fn g(&self) -> &str {
+        self.gguf.to_str().unwrap()
+    }
+
+    /// A few fine-tuning steps on the residual model `tmp/model` into `tmp/ft`.
+    fn finetune(&self, model: &str, steps: usize, lr: &str) -> Adapter {
+        let steps = steps.to_string();
+        let (_, err) = run(
+            "corda-finetune",
+            &[
+                "--model_name_or_path",
+                &self.p(model),
+                "--output_dir",
+                &self.p("ft"),
+                "--corda_mode",
+                "True",
+                "--data_path",
+                &self.p("qa.jsonl"),
+                "--dataset_field",
+                "question",
+                "answer",
+                "--max_steps",
+                &steps,
+                "--per_device_train_batch_size",
+                "2",
+                "--learning_rate",
+                lr,
+                "--logging_steps",
+                "1",
+                "--report_to",
+                "none",
+                "--model_max_length",
+                "64",
+            ],
+        );
+        assert!(err.contains(&format!("trained {steps} steps")), "{err}");
+        Adapter::load(&self.tmp.path().join("ft/ft")).unwrap()
+    }
+
+    /// Convert `tmp/ft/ft` against `tmp/model/corda_init` into a plain LoRA of the GGUF model
+    /// (`tmp/lora`), verified against residual + trained adapter.
+    fn convert_and_verify(&self, model: &str) -> Adapter {
+        let (out, err) = run(
+            "corda-convert",
+            &[
+                "--initial_adapter",
+                &self.p(&format!("{model}/corda_init")),
+                "--trained_adapter",
+                &self.p("ft/ft"),
+                "--output_dir",
+                &self.p("lora"),
+                "--base_model",
+                self.g(),
+                "--residual_model",
+                &self.p(model),
+                "--verify",
+            ],
+        );
+        assert!(out.contains("r 8 -> 16"), "{out}\n{err}");
+        assert!(out.contains("verify:"), "{out}\n{err}");
+        Adapter::load(&self.tmp.path().join("lora")).unwrap()
+    }
+}
+
+#[test]
+fn gguf_model_through_preprocess_finetune_and_convert() {
+    let Some(s) = setup() else { return };
+    let g = s.g();
 
     // KPM on questions: every attention projection (q/k carry the rotary permutation) and
     // layer 0's MLP.
@@ -179,8 +273,8 @@ fn gguf_model_through_preprocess_finetune_and_convert() {
             "--quiet", "--model_id", g, "--r", "8",
             "--target_modules",
             "q_proj,k_proj,v_proj,o_proj,layers.0.mlp.gate_proj,layers.0.mlp.up_proj,layers.0.mlp.down_proj",
-            "--save_model", "--save_path", &p("kpm"),
-            "--calib_dataset", &p("qa.jsonl"), "--calib_template", "{question}",
+            "--save_model", "--save_path", &s.p("kpm"),
+            "--calib_dataset", &s.p("qa.jsonl"), "--calib_template", "{question}",
             "--calib_loader_size", "8", "--calib_max_length", "64",
         ],
     );
@@ -189,7 +283,7 @@ fn gguf_model_through_preprocess_finetune_and_convert() {
         err.contains("decomposed 123 modules (kpm mode, r 8"),
         "{err}"
     );
-    check_residual(&tmp.path().join("kpm"), &base_logits, &ids, &gguf_tok);
+    check_residual(&s, "kpm");
 
     // IPM on question + answer, with the model given as its directory (config.json and
     // tokenizer.json beside the only .gguf).
@@ -198,7 +292,7 @@ fn gguf_model_through_preprocess_finetune_and_convert() {
         &[
             "--quiet",
             "--model_id",
-            dir.to_str().unwrap(),
+            s.dir.to_str().unwrap(),
             "--r",
             "8",
             "--first_eigen",
@@ -206,9 +300,9 @@ fn gguf_model_through_preprocess_finetune_and_convert() {
             "q_proj,v_proj,layers.29.mlp.gate_proj,layers.29.mlp.up_proj,layers.29.mlp.down_proj",
             "--save_model",
             "--save_path",
-            &p("ipm"),
+            &s.p("ipm"),
             "--calib_dataset",
-            &p("qa.jsonl"),
+            &s.p("qa.jsonl"),
             "--calib_template",
             "{question} {answer}",
             "--calib_loader_size",
@@ -222,64 +316,57 @@ fn gguf_model_through_preprocess_finetune_and_convert() {
         err.contains("decomposed 63 modules (ipm mode, r 8"),
         "{err}"
     );
-    check_residual(&tmp.path().join("ipm"), &base_logits, &ids, &gguf_tok);
+    check_residual(&s, "ipm");
 
     // A few fine-tuning steps on the KPM residual model.
-    let (_, err) = run(
-        "corda-finetune",
-        &[
-            "--model_name_or_path",
-            &p("kpm"),
-            "--output_dir",
-            &p("ft"),
-            "--corda_mode",
-            "True",
-            "--data_path",
-            &p("qa.jsonl"),
-            "--dataset_field",
-            "question",
-            "answer",
-            "--max_steps",
-            "3",
-            "--per_device_train_batch_size",
-            "2",
-            "--learning_rate",
-            "1e-3",
-            "--logging_steps",
-            "1",
-            "--report_to",
-            "none",
-            "--model_max_length",
-            "64",
-        ],
-    );
-    assert!(err.contains("trained 3 steps"), "{err}");
-    let trained = Adapter::load(&tmp.path().join("ft/ft")).unwrap();
+    let trained = s.finetune("kpm", 3, "1e-3");
     assert_eq!(trained.modules.len(), 123);
     assert_eq!(
         trained.config.base_model_name_or_path.as_deref(),
-        Some(p("kpm").as_str())
+        Some(s.p("kpm").as_str())
     );
 
     // Convert to a plain LoRA of the GGUF model and verify it against residual + trained.
-    let (out, err) = run(
-        "corda-convert",
-        &[
-            "--initial_adapter",
-            &p("kpm/corda_init"),
-            "--trained_adapter",
-            &p("ft/ft"),
-            "--output_dir",
-            &p("lora"),
-            "--base_model",
-            g,
-            "--residual_model",
-            &p("kpm"),
-            "--verify",
-        ],
-    );
-    assert!(out.contains("r 8 -> 16"), "{out}\n{err}");
-    assert!(out.contains("verify:"), "{out}\n{err}");
-    let lora = Adapter::load(&tmp.path().join("lora")).unwrap();
+    let lora = s.convert_and_verify("kpm");
+    assert_eq!((lora.modules.len(), lora.config.r), (123, 16));
+}
+
+#[test]
+fn gguf_model_baselines_through_preprocess_finetune_and_convert() {
+    let Some(s) = setup() else { return };
+    let targets = "q_proj,k_proj,v_proj,o_proj,layers.0.mlp.gate_proj,layers.0.mlp.up_proj,layers.0.mlp.down_proj";
+    for init in ["pissa", "milora"] {
+        let (_, err) = run(
+            "corda-preprocess",
+            &[
+                "--quiet",
+                "--model_id",
+                s.g(),
+                "--r",
+                "8",
+                "--init",
+                init,
+                "--target_modules",
+                targets,
+                "--save_model",
+                "--save_path",
+                &s.p(init),
+            ],
+        );
+        let label = if init == "pissa" { "PiSSA" } else { "MiLoRA" };
+        assert!(
+            err.contains(&format!("decomposed 123 modules ({label}, r 8")),
+            "{err}"
+        );
+        assert!(
+            err.contains("identity check: residual + s·B·A vs W"),
+            "{err}"
+        );
+        check_residual(&s, init);
+    }
+
+    // The PiSSA residual fine-tunes and converts like a CorDA one.
+    s.finetune("pissa", 2, "1e-4");
+    let lora = s.convert_and_verify("pissa");
     assert_eq!((lora.modules.len(), lora.config.r), (123, 16));
 }

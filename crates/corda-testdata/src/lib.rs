@@ -24,6 +24,12 @@ pub fn peft_tiny_llama() -> PathBuf {
     fixtures_root().join("peft-tiny-llama")
 }
 
+/// `tests/fixtures/peft-tiny-llama-pissa/`: PEFT 0.21's PiSSA on that model, with float64
+/// PiSSA / MiLoRA references (made by `scripts/make_pissa_fixture.py`).
+pub fn peft_tiny_llama_pissa() -> PathBuf {
+    fixtures_root().join("peft-tiny-llama-pissa")
+}
+
 /// `../shared` beside the checkout, or `CORDA_SHARED` when set.
 pub fn shared_root() -> PathBuf {
     match std::env::var_os("CORDA_SHARED") {
@@ -54,6 +60,7 @@ mod tests {
     #[test]
     fn the_vendored_fixtures_are_in_the_repository() {
         assert!(peft_tiny_llama().join("base-model/config.json").is_file());
+        assert!(peft_tiny_llama_pissa().join("manifest.json").is_file());
         assert!(fixtures_root().join("README.md").is_file());
     }
 

@@ -14,6 +14,10 @@
 //! float64 every module of a real model lands within 1e-9 of the exact product. The inputs (W,
 //! the float32 covariance) are the same as PEFT's, so the result is PEFT's decomposition without
 //! its rounding; `docs/peft-compat.md` has the figures.
+//!
+//! The baselines PiSSA and MiLoRA ([`InitMethod`], [`weight_eigens`]) are step 2 with `Cf = I`:
+//! the SVD of W itself (PEFT's `pissa_init`, float32 there, float64 here), the r largest (PiSSA)
+//! or smallest (MiLoRA) components, then the same step 3.
 
 use faer::linalg::solvers::Solve;
 use faer::{Accum, Mat, MatRef, Par, Side};
@@ -37,11 +41,63 @@ impl CordaMode {
         }
     }
 
-    /// Index of the first kept component among k singular values.
-    fn start(self, k: usize, r: usize) -> usize {
+    /// IPM trains the principal components, KPM the minor ones.
+    fn keeps_largest(self) -> bool {
+        self == Self::Ipm
+    }
+}
+
+/// How the adapter is initialised: which matrix is decomposed and which r components train.
+/// PiSSA and MiLoRA are the baselines the CorDA paper compares against; they decompose the
+/// weight alone, so they need no calibration data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitMethod {
+    /// CorDA: the SVD of `W·C` (C the covariance of the layer's inputs), KPM or IPM.
+    Corda(CordaMode),
+    /// PiSSA (PEFT's `init_lora_weights="pissa"`): the r largest singular components of W.
+    Pissa,
+    /// MiLoRA: the r smallest singular components of W.
+    Milora,
+}
+
+impl InitMethod {
+    /// `corda`, `pissa` or `milora` (the `--init` value, and `init_method` in the report).
+    pub fn as_str(&self) -> &'static str {
         match self {
-            Self::Ipm => 0,
-            Self::Kpm => k - r,
+            Self::Corda(_) => "corda",
+            Self::Pissa => "pissa",
+            Self::Milora => "milora",
+        }
+    }
+
+    /// For messages: `CorDA kpm`, `PiSSA`, `MiLoRA`.
+    pub fn label(&self) -> String {
+        match self {
+            Self::Corda(m) => format!("CorDA {}", m.as_str()),
+            Self::Pissa => "PiSSA".into(),
+            Self::Milora => "MiLoRA".into(),
+        }
+    }
+
+    /// The CorDA mode, for CorDA.
+    pub fn corda_mode(&self) -> Option<CordaMode> {
+        match self {
+            Self::Corda(m) => Some(*m),
+            _ => None,
+        }
+    }
+
+    /// Only CorDA reads the layers' inputs (covariances); PiSSA and MiLoRA decompose W alone.
+    pub fn needs_calibration(&self) -> bool {
+        matches!(self, Self::Corda(_))
+    }
+
+    /// Whether the r largest components train (CorDA IPM, PiSSA) or the r smallest (KPM, MiLoRA).
+    pub fn keeps_largest(&self) -> bool {
+        match self {
+            Self::Corda(m) => m.keeps_largest(),
+            Self::Pissa => true,
+            Self::Milora => false,
         }
     }
 }
@@ -284,12 +340,7 @@ pub fn corda_eigens_damped(
             n = damped.cf.nrows()
         )));
     }
-    let k = d_out.min(d_in);
-    if r == 0 || r > k {
-        return Err(CordaError::Invalid(format!(
-            "{module}: rank {r} is not in 1..={k} (min(d_in, d_out) of its {d_out}x{d_in} weight); lower r or give this module a smaller rank in the rank pattern"
-        )));
-    }
+    check_rank(d_out, d_in, r, module)?;
     let w64 = Mat::from_fn(d_out, d_in, |i, j| w[(i, j)] as f64);
     let mut wc = Mat::<f64>::zeros(d_out, d_in);
     faer::linalg::matmul::matmul(
@@ -300,7 +351,70 @@ pub fn corda_eigens_damped(
         1.0,
         par,
     );
-    let svd = wc
+    let kept = svd_crop(wc.as_ref(), r, mode.keeps_largest(), module, par)?;
+    // Vt_r = V_rᵀ · Cf⁻¹, by the factorization rather than an explicit inverse.
+    let mut vt = kept.v.transpose().to_owned();
+    damped.factor.rsolve_in_place(vt.as_mut());
+    Ok(CordaEigens {
+        s: kept.s,
+        u: kept.u,
+        vt,
+        damp: damped.damp,
+        spectrum: Some(kept.spectrum),
+    })
+}
+
+/// PiSSA / MiLoRA: the thin SVD `W = U S Vh` of the weight itself in float64 (PEFT's `pissa_init`
+/// runs it in float32), cropped to the r largest (`largest`, PiSSA) or smallest (MiLoRA)
+/// components; `vt` holds the rows of Vh. `damp` is NaN: there is no covariance.
+pub fn weight_eigens(
+    w: MatRef<'_, f32>,
+    r: usize,
+    largest: bool,
+    module: &str,
+    par: Par,
+) -> Result<CordaEigens> {
+    let (d_out, d_in) = (w.nrows(), w.ncols());
+    check_rank(d_out, d_in, r, module)?;
+    if (0..d_in).any(|j| (0..d_out).any(|i| !w[(i, j)].is_finite())) {
+        return Err(CordaError::Numerics(format!(
+            "{module}: the weight contains NaN or inf; check the model file"
+        )));
+    }
+    let w64 = Mat::from_fn(d_out, d_in, |i, j| w[(i, j)] as f64);
+    let kept = svd_crop(w64.as_ref(), r, largest, module, par)?;
+    Ok(CordaEigens {
+        s: kept.s,
+        u: kept.u,
+        vt: kept.v.transpose().to_owned(),
+        damp: f64::NAN,
+        spectrum: Some(kept.spectrum),
+    })
+}
+
+/// Refuse a rank outside 1..=min(d_out, d_in).
+fn check_rank(d_out: usize, d_in: usize, r: usize, module: &str) -> Result<()> {
+    let k = d_out.min(d_in);
+    if r == 0 || r > k {
+        return Err(CordaError::Invalid(format!(
+            "{module}: rank {r} is not in 1..={k} (min(d_in, d_out) of its {d_out}x{d_in} weight); lower r or give this module a smaller rank in the rank pattern"
+        )));
+    }
+    Ok(())
+}
+
+/// The r kept singular triplets of a matrix and the figures of its cut.
+struct Kept {
+    s: Vec<f64>,
+    u: Mat<f64>,
+    v: Mat<f64>,
+    spectrum: Spectrum,
+}
+
+/// Thin SVD of `m` in float64, cropped to its r largest or smallest components.
+fn svd_crop(m: MatRef<'_, f64>, r: usize, largest: bool, module: &str, par: Par) -> Result<Kept> {
+    let k = m.nrows().min(m.ncols());
+    let svd = m
         .thin_svd()
         .map_err(|e| CordaError::Numerics(format!("{module}: SVD did not converge ({e:?})")))?;
     let s_all = svd.S().column_vector();
@@ -309,21 +423,12 @@ pub fn corda_eigens_damped(
             "{module}: singular values are not finite"
         )));
     }
-    let start = mode.start(k, r);
+    let start = if largest { 0 } else { k - r };
     let s: Vec<f64> = (start..start + r).map(|i| s_all[i]).collect();
     let u = svd.U().subcols(start, r).to_owned();
-    let v = svd.V().subcols(start, r);
-    let spectrum = spectrum(wc.as_ref(), s_all, u.as_ref(), v, start, par);
-    // Vt_r = V_rᵀ · Cf⁻¹, by the factorization rather than an explicit inverse.
-    let mut vt = v.transpose().to_owned();
-    damped.factor.rsolve_in_place(vt.as_mut());
-    Ok(CordaEigens {
-        s,
-        u,
-        vt,
-        damp: damped.damp,
-        spectrum: Some(spectrum),
-    })
+    let v = svd.V().subcols(start, r).to_owned();
+    let spectrum = spectrum(m, s_all, u.as_ref(), v.as_ref(), start, par);
+    Ok(Kept { s, u, v, spectrum })
 }
 
 /// The gap, residual and sensitivity figures of the kept components `start..start + r`.
@@ -514,6 +619,47 @@ mod tests {
         let e = corda_eigens(w.as_ref(), c.as_ref(), 2, CordaMode::Ipm, "m").unwrap();
         let init = corda_init(w.as_ref(), &e, 1.0);
         assert!(degeneracy(&e, init.a.as_ref(), init.b.as_ref()).is_none());
+    }
+
+    #[test]
+    fn pissa_and_milora_split_the_weight_itself() {
+        let mut seed = 11;
+        let (d_out, d_in, r) = (10, 7, 3);
+        let w = Mat::from_fn(d_out, d_in, |_, _| lcg(&mut seed));
+        let all = Mat::from_fn(d_out, d_in, |i, j| w[(i, j)] as f64)
+            .singular_values()
+            .unwrap();
+        for (init, kept) in [
+            (InitMethod::Pissa, 0..r),
+            (InitMethod::Milora, d_in - r..d_in),
+        ] {
+            let e = weight_eigens(w.as_ref(), r, init.keeps_largest(), "m", Par::Seq).unwrap();
+            assert!(e.damp.is_nan() && e.spectrum.unwrap().error_estimate < 1e-12);
+            for (got, want) in e.s.iter().zip(&all[kept]) {
+                assert!((got - want).abs() < 1e-12, "{init:?}: {got} vs {want}");
+            }
+            let init_ = corda_init(w.as_ref(), &e, 0.5);
+            for i in 0..d_out {
+                for j in 0..d_in {
+                    let ba: f32 = (0..r).map(|k| init_.b[(i, k)] * init_.a[(k, j)]).sum();
+                    assert!((init_.residual[(i, j)] + 0.5 * ba - w[(i, j)]).abs() < 1e-6);
+                }
+            }
+        }
+        // A weight of rank 2: MiLoRA's r = 3 smallest include a zero, PiSSA's r = 2 do not.
+        let w = Mat::from_fn(5, 6, |i, j| if i == j && i < 2 { 1.0f32 } else { 0.0 });
+        let e = weight_eigens(w.as_ref(), 3, false, "m", Par::Seq).unwrap();
+        let init_ = corda_init(w.as_ref(), &e, 1.0);
+        assert!(degeneracy(&e, init_.a.as_ref(), init_.b.as_ref()).is_some());
+        let e = weight_eigens(w.as_ref(), 2, true, "m", Par::Seq).unwrap();
+        let init_ = corda_init(w.as_ref(), &e, 1.0);
+        assert!(degeneracy(&e, init_.a.as_ref(), init_.b.as_ref()).is_none());
+        let nan = Mat::from_fn(3, 3, |_, _| f32::NAN);
+        let err = weight_eigens(nan.as_ref(), 1, true, "m", Par::Seq)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("NaN"), "{err}");
+        assert!(weight_eigens(w.as_ref(), 6, true, "m", Par::Seq).is_err());
     }
 
     #[test]

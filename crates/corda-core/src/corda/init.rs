@@ -1,6 +1,6 @@
 //! Damping, decomposition and `corda_init` for the targets of one layer: one damping loop per
 //! input site, the modules' SVDs side by side, then A, B and the residual of each module, with
-//! the degenerate-adapter guard.
+//! the degenerate-adapter guard. PiSSA and MiLoRA take the same path without the damping.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Condvar, Mutex};
@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use faer::{Mat, Par};
 
 use super::decompose::{
-    corda_eigens_damped, corda_init, damp_covariance, degeneracy, CordaEigens, CordaMode, Damped,
+    corda_eigens_damped, corda_init, damp_covariance, degeneracy, weight_eigens, CordaEigens,
+    CordaMode, Damped, InitMethod,
 };
 use super::files::{mat_to_tensor, tensor_to_mat};
 use super::plan::Target;
@@ -23,6 +24,8 @@ pub enum EigenSource {
     Covariances(BTreeMap<InputSite, Mat<f32>>),
     /// Already cropped eigens from a decomposition cache, in target order.
     Cached(Vec<CordaEigens>),
+    /// No covariance: decompose the weights themselves (PiSSA, MiLoRA).
+    Weights,
 }
 
 /// Tolerated relative deviation of residual + adapter from the original, by dtype.
@@ -105,12 +108,13 @@ enum Task {
 /// input site, then the SVD of each module that reads it as soon as the site is damped (damping
 /// first, since it gates the rest; then the largest SVD first). One task per thread, each
 /// single-threaded: independent decompositions scale with the cores while faer's SVD gains
-/// little from a second one, and the results do not depend on the core count.
+/// little from a second one, and the results do not depend on the core count. Without
+/// covariances (PiSSA, MiLoRA) every module's SVD of its weight is ready from the start.
 fn layer_eigens(
     targets: &[Target],
     weights: &[Mat<f32>],
-    covs: &BTreeMap<InputSite, Mat<f32>>,
-    mode: CordaMode,
+    covs: Option<&BTreeMap<InputSite, Mat<f32>>>,
+    largest: bool,
 ) -> Result<(Vec<CordaEigens>, DampedSites)> {
     struct State {
         ready: Vec<Task>,
@@ -119,26 +123,31 @@ fn layer_eigens(
         left: usize,
         error: Option<CordaError>,
     }
-    let sites: BTreeSet<InputSite> = targets.iter().map(|t| t.site).collect();
-    for t in targets {
-        if !covs.contains_key(&t.site) {
-            return Err(CordaError::Invalid(format!(
-                "no covariance for the input of {}",
-                t.name
-            )));
-        }
+    let sites: BTreeSet<InputSite> = match covs {
+        Some(_) => targets.iter().map(|t| t.site).collect(),
+        None => BTreeSet::new(),
+    };
+    if let Some(t) = covs.and_then(|c| targets.iter().find(|t| !c.contains_key(&t.site))) {
+        return Err(CordaError::Invalid(format!(
+            "no covariance for the input of {}",
+            t.name
+        )));
     }
     let cost = |task: &Task| -> (bool, usize) {
         match *task {
-            Task::Damp(site) => (true, covs[&site].nrows().pow(3)),
+            Task::Damp(site) => (true, covs.map_or(0, |c| c[&site].nrows().pow(3))),
             Task::Eigens(i) => {
                 let (o, n) = targets[i].shape;
                 (false, o * n * o.min(n))
             }
         }
     };
+    let ready = match covs {
+        Some(_) => sites.iter().map(|&s| Task::Damp(s)).collect(),
+        None => (0..targets.len()).map(Task::Eigens).collect(),
+    };
     let state = Mutex::new(State {
-        ready: sites.iter().map(|&s| Task::Damp(s)).collect(),
+        ready,
         damped: BTreeMap::new(),
         eigens: targets.iter().map(|_| None).collect(),
         left: sites.len() + targets.len(),
@@ -177,6 +186,7 @@ fn layer_eigens(
                             .find(|t| t.site == site)
                             .expect("site of a target")
                             .name;
+                        let covs = covs.expect("damping tasks exist only with covariances");
                         let result = damp_covariance(covs[&site].as_ref(), name);
                         let mut st = lock();
                         match result {
@@ -189,25 +199,26 @@ fn layer_eigens(
                         }
                         st.left -= 1;
                     }
-                    (Task::Eigens(i), Some(d)) => {
+                    (Task::Eigens(i), damped) => {
                         let t = &targets[i];
-                        let result = corda_eigens_damped(
-                            weights[i].as_ref(),
-                            &d,
-                            t.rank,
-                            mode,
-                            &t.name,
-                            Par::Seq,
-                        );
+                        let w = weights[i].as_ref();
+                        let result = match damped {
+                            Some(d) => {
+                                let mode = if largest {
+                                    CordaMode::Ipm
+                                } else {
+                                    CordaMode::Kpm
+                                };
+                                corda_eigens_damped(w, &d, t.rank, mode, &t.name, Par::Seq)
+                            }
+                            None => weight_eigens(w, t.rank, largest, &t.name, Par::Seq),
+                        };
                         let mut st = lock();
                         match result {
                             Ok(e) => st.eigens[i] = Some(e),
                             Err(e) => st.error = Some(e),
                         }
                         st.left -= 1;
-                    }
-                    (Task::Eigens(_), None) => {
-                        unreachable!("an SVD task is queued only after its site is damped")
                     }
                 }
                 wake.notify_all();
@@ -233,17 +244,21 @@ pub fn init_layer(
     targets: &[Target],
     weights: &[Mat<f32>],
     source: EigenSource,
-    mode: CordaMode,
+    method: InitMethod,
     dtype: DType,
     allow_degenerate: bool,
 ) -> Result<Vec<ModuleInit>> {
+    let largest = method.keeps_largest();
     let (all_eigens, damped) = match source {
         EigenSource::Cached(e) => (e, BTreeMap::new()),
         EigenSource::Covariances(covs) => {
-            let (mut eigens, damped) = layer_eigens(targets, weights, &covs, mode)?;
+            let (mut eigens, damped) = layer_eigens(targets, weights, Some(&covs), largest)?;
             eigens.iter_mut().for_each(CordaEigens::round_to_f32);
             (eigens, damped)
         }
+        // No cache to agree with: the float64 factors go straight into A, B and the residual,
+        // rounded once.
+        EigenSource::Weights => layer_eigens(targets, weights, None, largest)?,
     };
     let mut out = Vec::with_capacity(targets.len());
     for ((t, w), eigens) in targets.iter().zip(weights).zip(all_eigens) {
@@ -269,6 +284,7 @@ pub fn init_layer(
             condition: site.map(|d| d.condition),
             spectrum: eigens.spectrum,
             degenerate,
+            weight_deviation: dev,
         };
         let init = ModuleInit {
             eigens,
@@ -297,9 +313,14 @@ pub fn init_layer(
         .collect();
     if !bad.is_empty() && !allow_degenerate {
         return Err(CordaError::Numerics(format!(
-            "degenerate {} adapter (it would never train or carries only rounding noise): {}. Use more or longer calibration samples, a smaller rank for these modules (rank pattern), a float32 model dtype, or accept them with allow_degenerate_adapters",
-            mode.as_str(),
-            bad.join("; ")
+            "degenerate {} adapter (it would never train or carries only rounding noise): {}. {}a smaller rank for these modules (rank pattern), a float32 model dtype, or accept them with allow_degenerate_adapters",
+            method.label(),
+            bad.join("; "),
+            if method.needs_calibration() {
+                "Use more or longer calibration samples, "
+            } else {
+                "Use "
+            }
         )));
     }
     Ok(out)

@@ -11,6 +11,8 @@
 //! 4. [`output`](super::output): residual weights, covariances, cache entries stream out;
 //!
 //! and the layer is freed. Peak memory is one layer plus the hidden states, whatever the depth.
+//! The PiSSA and MiLoRA baselines skip phases 1 and 3 (they read no inputs) and write the same
+//! layout, so fine-tuning and conversion treat every method alike.
 //! [`plan`](super::plan) fixes the targets and ranks before any work, and
 //! [`files`](super::files) what is reused from an earlier run.
 
@@ -22,7 +24,7 @@ use candle_core::{DType, Device};
 
 use super::calibration::{HiddenStates, LayerProbe};
 use super::covariance::CovariancePrecision;
-use super::decompose::CordaMode;
+use super::decompose::{CordaMode, InitMethod};
 use super::files::{calibration_fingerprint, is_reusable, model_fingerprint, Provenance, Reused};
 use super::init::{deviation_tolerance, init_layer, target_weights, EigenSource, ModuleInit};
 use super::output::Outputs;
@@ -42,7 +44,8 @@ pub struct PreprocessOptions {
     pub r: usize,
     pub lora_alpha: f64,
     pub use_rslora: bool,
-    pub mode: CordaMode,
+    /// CorDA (KPM or IPM), or the PiSSA / MiLoRA baselines.
+    pub init: InitMethod,
     /// Short names (`q_proj`) or full module paths, PEFT's `target_modules`.
     pub target_modules: Vec<String>,
     pub rank_pattern: BTreeMap<String, usize>,
@@ -86,7 +89,7 @@ impl PreprocessOptions {
             r,
             lora_alpha: r as f64,
             use_rslora: false,
-            mode: CordaMode::Kpm,
+            init: InitMethod::Corda(CordaMode::Kpm),
             target_modules: TARGET_PROJECTIONS.iter().map(|s| s.to_string()).collect(),
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
@@ -103,7 +106,37 @@ impl PreprocessOptions {
         }
     }
 
-    /// The PEFT adapter config this run writes.
+    /// Refuse what the init method cannot use, before any work: PiSSA and MiLoRA read no
+    /// calibration data, so samples, a covariance file, a decomposition cache (PEFT's CorDA
+    /// formats) or a half-precision covariance would be ignored.
+    pub fn validate(&self, num_samples: usize) -> Result<()> {
+        if self.init.needs_calibration() {
+            return Ok(());
+        }
+        let unused = [
+            (num_samples > 0, "calibration samples"),
+            (self.covariance_file.is_some(), "a covariance file"),
+            (self.cache_file.is_some(), "a decomposition cache"),
+            (
+                self.covariance_precision != CovariancePrecision::Float32,
+                "a half-precision covariance",
+            ),
+        ];
+        let given: Vec<&str> = unused.iter().filter(|u| u.0).map(|u| u.1).collect();
+        if given.is_empty() {
+            Ok(())
+        } else {
+            Err(CordaError::Invalid(format!(
+                "{} decomposes the weights alone and would ignore {}; drop them (they are CorDA's)",
+                self.init.label(),
+                given.join(", ")
+            )))
+        }
+    }
+
+    /// The PEFT adapter config this run writes: `init_lora_weights: true` for every method, as
+    /// PEFT's PiSSA and CorDA examples save the initial adapter (a config saying `"pissa"`
+    /// would make `PeftModel.from_pretrained` decompose the residual weights again).
     pub fn adapter_config(&self) -> AdapterConfig {
         let mut targets: Vec<String> = self.target_modules.clone();
         targets.sort();
@@ -112,15 +145,17 @@ impl PreprocessOptions {
         c.alpha_pattern = self.alpha_pattern.clone();
         c.use_rslora = self.use_rslora;
         c.base_model_name_or_path = Some(self.base_model_name.clone());
-        c.extra.insert(
-            "corda_config".into(),
-            serde_json::json!({
-                "cache_file": null, "corda_method": self.mode.as_str(), "covariance_file": null,
-                "prune_temporary_fields": true,
-                "use_float16_for_covariance": self.covariance_precision != CovariancePrecision::Float32,
-                "verbose": false
-            }),
-        );
+        if let Some(mode) = self.init.corda_mode() {
+            c.extra.insert(
+                "corda_config".into(),
+                serde_json::json!({
+                    "cache_file": null, "corda_method": mode.as_str(), "covariance_file": null,
+                    "prune_temporary_fields": true,
+                    "use_float16_for_covariance": self.covariance_precision != CovariancePrecision::Float32,
+                    "verbose": false
+                }),
+            );
+        }
         c
     }
 }
@@ -187,6 +222,7 @@ pub fn preprocess(
     opts: &PreprocessOptions,
     out: Option<&Path>,
 ) -> Result<PreprocessReport> {
+    opts.validate(samples.len())?;
     let mut phases = PhaseReport::new();
     let t0 = Instant::now();
     let cfg = ModelConfig::from_dir(model_dir)?;
@@ -201,14 +237,17 @@ pub fn preprocess(
         calibration: (!samples.is_empty())
             .then(|| calibration_fingerprint(samples, &format!("{precision:?}"))),
     };
-    let reused = Reused::load(
-        opts.cache_file.as_deref(),
-        opts.covariance_file.as_deref(),
-        &plan,
-        opts.mode,
-        &provenance,
-    )?;
-    let calibrate = reused.needs_calibration();
+    let reused = match opts.init {
+        InitMethod::Corda(mode) => Reused::load(
+            opts.cache_file.as_deref(),
+            opts.covariance_file.as_deref(),
+            &plan,
+            mode,
+            &provenance,
+        )?,
+        _ => Reused::Nothing,
+    };
+    let calibrate = opts.init.needs_calibration() && reused.needs_calibration();
     let mut hidden = if calibrate {
         Some(phases.time("embed", || {
             HiddenStates::embed(&weights, &cfg, samples, opts.batch_size, dtype, device)
@@ -229,7 +268,8 @@ pub fn preprocess(
         opts.cache_file
             .as_deref()
             .filter(|_| !matches!(reused, Reused::Cache(_)))
-            .map(|p| (p, opts.mode.as_str())),
+            .zip(opts.init.corda_mode())
+            .map(|(p, mode)| (p, mode.as_str())),
         &provenance,
         dtype,
     )?;
@@ -309,7 +349,9 @@ pub fn preprocess(
             None => (reused.covariances(layer_targets)?, None),
         };
         outputs.covariances(layer_targets, &covs)?;
-        phases.add("calibration forward + covariance", t.elapsed());
+        if calibrate {
+            phases.add("calibration forward + covariance", t.elapsed());
+        }
         // 3–4 of the previous layer, in layer order.
         if let Some(done) = in_flight.take() {
             finish(done, &mut phases, &mut outputs)?;
@@ -317,15 +359,16 @@ pub fn preprocess(
         // 2. Damping, decomposition and corda_init, in the background.
         let source = match reused.cached_eigens(layer_targets)? {
             Some(eigens) => EigenSource::Cached(eigens),
-            None => EigenSource::Covariances(covs),
+            None if opts.init.needs_calibration() => EigenSource::Covariances(covs),
+            None => EigenSource::Weights,
         };
         let w = target_weights(&layer, layer_targets)?;
-        let (targets, mode, allow) = (
+        let (targets, init, allow) = (
             layer_targets.clone(),
-            opts.mode,
+            opts.init,
             opts.allow_degenerate_adapters,
         );
-        let job = std::thread::spawn(move || init_layer(&targets, &w, source, mode, dtype, allow));
+        let job = std::thread::spawn(move || init_layer(&targets, &w, source, init, dtype, allow));
         in_flight = Some(InFlight {
             index: l,
             layer,
@@ -340,7 +383,7 @@ pub fn preprocess(
         pb.finish_and_clear();
     }
     let mut report = PreprocessReport {
-        mode: opts.mode,
+        init: opts.init,
         modules,
         layer_deviation,
         phases,

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::DType;
 use serde::Serialize;
 
-use super::decompose::{CordaMode, Spectrum};
+use super::decompose::{InitMethod, Spectrum};
 use crate::util::PhaseReport;
 use crate::{CordaError, Result};
 
@@ -25,14 +25,17 @@ pub struct ModuleReport {
     pub name: String,
     pub rank: usize,
     pub scaling: f64,
-    /// Damping δ accepted by the inverse check (None when read from the cache).
+    /// Damping δ accepted by the inverse check (None when read from the cache, and for PiSSA /
+    /// MiLoRA, which have no covariance).
     pub damp: Option<f64>,
-    /// Estimated condition number of the damped covariance.
+    /// Estimated condition number of the damped covariance (None likewise).
     pub condition: Option<f64>,
     /// Singular-value figures of the cut (None when read from the cache).
     pub spectrum: Option<Spectrum>,
     /// Why the adapter is degenerate, when it is (and was allowed).
     pub degenerate: Option<String>,
+    /// max|W − (W_res + s·B·A)| / max|W| as written (every method, every path).
+    pub weight_deviation: f64,
 }
 
 impl ModuleReport {
@@ -46,7 +49,7 @@ impl ModuleReport {
 /// The outcome of a preprocessing run.
 #[derive(Debug, Clone)]
 pub struct PreprocessReport {
-    pub mode: CordaMode,
+    pub init: InitMethod,
     pub modules: Vec<ModuleReport>,
     /// Largest |layer output with residual + adapter − original layer output| over the check
     /// batch, relative to the largest |original output|, per layer.
@@ -69,6 +72,14 @@ fn fold(values: impl Iterator<Item = f64>, f: fn(f64, f64) -> f64, init: f64) ->
 impl PreprocessReport {
     pub fn max_deviation(&self) -> f64 {
         self.layer_deviation.iter().copied().fold(0.0, f64::max)
+    }
+
+    /// Largest weight-level identity deviation over the modules.
+    pub fn max_weight_deviation(&self) -> f64 {
+        self.modules
+            .iter()
+            .map(|m| m.weight_deviation)
+            .fold(0.0, f64::max)
     }
 
     /// Largest estimated relative error of a module's kept subspace.
@@ -101,11 +112,14 @@ impl PreprocessReport {
     /// The per-module report as JSON.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
-            "corda_method": self.mode.as_str(),
+            "init_method": self.init.as_str(),
+            "corda_method": self.init.corda_mode().map(|m| m.as_str()),
             "dtype": crate::model::dtype_name(self.dtype),
             "samples": self.num_samples,
             "tokens": self.num_tokens,
-            "max_layer_deviation": self.max_deviation(),
+            // No layer check without calibration inputs (a reused cache, PiSSA, MiLoRA).
+            "max_layer_deviation": (!self.layer_deviation.is_empty()).then(|| self.max_deviation()),
+            "max_weight_deviation": self.max_weight_deviation(),
             "max_error_estimate": self.max_error_estimate(),
             "min_relative_kept_singular_value": self.min_relative_kept(),
             "ill_determined_threshold": ILL_DETERMINED,
