@@ -22,6 +22,15 @@ fn eval(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The binary against `server`, with `home` as HF_HOME (an empty cache at first).
+fn hub_eval(server: &HubServer, home: &Path, args: &[&str]) -> Output {
+    hub_command(env!("CARGO_BIN_EXE_corda-eval"), server, home)
+        .env("RUST_LOG", "warn")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 fn text(o: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -131,9 +140,10 @@ fn nqopen_from_the_hub_and_gsm8k_from_a_file_run_end_to_end() {
     let server = nq_open_hub();
     let home = tempfile::tempdir().unwrap();
     let json = home.path().join("nq.json");
-    let o = hub_command(env!("CARGO_BIN_EXE_corda-eval"), &server, home.path())
-        .env("RUST_LOG", "warn")
-        .args([
+    let o = hub_eval(
+        &server,
+        home.path(),
+        &[
             "--model_name_or_path",
             base().to_str().unwrap(),
             "--task",
@@ -148,9 +158,8 @@ fn nqopen_from_the_hub_and_gsm8k_from_a_file_run_end_to_end() {
             "3",
             "--output",
             json.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stderr}");
     assert!(stdout.contains("exact_match"), "{stdout}");
@@ -351,9 +360,10 @@ fn builtin_c4_perplexity_reads_the_validation_shard_from_the_hub() {
     )]);
     let home = tempfile::tempdir().unwrap();
     let json = home.path().join("c4.json");
-    let o = hub_command(env!("CARGO_BIN_EXE_corda-eval"), &server, home.path())
-        .env("RUST_LOG", "warn")
-        .args([
+    let o = hub_eval(
+        &server,
+        home.path(),
+        &[
             "--model_name_or_path",
             base().to_str().unwrap(),
             "--task",
@@ -364,9 +374,8 @@ fn builtin_c4_perplexity_reads_the_validation_shard_from_the_hub() {
             "128",
             "--output",
             json.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     let (stdout, stderr) = text(&o);
     assert!(o.status.success(), "{stderr}");
     assert!(stdout.contains("c4"), "{stdout}");

@@ -15,6 +15,7 @@ use super::subject::Subject;
 use super::task::{encode_prompts, run_generation, Task};
 use crate::hub::Hub;
 use crate::model::{find_tokenizer_dir, LoadOptions, ModelConfig, TokenizerInfo};
+use crate::util::styled_progress_bar;
 use crate::{CordaError, Result};
 
 /// The perplexity window when none is given: 2048 tokens, or the model's maximum if smaller.
@@ -59,19 +60,12 @@ pub fn default_seq_len(model_dir: &std::path::Path) -> Result<usize> {
     Ok(DEFAULT_SEQ_LEN.min(max.max(2)))
 }
 
-/// A progress bar over `len` units (tokens) showing the throughput.
-fn token_bar(len: u64, msg: &str) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::new(len);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:>20} [{bar:30}] {human_pos}/{human_len} tok {per_sec} {elapsed_precise} ETA {eta}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    pb.set_message(msg.to_string());
-    pb
-}
+/// Perplexity progress: tokens scored, with the throughput.
+const TOKEN_BAR: &str =
+    "{msg:>20} [{bar:30}] {human_pos}/{human_len} tok {per_sec} {elapsed_precise} ETA {eta}";
+/// Generation progress: questions answered; the prefix shows generated tokens per second.
+const QUESTION_BAR: &str =
+    "{msg:>20} [{bar:30}] {pos}/{len} questions {elapsed_precise} ETA {eta} {prefix}";
 
 impl EvalSpec {
     /// The tokenizer shared by every subject (prompts must be identical).
@@ -172,7 +166,7 @@ impl EvalSpec {
         for s in &self.subjects {
             let model = s.load(&self.revision, &self.hub, &self.load_options())?;
             let n = super::perplexity::windows(&ids, seq_len, self.limit)?.len();
-            let pb = token_bar((n * seq_len) as u64, &s.label);
+            let pb = styled_progress_bar((n * seq_len) as u64, &s.label, TOKEN_BAR);
             let start = Instant::now();
             let r = perplexity(
                 &model,
@@ -233,14 +227,7 @@ impl EvalSpec {
         let mut records = Vec::new();
         for s in &self.subjects {
             let model = s.load(&self.revision, &self.hub, &self.load_options())?;
-            let pb = token_bar(questions.len() as u64, &s.label);
-            pb.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg:>20} [{bar:30}] {pos}/{len} questions {elapsed_precise} ETA {eta} {prefix}",
-                )
-                .expect("static template")
-                .progress_chars("=> "),
-            );
+            let pb = styled_progress_bar(questions.len() as u64, &s.label, QUESTION_BAR);
             let start = Instant::now();
             let mut generated = 0usize;
             let r = run_generation(

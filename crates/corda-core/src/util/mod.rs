@@ -7,4 +7,4 @@ pub mod report;
 pub mod tensor;
 
 pub use atomic::AtomicDir;
-pub use report::{peak_rss_bytes, progress_bar, PhaseReport};
+pub use report::{peak_rss_bytes, progress_bar, styled_progress_bar, PhaseReport};
