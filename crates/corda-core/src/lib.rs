@@ -1,4 +1,5 @@
-//! corda-core: the library behind `corda-preprocess`, `corda-finetune` and `corda-convert`.
+//! corda-core: the library behind `corda-preprocess`, `corda-finetune`, `corda-convert` and
+//! `corda-eval`.
 //!
 //! CorDA (Context-Oriented Decomposition Adaptation, NeurIPS 2024) builds task-aware LoRA
 //! adapters from an SVD of each weight oriented by the covariance of its inputs. The modules
@@ -9,6 +10,7 @@
 //! - [`corda`]: covariance collection and the covariance-oriented decomposition.
 //! - [`adapter`]: the PEFT adapter format and conversion to a plain LoRA.
 //! - [`train`]: optimizer, schedules, trainer and checkpoints.
+//! - [`eval`]: perplexity, greedy generation (KV cache) and the QA / math benchmarks.
 //! - [`layout`]: the names of every output directory and file.
 //! - [`hub`]: the Hugging Face hub cache and downloads (used by `model` and `data`).
 //! - [`util`]: atomic output directories, phase timing and memory reports.
@@ -17,6 +19,7 @@ pub mod adapter;
 pub mod corda;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod hub;
 pub mod layout;
 pub mod model;

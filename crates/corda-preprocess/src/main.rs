@@ -8,11 +8,15 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use corda_cli::{key_alpha, key_rank, parse_device, parse_size, positive_count, positive_number};
+use corda_core::adapter::Adapter;
 use corda_core::corda::{
     preprocess, CordaMode, CovariancePrecision, InitMethod, PreprocessOptions, PreprocessReport,
     REPORT_FILE,
 };
 use corda_core::data::{calibration_samples, CalibOptions, CalibSampling, CalibrationSource};
+use corda_core::eval::{
+    default_seq_len, verify_perplexity, EvalSource, PerplexityCheck, VerifyPplOptions,
+};
 use corda_core::hub::Hub;
 use corda_core::layout::CORDA_INIT_DIR;
 use corda_core::model::{parse_dtype, resolve_model, TokenizerInfo, TARGET_PROJECTIONS};
@@ -167,6 +171,77 @@ struct Args {
     /// No progress bars.
     #[arg(long, help_heading = "Output")]
     quiet: bool,
+
+    /// After preprocessing, compare the perplexity of the original model with that of the
+    /// residual model + corda_init on a few windows of this text (wikitext2, ptb, c4, a text
+    /// file or a hub dataset id; the reference's check for --use_float16_for_covariance). The
+    /// result is printed and added to corda_report.json; a difference above
+    /// --verify_ppl_tolerance warns. Needs --save_model.
+    #[arg(long = "verify_ppl", value_name = "DATASET", help_heading = "Verify")]
+    verify_ppl: Option<String>,
+    /// Windows scored by --verify_ppl.
+    #[arg(long = "verify_ppl_windows", default_value_t = 4, value_parser = positive_count,
+          help_heading = "Verify")]
+    verify_ppl_windows: usize,
+    /// Window length of --verify_ppl in tokens [default: 2048, or the model's maximum if smaller].
+    #[arg(long = "verify_ppl_seq_len", value_parser = positive_count, help_heading = "Verify")]
+    verify_ppl_seq_len: Option<usize>,
+    /// Relative perplexity difference above which --verify_ppl warns.
+    #[arg(long = "verify_ppl_tolerance", default_value_t = corda_core::eval::verify::DEFAULT_TOLERANCE,
+          value_parser = positive_number, help_heading = "Verify")]
+    verify_ppl_tolerance: f64,
+}
+
+/// The --verify_ppl text as token ids, read before any work so a bad dataset fails early.
+fn verify_ppl_ids(args: &Args, model_dir: &std::path::Path, hub: &Hub) -> Result<Option<Vec<u32>>> {
+    let Some(dataset) = &args.verify_ppl else {
+        return Ok(None);
+    };
+    if !args.save_model {
+        bail!("--verify_ppl compares the written residual model + adapter with the original; add --save_model --save_path DIR");
+    }
+    let text = EvalSource::new(dataset, hub.clone())
+        .and_then(|s| s.load_text())
+        .context("--verify_ppl")?;
+    let ids = TokenizerInfo::load(model_dir)?.encode(&text)?;
+    Ok(Some(ids))
+}
+
+/// Run --verify_ppl on the written output (before it is committed) and report.
+fn verify_ppl(
+    args: &Args,
+    ids: &[u32],
+    model_dir: &std::path::Path,
+    out_dir: &std::path::Path,
+    device: &candle_core::Device,
+) -> Result<PerplexityCheck> {
+    let adapter_dir = out_dir.join(CORDA_INIT_DIR);
+    let adapter = Adapter::load(&adapter_dir)?;
+    let opts = VerifyPplOptions {
+        dataset: args.verify_ppl.clone().unwrap_or_default(),
+        seq_len: match args.verify_ppl_seq_len {
+            Some(s) => s,
+            None => default_seq_len(model_dir)?,
+        },
+        max_windows: args.verify_ppl_windows,
+        tolerance: args.verify_ppl_tolerance,
+        device: device.clone(),
+        progress: !args.quiet,
+    };
+    let check =
+        verify_perplexity(model_dir, out_dir, &adapter, ids, &opts).context("--verify_ppl")?;
+    check.add_to_report(&adapter_dir)?;
+    eprintln!(
+        "perplexity check ({}, {} windows of {} tokens): original {:.4}, residual + corda_init {:.4} (relative difference {:.1e})",
+        check.dataset, check.windows, check.seq_len, check.original, check.with_adapter, check.relative_difference
+    );
+    if !check.within_tolerance() {
+        eprintln!(
+            "  warning: the perplexities differ by more than {:.1e}: the residual model + adapter does not reproduce the original; check the storage dtype (--dtype float32) and try without --use_float16_for_covariance",
+            check.tolerance
+        );
+    }
+    Ok(check)
 }
 
 /// The `--init` value; CorDA's mode comes from `--first_eigen`.
@@ -299,6 +374,7 @@ fn run(args: Args) -> Result<()> {
         .with_progress(!args.quiet);
     let model_dir = resolve_model(&args.model_id, &args.revision, &hub)?;
     let device = parse_device(&args.device).context("--device")?;
+    let ppl_ids = verify_ppl_ids(&args, &model_dir, &hub)?;
     let dtype = match args.dtype.as_str() {
         "auto" => None,
         d => Some(parse_dtype(d).context("--dtype")?),
@@ -319,7 +395,7 @@ fn run(args: Args) -> Result<()> {
     opts.covariance_file = args.covariance_file.clone();
     opts.cache_file = args.cache_file.clone();
     opts.dtype = dtype;
-    opts.device = device;
+    opts.device = device.clone();
     opts.batch_size = args.calib_batch_size.unwrap_or(1);
     opts.max_shard_bytes = args.max_shard_size;
     opts.base_model_name = args.model_id.clone();
@@ -364,6 +440,10 @@ fn run(args: Args) -> Result<()> {
     }
     let report = preprocess(&model_dir, &samples, &opts, out.as_ref().map(|o| o.path()))
         .with_context(|| format!("preprocessing {}", model_dir.display()))?;
+    let ppl_check = match (&ppl_ids, &out) {
+        (Some(ids), Some(o)) => Some(verify_ppl(&args, ids, &model_dir, o.path(), &device)?),
+        _ => None,
+    };
     let final_path = match out {
         Some(o) => Some(o.commit().map_err(corda_cli::overwrite_hint)?),
         None => None,
@@ -427,6 +507,9 @@ fn run(args: Args) -> Result<()> {
         v["wall_seconds"] = start.elapsed().as_secs_f64().into();
         v["max_deviation"] = report.max_deviation().into();
         v["decomposition"] = report.to_json();
+        if let Some(c) = &ppl_check {
+            v["verify_ppl"] = serde_json::to_value(c)?;
+        }
         std::fs::write(j, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("writing {}", j.display()))?;
     }

@@ -431,3 +431,98 @@ fn peak_memory_does_not_grow_with_depth() {
         "peak RSS grew from {shallow} (2 layers) to {deep} (8 layers); one layer is {layer_bytes} bytes"
     );
 }
+
+/// `--verify_ppl`: the residual model + corda_init has the original perplexity (printed and in
+/// corda_report.json); a tolerance below the float32 noise warns; it needs --save_model, and a
+/// bad text fails before any work.
+#[test]
+fn verify_ppl_compares_original_and_residual_plus_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/public_domain.txt");
+    let out = tmp.path().join("out");
+    let mut args = base_args(&out);
+    args.extend(
+        [
+            "--verify_ppl",
+            text.to_str().unwrap(),
+            "--verify_ppl_seq_len",
+            "128",
+            "--verify_ppl_windows",
+            "3",
+        ]
+        .map(String::from),
+    );
+    let (ok, err) = run(&args);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("perplexity check") && !err.contains("warning: the perplexities"),
+        "{err}"
+    );
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join(CORDA_INIT_DIR).join("corda_report.json")).unwrap(),
+    )
+    .unwrap();
+    let v = &report["verify_ppl"];
+    assert_eq!(v["windows"], 3);
+    let (a, b) = (
+        v["original"].as_f64().unwrap(),
+        v["with_adapter"].as_f64().unwrap(),
+    );
+    assert!(a > 1.0 && (a - b).abs() / a < 1e-5, "{v}");
+    assert!(
+        report["modules"].is_array() || report.as_object().unwrap().len() > 1,
+        "the module report is kept"
+    );
+
+    let out2 = tmp.path().join("out2");
+    let mut args = base_args(&out2);
+    args.extend(
+        // A bfloat16 residual model rounds its weights: a tiny tolerance sees it.
+        [
+            "--verify_ppl",
+            text.to_str().unwrap(),
+            "--verify_ppl_seq_len",
+            "128",
+            "--verify_ppl_tolerance",
+            "1e-12",
+            "--dtype",
+            "bfloat16",
+        ]
+        .map(String::from),
+    );
+    let (ok, err) = run(&args);
+    assert!(
+        ok && err.contains("warning: the perplexities differ"),
+        "{err}"
+    );
+
+    let mut args = base_args(&tmp.path().join("out3"));
+    args.retain(|a| a != "--save_model");
+    args.extend(
+        [
+            "--cache_file",
+            tmp.path().join("c.safetensors").to_str().unwrap(),
+            "--verify_ppl",
+            text.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let (ok, err) = run(&args);
+    assert!(
+        !ok && err.contains("--verify_ppl") && err.contains("--save_model"),
+        "{err}"
+    );
+
+    let out4 = tmp.path().join("out4");
+    let mut args = base_args(&out4);
+    args.extend(
+        [
+            "--verify_ppl",
+            tmp.path().join("missing.txt").to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let (ok, err) = run(&args);
+    assert!(!ok && err.contains("--verify_ppl"), "{err}");
+    assert!(!out4.exists(), "nothing written on a bad --verify_ppl");
+}

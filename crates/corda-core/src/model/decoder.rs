@@ -68,15 +68,17 @@ impl RmsNorm {
 
 /// Per-forward constants shared by every layer: rotary tables and the attention mask.
 pub struct AttnContext {
+    /// (1 or batch, 1, seq, head_dim) rotary tables for the queries and keys of this forward.
     cos: Tensor,
     sin: Tensor,
-    /// (batch, 1, seq, seq) float32 added to the attention scores: 0 where a query may attend
-    /// to a key, the most negative float elsewhere (finite, so no row can become NaN).
+    /// (batch, 1, seq, past + seq) float32 added to the attention scores: 0 where a query may
+    /// attend to a key, the most negative float elsewhere (finite, so no row can become NaN).
     mask: Tensor,
 }
 
 impl AttnContext {
-    /// `attention_mask` is (batch, seq) with 1 for real tokens (right padding).
+    /// A whole-sequence forward: positions 0..seq; `attention_mask` is (batch, seq) with 1 for
+    /// real tokens (right padding).
     pub fn new(
         cfg: &ModelConfig,
         batch: usize,
@@ -84,41 +86,131 @@ impl AttnContext {
         attention_mask: Option<&[Vec<u8>]>,
         device: &Device,
     ) -> Result<Self> {
+        let positions = vec![(0..seq as u32).collect::<Vec<u32>>()];
+        let keys: Vec<Vec<u8>> = match attention_mask {
+            Some(rows) => rows
+                .iter()
+                .map(|r| {
+                    (0..seq)
+                        .map(|j| u8::from(r.get(j).copied().unwrap_or(0) != 0))
+                        .collect()
+                })
+                .collect(),
+            None => vec![vec![1; seq]; batch],
+        };
+        Self::build(cfg, &positions, &keys, seq, device)
+    }
+
+    /// A forward of `seq` new tokens after `past` cached ones (see [`super::KvCache`]):
+    /// `positions` is (batch, seq), each row's rotary positions (left-padded rows start later);
+    /// `key_mask` is (batch, past + seq), 1 for every real token in the cache and the new ones.
+    pub fn incremental(
+        cfg: &ModelConfig,
+        positions: &[Vec<u32>],
+        key_mask: &[Vec<u8>],
+        device: &Device,
+    ) -> Result<Self> {
+        let seq = positions.first().map_or(0, Vec::len);
+        if positions.len() != key_mask.len()
+            || positions.iter().any(|p| p.len() != seq)
+            || key_mask
+                .iter()
+                .any(|k| k.len() != key_mask[0].len() || k.len() < seq)
+        {
+            return Err(crate::CordaError::Invalid(format!(
+                "incremental attention needs (batch, seq) positions and (batch, past + seq) key \
+                 masks of one length per batch; got {} position rows and {} mask rows",
+                positions.len(),
+                key_mask.len()
+            )));
+        }
+        Self::build(cfg, positions, key_mask, seq, device)
+    }
+
+    fn build(
+        cfg: &ModelConfig,
+        positions: &[Vec<u32>],
+        key_mask: &[Vec<u8>],
+        seq: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let inv = cfg.rope_inv_freq();
-        let half = inv.len();
-        let mut cos = Vec::with_capacity(seq * half);
-        let mut sin = Vec::with_capacity(seq * half);
-        for p in 0..seq {
-            for f in &inv {
-                // Match transformers: inv_freq is float32, angles are float32 products.
-                let ang = (p as f32) * (*f as f32);
-                cos.push(ang.cos());
-                sin.push(ang.sin());
+        let dim = 2 * inv.len();
+        let rows = positions.len();
+        let mut cos = Vec::with_capacity(rows * seq * dim);
+        let mut sin = Vec::with_capacity(rows * seq * dim);
+        for row in positions {
+            for &p in row {
+                // Match transformers: inv_freq is float32, angles are float32 products, and
+                // the table is the half-dim table twice (rotate_half layout).
+                let (c, s): (Vec<f32>, Vec<f32>) = inv
+                    .iter()
+                    .map(|f| {
+                        let ang = (p as f32) * (*f as f32);
+                        (ang.cos(), ang.sin())
+                    })
+                    .unzip();
+                cos.extend_from_slice(&c);
+                cos.extend_from_slice(&c);
+                sin.extend_from_slice(&s);
+                sin.extend_from_slice(&s);
             }
         }
-        let cos = Tensor::from_vec(cos, (seq, half), device)?;
-        let sin = Tensor::from_vec(sin, (seq, half), device)?;
-        // mask[b, 0, i, j] = (j <= i) && (i - j < window) && key j of sample b is real
-        let pos = Tensor::arange(0u32, seq as u32, device)?;
-        let (qi, kj) = (pos.reshape((seq, 1))?, pos.reshape((1, seq))?);
+        let cos = Tensor::from_vec(cos, (rows, 1, seq, dim), device)?;
+        let sin = Tensor::from_vec(sin, (rows, 1, seq, dim), device)?;
+        let batch = key_mask.len();
+        let total = key_mask.first().map_or(seq, Vec::len);
+        let past = total - seq;
+        // mask[b, 0, i, j] = (j <= past + i) && (past + i - j < window) && key j of b is real
+        let qi = Tensor::arange(past as u32, total as u32, device)?.reshape((seq, 1))?;
+        let kj = Tensor::arange(0u32, total as u32, device)?.reshape((1, total))?;
         let mut allowed = kj.broadcast_le(&qi)?;
         if let Some(w) = cfg.sliding_window {
             let within = (kj + (w as f64))?.broadcast_gt(&qi)?;
             allowed = (allowed * within)?;
         }
-        let keys = match attention_mask {
-            Some(rows) => {
-                let flat: Vec<u8> = rows
-                    .iter()
-                    .flat_map(|r| (0..seq).map(|j| u8::from(r.get(j).copied().unwrap_or(0) != 0)))
-                    .collect();
-                Tensor::from_vec(flat, (batch, 1, 1, seq), device)?
-            }
-            None => Tensor::ones((batch, 1, 1, seq), DType::U8, device)?,
-        };
-        let allowed = allowed.reshape((1, 1, seq, seq))?.broadcast_mul(&keys)?;
+        let flat: Vec<u8> = key_mask
+            .iter()
+            .flat_map(|r| r.iter().map(|&m| u8::from(m != 0)))
+            .collect();
+        let keys = Tensor::from_vec(flat, (batch, 1, 1, total), device)?;
+        let allowed = allowed.reshape((1, 1, seq, total))?.broadcast_mul(&keys)?;
         let mask = ((allowed.to_dtype(DType::F32)? - 1.0)? * -(f32::MIN as f64))?;
         Ok(Self { cos, sin, mask })
+    }
+}
+
+/// Rotary embedding in transformers' rotate_half layout: `x·cos + rotate_half(x)·sin`.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let rotated = Tensor::cat(
+        &[
+            &x.narrow(D::Minus1, half, half)?.neg()?,
+            &x.narrow(D::Minus1, 0, half)?,
+        ],
+        D::Minus1,
+    )?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+/// One layer's cached keys and values (batch, kv_heads, past, head_dim), after rotary
+/// embedding and before the grouped-query repeat.
+#[derive(Clone, Default)]
+pub struct LayerCache {
+    pub k: Option<Tensor>,
+    pub v: Option<Tensor>,
+}
+
+impl LayerCache {
+    /// Append this step's keys and values; returns the whole sequence's.
+    fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match (self.k.take(), self.v.take()) {
+            (Some(pk), Some(pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            _ => (k, v),
+        };
+        self.k = Some(k.clone());
+        self.v = Some(v.clone());
+        Ok((k, v))
     }
 }
 
@@ -141,6 +233,7 @@ impl Attention {
         ctx: &AttnContext,
         layer: usize,
         obs: &mut Option<&mut dyn Observer>,
+        cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         if let Some(o) = obs.as_deref_mut() {
@@ -154,16 +247,21 @@ impl Attention {
         let q = heads(self.q_proj.forward(x)?, self.num_heads)?;
         let k = heads(self.k_proj.forward(x)?, self.num_kv_heads)?;
         let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?;
-        let q = candle_nn::rotary_emb::rope_slow(&q, &ctx.cos, &ctx.sin)?;
-        let k = candle_nn::rotary_emb::rope_slow(&k, &ctx.cos, &ctx.sin)?;
+        let q = rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = rope(&k, &ctx.cos, &ctx.sin)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(k, v)?,
+            None => (k, v),
+        };
+        let tk = k.dim(2)?;
         let rep = self.num_heads / self.num_kv_heads;
         let repeat = |y: Tensor| -> Result<Tensor> {
             if rep == 1 {
                 return Ok(y);
             }
             Ok(y.unsqueeze(2)?
-                .broadcast_as((b, self.num_kv_heads, rep, t, self.head_dim))?
-                .reshape((b, self.num_heads, t, self.head_dim))?)
+                .broadcast_as((b, self.num_kv_heads, rep, tk, self.head_dim))?
+                .reshape((b, self.num_heads, tk, self.head_dim))?)
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
         let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
@@ -291,10 +389,32 @@ impl DecoderLayer {
         &self,
         h: &Tensor,
         ctx: &AttnContext,
+        obs: Option<&mut dyn Observer>,
+    ) -> Result<Tensor> {
+        self.forward_with(h, ctx, obs, None)
+    }
+
+    /// [`Self::forward`] of new tokens after those in `cache`, which the step extends.
+    pub fn forward_cached(
+        &self,
+        h: &Tensor,
+        ctx: &AttnContext,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
+        self.forward_with(h, ctx, None, Some(cache))
+    }
+
+    fn forward_with(
+        &self,
+        h: &Tensor,
+        ctx: &AttnContext,
         mut obs: Option<&mut dyn Observer>,
+        cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
         let x = self.input_layernorm.forward(h)?;
-        let h = (h + self.self_attn.forward(&x, ctx, self.index, &mut obs)?)?;
+        let h = (h + self
+            .self_attn
+            .forward(&x, ctx, self.index, &mut obs, cache)?)?;
         let x = self.post_attention_layernorm.forward(&h)?;
         Ok((&h + self.mlp.forward(&x, self.index, &mut obs)?)?)
     }

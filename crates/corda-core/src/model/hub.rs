@@ -33,6 +33,39 @@ pub fn resolve_tokenizer(id: &str, revision: &str, hub: &Hub) -> Result<PathBuf>
     resolve(id, revision, hub, Need::Tokenizer)
 }
 
+/// The directory with `tokenizer.json` for a run on `model_dir`: the explicit one, else the
+/// model directory, else the adapter's base model (`base_model_name_or_path`; preprocessing
+/// records the original model there, and the residual model may have no tokenizer).
+pub fn find_tokenizer_dir(
+    explicit: Option<&str>,
+    model_dir: &Path,
+    adapter_base: Option<&str>,
+    hub: &Hub,
+) -> Result<PathBuf> {
+    if let Some(t) = explicit {
+        return resolve_tokenizer(t, "main", hub);
+    }
+    if super::TokenizerInfo::available(model_dir) {
+        return Ok(model_dir.to_path_buf());
+    }
+    if let Some(base) = adapter_base {
+        if let Ok(dir) = resolve_tokenizer(base, "main", hub) {
+            if super::TokenizerInfo::available(&dir) {
+                tracing::info!(
+                    "no tokenizer in {}; using the one of {}",
+                    model_dir.display(),
+                    dir.display()
+                );
+                return Ok(dir);
+            }
+        }
+    }
+    Err(CordaError::Model(format!(
+        "{} has no tokenizer.json; give the location of the original model's tokenizer (tokenizer_name_or_path)",
+        model_dir.display()
+    )))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Need {
     Model,

@@ -8,6 +8,7 @@
 //! - [`linear`], [`frozen`]: target linears with optional LoRA; frozen-weight matmul.
 //! - [`decoder`]: one decoder layer with observable linear inputs.
 //! - [`causal_lm`]: the whole model.
+//! - [`kv_cache`]: keys and values kept between steps for incremental (batched) decoding.
 //! - [`save`]: writing a model directory.
 
 pub mod causal_lm;
@@ -16,6 +17,7 @@ pub mod decoder;
 pub mod frozen;
 pub mod gguf;
 pub mod hub;
+pub mod kv_cache;
 pub mod linear;
 pub mod save;
 pub mod tokenizer;
@@ -23,9 +25,12 @@ pub mod weights;
 
 pub use causal_lm::{embed, load_embeddings, resolve_dtype, CausalLM, LoadOptions};
 pub use config::{dtype_name, parse_dtype, Architecture, ModelConfig, RopeScaling};
-pub use decoder::{module_name, AttnContext, DecoderLayer, InputSite, Observer};
+pub use decoder::{module_name, AttnContext, DecoderLayer, InputSite, LayerCache, Observer};
 pub use gguf::{find_gguf, GgufModel};
-pub use hub::{cache_root, resolve_model, resolve_model_dir, resolve_tokenizer};
+pub use hub::{
+    cache_root, find_tokenizer_dir, resolve_model, resolve_model_dir, resolve_tokenizer,
+};
+pub use kv_cache::KvCache;
 pub use linear::{Lora, TargetLinear, TARGET_PROJECTIONS};
 pub use tokenizer::TokenizerInfo;
 pub use weights::{ShardWriter, Weights};

@@ -19,7 +19,7 @@ use crate::adapter::Adapter;
 use crate::data::{build_sft_examples, RowSource, SftExample, SftOptions, Split};
 use crate::hub::Hub;
 use crate::layout::CORDA_INIT_DIR;
-use crate::model::{resolve_model, resolve_tokenizer, CausalLM, LoadOptions, TokenizerInfo};
+use crate::model::{find_tokenizer_dir, resolve_model, CausalLM, LoadOptions, TokenizerInfo};
 use crate::util::PhaseReport;
 use crate::{CordaError, Result};
 
@@ -156,31 +156,14 @@ impl FineTuneSpec {
         })
     }
 
-    /// The directory with `tokenizer.json`: the explicit one, else the model directory, else
-    /// the adapter's base model.
+    /// The directory with `tokenizer.json` (see [`find_tokenizer_dir`]).
     fn tokenizer_dir(&self, model_dir: &Path, adapter: Option<&Adapter>) -> Result<PathBuf> {
-        if let Some(t) = &self.tokenizer_name_or_path {
-            return resolve_tokenizer(t, "main", &self.hub);
-        }
-        if TokenizerInfo::available(model_dir) {
-            return Ok(model_dir.to_path_buf());
-        }
-        if let Some(base) = adapter.and_then(|a| a.config.base_model_name_or_path.as_deref()) {
-            if let Ok(dir) = resolve_tokenizer(base, "main", &self.hub) {
-                if TokenizerInfo::available(&dir) {
-                    tracing::info!(
-                        "no tokenizer in {}; using the one of {}",
-                        model_dir.display(),
-                        dir.display()
-                    );
-                    return Ok(dir);
-                }
-            }
-        }
-        Err(CordaError::Model(format!(
-            "{} has no tokenizer.json; give the location of the original model's tokenizer (tokenizer_name_or_path)",
-            model_dir.display()
-        )))
+        find_tokenizer_dir(
+            self.tokenizer_name_or_path.as_deref(),
+            model_dir,
+            adapter.and_then(|a| a.config.base_model_name_or_path.as_deref()),
+            &self.hub,
+        )
     }
 
     /// Some example must keep a response token after truncation; report the data's shape.

@@ -10,7 +10,6 @@
 //! - [`schedule`]: transformers' learning-rate schedules and warmup.
 //! - [`state`]: `trainer_state.json` and its `log_history`.
 //! - [`checkpoint`]: atomic checkpoints, pruning and resume.
-//! - [`plot`]: the loss curve as an SVG.
 //! - [`lora_init`]: PEFT's default LoRA initialisation for the plain-LoRA baseline.
 //! - [`trainer`]: the loop.
 //! - [`finetune`]: a whole run put together (model + adapter + tokenizer + examples).
@@ -24,12 +23,12 @@ pub mod grads;
 pub mod lora_init;
 pub mod loss;
 pub mod optimizer;
-pub mod plot;
 pub mod schedule;
 pub mod state;
 pub mod trainable;
 pub mod trainer;
 
+pub use crate::util::plot::loss_curve_svg;
 pub use checkpoint::{
     check_adapter_matches, list_checkpoints, prune_checkpoints, resolve_resume, save_checkpoint,
     Checkpoint, CheckpointContents, Progress, SchedulerState, CHECKPOINT_PREFIX,
@@ -41,7 +40,6 @@ pub use grads::Gradients;
 pub use lora_init::{kaiming_uniform_bound, plain_lora_adapter};
 pub use loss::{causal_lm_loss, causal_lm_loss_sum, LossSum, IGNORE_INDEX};
 pub use optimizer::{AdamW, AdamWConfig, OptimizerName};
-pub use plot::loss_curve_svg;
 pub use schedule::{warmup_steps, LrSchedule, SchedulerType};
 pub use state::{LogEntry, StepLog, TrainSummary, TrainerState, TRAINER_STATE_FILE};
 pub use trainable::{factor_names, TrainableModel};

@@ -27,13 +27,13 @@ use super::clip::clip_grad_norm;
 use super::config::{LossNormalization, SaveStrategy, StepPlan, TrainConfig};
 use super::grads::Gradients;
 use super::optimizer::AdamW;
-use super::plot::loss_curve_svg;
 use super::schedule::{warmup_steps, LrSchedule};
 use super::state::{LogEntry, StepLog, TrainSummary, TrainerState, TRAINER_STATE_FILE};
 use super::trainable::{factor_names, TrainableModel};
 use crate::adapter::{Adapter, AdapterConfig, LoraPair};
 use crate::data::{collate, SftExample, IGNORE_INDEX};
 use crate::util::atomic::write_file_atomic;
+use crate::util::plot::loss_curve_svg;
 use crate::util::{progress_bar, AtomicDir, PhaseReport};
 use crate::{CordaError, Result};
 

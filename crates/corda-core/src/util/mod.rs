@@ -1,9 +1,10 @@
-//! Small shared pieces: atomic output directories, phase reports, progress bars.
+//! Small shared pieces: atomic output directories, phase reports, progress bars, SVG charts.
 
 pub mod alloc;
 pub mod atomic;
+pub mod plot;
 pub mod report;
 pub mod tensor;
 
 pub use atomic::AtomicDir;
-pub use report::{peak_rss_bytes, progress_bar, PhaseReport};
+pub use report::{peak_rss_bytes, progress_bar, styled_progress_bar, PhaseReport};

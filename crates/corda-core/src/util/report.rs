@@ -100,13 +100,21 @@ impl PhaseReport {
 
 /// A progress bar with the project's style (hidden when stderr is not a terminal).
 pub fn progress_bar(len: u64, msg: &str) -> indicatif::ProgressBar {
+    styled_progress_bar(
+        len,
+        msg,
+        "{msg:>14} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}",
+    )
+}
+
+/// [`progress_bar`] with another indicatif template (e.g. one showing `{per_sec}`); the
+/// template is a constant of the caller, so a bad one is a programming error.
+pub fn styled_progress_bar(len: u64, msg: &str, template: &'static str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(len);
     pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:>14} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(template)
+            .expect("static template")
+            .progress_chars("=> "),
     );
     pb.set_message(msg.to_string());
     pb
