@@ -16,6 +16,9 @@
 #          and peft_train.py without and with --gradient_checkpointing (transformers' per-layer
 #          checkpointing), batch 4 x $GC_SEQ tokens, the same model; peak RSS and s / step.
 #   ftseq  fine-tuning tokens/s against the sequence length ($FT_SEQS), both sides, batch 4.
+#   prescale  preprocess time per layer: one-layer models of hidden $SCALE_HIDDEN (intermediate
+#          and heads as in Llama-family models of that width), $SCALE_N x 256 tokens; and the
+#          4-layer model at $SCALE_SAMPLES x 256 tokens; PEFT beside each ($SCALE_PEFT=1).
 #   cov    covariance throughput: corda-preprocess with target_modules q_proj (one input site)
 #          vs q_proj,o_proj,gate_proj,down_proj (all four sites), with --calib_batch_size 1 (PEFT's)
 #          and 4 (rank-1024 instead of rank-256 updates); the calibration phase grows by
@@ -42,7 +45,8 @@
 # M1_SHAPE ("4 1024 2816 16": layers hidden intermediate heads), QUIET_PCT (15), WAIT_MAX (3600),
 # REUSE_BIN=1 (keep OUT/bin from an earlier run: add stages with the same binaries),
 # GC_SEQ (512: stage gc, gradient checkpointing on and off), FT_SEQS ("128 256 512 1024": stage
-# ftseq, tokens/s against the sequence length).
+# ftseq, tokens/s against the sequence length), SCALE_HIDDEN, SCALE_N, SCALE_SAMPLES, SCALE_PEFT
+# (stage prescale).
 # Smoke test: OUT=/tmp/bsmoke M1_SHAPE="2 128 352 4" SAMPLES=4 ROUNDS=1 STAGES="pre ft cov perf" \
 #   QUIET_PCT=101 WAIT_MAX=0 SKIP_BUILD=1 scripts/bench/run.sh
 set -uo pipefail
@@ -60,6 +64,10 @@ BIG_SAMPLES="${BIG_SAMPLES:-8}"
 GC_SEQ="${GC_SEQ:-512}"
 FT_SEQS="${FT_SEQS:-128 256 512 1024}"
 LONG_SEQ=1024
+SCALE_HIDDEN="${SCALE_HIDDEN:-576 1024 2048 4096}"
+SCALE_N="${SCALE_N:-16}"
+SCALE_SAMPLES="${SCALE_SAMPLES:-4 16 64}"
+SCALE_PEFT="${SCALE_PEFT:-1}"
 THREADS="${THREADS:-2}"
 STAGES="${STAGES:-pre ft gc ftseq cov mem alloc perf perf1 perf2 big}"
 QUIET_PCT="${QUIET_PCT:-15}"
@@ -232,7 +240,7 @@ MAXN=$(echo $SAMPLES | tr ' ' '\n' | sort -n | tail -1)
 M1_SHAPE="${M1_SHAPE:-4 1024 2816 16}"   # layers hidden intermediate heads (smoke tests: smaller)
 M1="$OUT/models/l4_h1024"
 
-if has_stage pre || has_stage ft || has_stage gc || has_stage ftseq || has_stage cov || has_stage mem || has_stage alloc || has_stage perf || has_stage perf1 || has_stage perf2; then
+if has_stage pre || has_stage ft || has_stage gc || has_stage ftseq || has_stage prescale || has_stage cov || has_stage mem || has_stage alloc || has_stage perf || has_stage perf1 || has_stage perf2; then
   demo_model "$M1" $M1_SHAPE "$(( MAXN > 64 ? MAXN : 64 ))" || { log "model generation failed"; exit 1; }
 fi
 
@@ -362,6 +370,28 @@ if has_stage perf2; then  # two threads: the calibration split for --calib_batch
       --overwrite --quiet --calib_batch_size "$b" --report_json "$RUNS/perf2_b$b.json" > "$RUNS/perf2_b$b.log" 2>&1
     perf script -F tid,time,ip,sym -i "$OUT/perf_pre2.data" 2>/dev/null | python3 "$HERE/perf_phases.py" > "$OUT/perf_pre2_b${b}_phases.txt"
     rm -f "$OUT/perf_pre2.data"
+  done
+fi
+
+if has_stage prescale; then  # preprocess time per layer against hidden size and calibration tokens
+  for h in $SCALE_HIDDEN; do
+    case $h in  # Llama-like shapes: SmolLM2-135M's, the benchmark model's, 1B-ish, 7B's
+      576) inter=1536; heads=9 ;; 1024) inter=2816; heads=16 ;; 2048) inter=5632; heads=32 ;;
+      4096) inter=11008; heads=32 ;; *) inter=$(( h * 11 / 4 )); heads=$(( h / 64 )) ;;
+    esac
+    dir="$OUT/models/scale_h$h"
+    demo_model "$dir" 1 "$h" "$inter" "$heads" "$SCALE_N" || { log "scale model h$h failed"; continue; }
+    for round in $(seq 1 "$ROUNDS"); do
+      ours_pre "prescale_ours_h${h}_r${round}" "$dir" "$SCALE_N"
+      [ "$SCALE_PEFT" = 1 ] && peft_pre "prescale_peft_h${h}_r${round}" "$dir" "$SCALE_N"
+    done
+    [ "$h" -ge 4096 ] && rm -rf "$dir"   # 0.8 GB per layer
+  done
+  for n in $SCALE_SAMPLES; do
+    for round in $(seq 1 "$ROUNDS"); do
+      ours_pre "prescalen_ours_n${n}_r${round}" "$M1" "$n"
+      [ "$SCALE_PEFT" = 1 ] && peft_pre "prescalen_peft_n${n}_r${round}" "$M1" "$n"
+    done
   done
 fi
 

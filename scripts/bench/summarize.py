@@ -140,10 +140,15 @@ def gb(b):
     return f"{b / 1e9:.2f}" if b else "–"
 
 
+# Phase names of older binaries, read as today's.
+PHASE_ALIASES = {"decomposition (damping, inverse, SVD)": ("decomposition (not overlapped)",)}
+
+
 def phase(rep, key):
     if not rep:
         return None
-    return sum(p["seconds"] for p in rep.get("phases", []) if p["phase"] == key) or 0.0
+    keys = (key,) + PHASE_ALIASES.get(key, ())
+    return sum(p["seconds"] for p in rep.get("phases", []) if p["phase"] in keys) or 0.0
 
 
 def ratio(a, b):
@@ -295,6 +300,56 @@ if seqs:
         ot, _, orss = ft_ours(names(f"ftseq_ours_s{x}"), x)
         pt, _, prss = ft_peft(names(f"ftseq_peft_s{x}"))
         print(f"| {x} | {spread(ot)} | {spread(pt)} | {ratio(med(ot), med(pt))} | {gb(med(orss))} | {gb(med(prss))} |")
+    print()
+
+# ---------------------------------------------------------------- preprocess scaling
+hs = sorted({int(m.group(1)) for p in glob.glob(os.path.join(RUNS, "prescale_*_h*_r*.time"))
+             for m in [re.search(r"_h(\d+)_r", p)] if m})
+CAL, DEC = "calibration forward + covariance", "decomposition (damping, inverse, SVD)"
+
+
+def pre_row(ours, peft, layers):
+    """Per-layer seconds: ours (wall, calibration, decomposition) and PEFT's wall, medians."""
+    oj = [load_json(x) for x in ours]
+    ow = med([time_file(x)[0] for x in ours])
+    pw = med([time_file(x)[0] - ((load_json(x) or {}).get("forward_only_seconds", 0.0)) for x in peft])
+    per = lambda v: v / layers if v is not None else None
+    return (per(ow), per(med([phase(j, CAL) for j in oj])), per(med([phase(j, DEC) for j in oj])), per(pw))
+
+
+def f1(v):
+    return f"{v:.2f}" if v is not None else "–"
+
+
+if hs:
+    print("## Preprocess time per layer against hidden size (one-layer models, KPM, r 64, float32)\n")
+    print(cpu_note(*[names(f"prescale_{side}_h{h}") for h in hs for side in ("ours", "peft")]))
+    print("Whole-process wall of a one-layer model (model load, embeddings and LM head included), and "
+          "corda-preprocess's calibration and decomposition phases (the decomposition phase is only the part "
+          "not overlapped with calibration).\n")
+    print("| hidden | corda wall (s) | calibration (s) | decomposition (s) | PEFT wall (s) | ratio |")
+    print("|---|---|---|---|---|---|")
+    per_layer = {}
+    for h in hs:
+        w, c, d, p = pre_row(names(f"prescale_ours_h{h}"), names(f"prescale_peft_h{h}"), 1)
+        per_layer[h] = (w, p)
+        print(f"| {h} | {f1(w)} | {f1(c)} | {f1(d)} | {f1(p)} | {ratio(w, p)} |")
+    print()
+    if 4096 in per_layer and per_layer[4096][0]:
+        w, p = per_layer[4096]
+        print(f"- 7B projection (32 layers of the 4096 shape, same tokens): corda-preprocess ≈ {32 * w / 60:.0f} min"
+              + (f", PEFT ≈ {32 * p / 60:.0f} min" if p else "") + " (an upper bound: the one-layer wall includes "
+              "loading and the LM head once, which a 32-layer run pays once too).\n")
+ns = sorted({int(m.group(1)) for p in glob.glob(os.path.join(RUNS, "prescalen_*_n*_r*.time"))
+             for m in [re.search(r"_n(\d+)_r", p)] if m})
+if ns:
+    print("## Preprocess time per layer against calibration tokens (4 layers, hidden 1024, KPM, r 64, float32)\n")
+    print(cpu_note(*[names(f"prescalen_{side}_n{n}") for n in ns for side in ("ours", "peft")]))
+    print("| samples x 256 | tokens | corda wall / layer (s) | calibration / layer (s) | decomposition / layer (s) | PEFT wall / layer (s) | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for n in ns:
+        w, c, d, p = pre_row(names(f"prescalen_ours_n{n}"), names(f"prescalen_peft_n{n}"), 4)
+        print(f"| {n} | {n * 256} | {f1(w)} | {f1(c)} | {f1(d)} | {f1(p)} | {ratio(w, p)} |")
     print()
 
 # ---------------------------------------------------------------- covariance throughput
