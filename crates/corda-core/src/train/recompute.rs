@@ -13,7 +13,7 @@ use std::time::Instant;
 use candle_core::{Tensor, Var};
 
 use super::grads::Gradients;
-use super::loss::shifted_loss_sum;
+use super::loss::{shifted_loss_sum, LossSum};
 use super::trainable::TrainableModel;
 use crate::model::causal_lm::mask_rows;
 use crate::model::{embed, AttnContext, CausalLM};
@@ -25,6 +25,25 @@ pub struct MicroBatch<'b> {
     pub input_ids: &'b Tensor,
     pub attention_mask: &'b Tensor,
     pub labels: &'b Tensor,
+}
+
+/// The summed loss divided by `denom(tokens)`, and its value; the forward pass ends here.
+/// `None` when the batch has no target token.
+fn scaled_loss(
+    parts: &LossSum,
+    denom: &dyn Fn(usize) -> f64,
+    report: &mut PhaseReport,
+    forward_start: Instant,
+) -> Result<Option<(Tensor, f64)>> {
+    let out = if parts.tokens == 0 {
+        None
+    } else {
+        let loss = parts.sum.affine(1.0 / denom(parts.tokens), 0.0)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        Some((loss, value))
+    };
+    report.add("forward", forward_start.elapsed());
+    Ok(out)
 }
 
 /// One graph over the whole model: the loss is scaled by `1 / denom(tokens)`, back-propagated,
@@ -39,13 +58,9 @@ pub fn plain_forward_backward<M: TrainableModel + ?Sized>(
 ) -> Result<Option<f64>> {
     let t0 = Instant::now();
     let parts = model.loss_sum(batch.input_ids, batch.attention_mask, batch.labels)?;
-    if parts.tokens == 0 {
-        report.add("forward", t0.elapsed());
+    let Some((loss, value)) = scaled_loss(&parts, denom, report, t0)? else {
         return Ok(None);
-    }
-    let loss = parts.sum.affine(1.0 / denom(parts.tokens), 0.0)?;
-    let value = loss.to_scalar::<f32>()? as f64;
-    report.add("forward", t0.elapsed());
+    };
     let t1 = Instant::now();
     let store = loss.backward()?;
     grads.accumulate(&store, vars)?;
@@ -84,13 +99,9 @@ pub fn checkpointed_forward_backward(
         model.config.vocab_size,
         |rows| Ok(model.lm_head_logits(&rows.unsqueeze(0)?)?.squeeze(0)?),
     )?;
-    if parts.tokens == 0 {
-        report.add("forward", t0.elapsed());
+    let Some((loss, value)) = scaled_loss(&parts, denom, report, t0)? else {
         return Ok(None);
-    }
-    let loss = parts.sum.affine(1.0 / denom(parts.tokens), 0.0)?;
-    let value = loss.to_scalar::<f32>()? as f64;
-    report.add("forward", t0.elapsed());
+    };
 
     let t1 = Instant::now();
     let missing = || {
