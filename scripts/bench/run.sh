@@ -4,8 +4,8 @@
 #   scripts/bench/setup_reference.sh      # once: the Python reference environment (.venv)
 #   scripts/bench/run.sh                  # everything below, results in scripts/bench/out/results.md
 #
-# Stages (STAGES, space-separated, default all; they run in the order pre ft gc ftseq cov mem alloc
-# perf perf1 perf2 big, about 70 minutes on the 2-core machine):
+# Stages (STAGES, space-separated, default all; they run in the order pre ft gc ftseq bf16 prescale
+# cov mem alloc perf perf1 perf2 big, about 2 hours on the 2-core machine):
 #   pre    4 layers, hidden 1024, intermediate 2816, 16 heads, vocab 32000, float32; for each
 #          N in $SAMPLES: corda-preprocess and PEFT preprocess_corda + get_peft_model (+ save, as
 #          PEFT's example does), N x 256 tokens, r 64, KPM; A, B alternating for $ROUNDS rounds.
@@ -16,6 +16,8 @@
 #          and peft_train.py without and with --gradient_checkpointing (transformers' per-layer
 #          checkpointing), batch 4 x $GC_SEQ tokens, the same model; peak RSS and s / step.
 #   ftseq  fine-tuning tokens/s against the sequence length ($FT_SEQS), both sides, batch 4.
+#   bf16   corda-preprocess (16 samples) and corda-finetune with bfloat16 frozen weights against
+#          float32: calibration and training speed.
 #   prescale  preprocess time per layer: one-layer models of hidden $SCALE_HIDDEN (intermediate
 #          and heads as in Llama-family models of that width), $SCALE_N x 256 tokens; and the
 #          4-layer model at $SCALE_SAMPLES x 256 tokens; PEFT beside each ($SCALE_PEFT=1).
@@ -69,7 +71,7 @@ SCALE_N="${SCALE_N:-16}"
 SCALE_SAMPLES="${SCALE_SAMPLES:-4 16 64}"
 SCALE_PEFT="${SCALE_PEFT:-1}"
 THREADS="${THREADS:-2}"
-STAGES="${STAGES:-pre ft gc ftseq cov mem alloc perf perf1 perf2 big}"
+STAGES="${STAGES:-pre ft gc ftseq bf16 prescale cov mem alloc perf perf1 perf2 big}"
 QUIET_PCT="${QUIET_PCT:-15}"
 WAIT_MAX="${WAIT_MAX:-3600}"
 PY="${PY:-$HERE/.venv/bin/python}"
@@ -240,7 +242,7 @@ MAXN=$(echo $SAMPLES | tr ' ' '\n' | sort -n | tail -1)
 M1_SHAPE="${M1_SHAPE:-4 1024 2816 16}"   # layers hidden intermediate heads (smoke tests: smaller)
 M1="$OUT/models/l4_h1024"
 
-if has_stage pre || has_stage ft || has_stage gc || has_stage ftseq || has_stage prescale || has_stage cov || has_stage mem || has_stage alloc || has_stage perf || has_stage perf1 || has_stage perf2; then
+if has_stage pre || has_stage ft || has_stage gc || has_stage ftseq || has_stage prescale || has_stage bf16 || has_stage cov || has_stage mem || has_stage alloc || has_stage perf || has_stage perf1 || has_stage perf2; then
   demo_model "$M1" $M1_SHAPE "$(( MAXN > 64 ? MAXN : 64 ))" || { log "model generation failed"; exit 1; }
 fi
 
@@ -277,6 +279,15 @@ if has_stage ftseq; then  # fine-tuning tokens/s against the sequence length, bo
       ours_ft "ftseq_ours_s${s}_r${round}" "$M1" "$s" "$data"
       peft_ft "ftseq_peft_s${s}_r${round}" "$M1" "$s" "$data"
     done
+  done
+fi
+
+if has_stage bf16; then  # bfloat16 frozen weights against float32, each side of ours
+  for round in $(seq 1 "$ROUNDS"); do
+    ours_pre "bf16pre_f32_r${round}" "$M1" 16
+    ours_pre "bf16pre_bf16_r${round}" "$M1" 16 --dtype bfloat16
+    ours_ft "bf16ft_f32_r${round}" "$M1"
+    ours_ft "bf16ft_bf16_r${round}" "$M1" "$SEQ" "$M1/data" --bf16 true
   done
 fi
 

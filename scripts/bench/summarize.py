@@ -302,10 +302,25 @@ if seqs:
         print(f"| {x} | {spread(ot)} | {spread(pt)} | {ratio(med(ot), med(pt))} | {gb(med(orss))} | {gb(med(prss))} |")
     print()
 
+CAL, DEC = "calibration forward + covariance", "decomposition (damping, inverse, SVD)"
+
+# ---------------------------------------------------------------- bfloat16 against float32
+bp = {k: names(f"bf16pre_{k}") for k in ("f32", "bf16")}
+bt = {k: names(f"bf16ft_{k}") for k in ("f32", "bf16")}
+if any(bp.values()) or any(bt.values()):
+    print("## bfloat16 frozen weights against float32 (corda only; 4 layers, hidden 1024)\n")
+    print(cpu_note(*bp.values(), *bt.values()))
+    print("| dtype | preprocess wall, 16 x 256 (s) | calibration fwd + cov (s) | fine-tuning tokens/s (batch 4 x 256) | fine-tuning peak RSS (GB) |")
+    print("|---|---|---|---|---|")
+    for k, label in (("f32", "float32"), ("bf16", "bfloat16")):
+        tok, _, rss = ft_ours(bt[k], 256)
+        print(f"| {label} | {spread([time_file(x)[0] for x in bp[k]])} | "
+              f"{spread([phase(load_json(x), CAL) for x in bp[k]])} | {spread(tok)} | {gb(med(rss))} |")
+    print()
+
 # ---------------------------------------------------------------- preprocess scaling
 hs = sorted({int(m.group(1)) for p in glob.glob(os.path.join(RUNS, "prescale_*_h*_r*.time"))
              for m in [re.search(r"_h(\d+)_r", p)] if m})
-CAL, DEC = "calibration forward + covariance", "decomposition (damping, inverse, SVD)"
 
 
 def pre_row(ours, peft, layers):
