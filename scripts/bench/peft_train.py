@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--gradient_checkpointing", action="store_true",
+                    help="transformers' per-decoder-layer activation checkpointing (use_reentrant=False)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
@@ -70,6 +72,9 @@ def main() -> None:
         labels_list += labels_list
 
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    if a.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    res["gradient_checkpointing"] = a.gradient_checkpointing
     config = LoraConfig(r=a.r, lora_alpha=a.r, lora_dropout=0.0, bias="none", init_lora_weights=True,
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                         task_type="CAUSAL_LM")

@@ -4,14 +4,23 @@
 #   scripts/bench/setup_reference.sh      # once: the Python reference environment (.venv)
 #   scripts/bench/run.sh                  # everything below, results in scripts/bench/out/results.md
 #
-# Stages (STAGES, space-separated, default all; they run in the order pre ft cov mem alloc perf
-# perf1 perf2 big, about 45 minutes on the 2-core machine):
+# Stages (STAGES, space-separated, default all; they run in the order pre ft gc ftseq bf16 prescale
+# cov mem alloc perf perf1 perf2 big, about 2 hours on the 2-core machine):
 #   pre    4 layers, hidden 1024, intermediate 2816, 16 heads, vocab 32000, float32; for each
 #          N in $SAMPLES: corda-preprocess and PEFT preprocess_corda + get_peft_model (+ save, as
 #          PEFT's example does), N x 256 tokens, r 64, KPM; A, B alternating for $ROUNDS rounds.
 #   ft     the same model: corda-finetune (--corda_mode false --lora_r 64: a LoRA of the CorDA
 #          adapter's shapes) vs peft_train.py, batch 4 x 256 tokens, all seven projections,
 #          $FT_WARMUP + $FT_STEPS steps, A, B alternating for $ROUNDS rounds.
+#   gc     gradient checkpointing: corda-finetune without and with --gradient_checkpointing true,
+#          and peft_train.py without and with --gradient_checkpointing (transformers' per-layer
+#          checkpointing), batch 4 x $GC_SEQ tokens, the same model; peak RSS and s / step.
+#   ftseq  fine-tuning tokens/s against the sequence length ($FT_SEQS), both sides, batch 4.
+#   bf16   corda-preprocess (16 samples) and corda-finetune with bfloat16 frozen weights against
+#          float32: calibration and training speed.
+#   prescale  preprocess time per layer: one-layer models of hidden $SCALE_HIDDEN (intermediate
+#          and heads as in Llama-family models of that width), $SCALE_N x 256 tokens; and the
+#          4-layer model at $SCALE_SAMPLES x 256 tokens; PEFT beside each ($SCALE_PEFT=1).
 #   cov    covariance throughput: corda-preprocess with target_modules q_proj (one input site)
 #          vs q_proj,o_proj,gate_proj,down_proj (all four sites), with --calib_batch_size 1 (PEFT's)
 #          and 4 (rank-1024 instead of rank-256 updates); the calibration phase grows by
@@ -36,7 +45,10 @@
 # Environment knobs: OUT, ROUNDS (3), SAMPLES ("16 64"), FT_WARMUP (2), FT_STEPS (5),
 # BIG_LAYERS ("1 2 4"), BIG_SAMPLES (8), THREADS (2), STAGES, SKIP_BUILD=1, PY (the venv python),
 # M1_SHAPE ("4 1024 2816 16": layers hidden intermediate heads), QUIET_PCT (15), WAIT_MAX (3600),
-# REUSE_BIN=1 (keep OUT/bin from an earlier run: add stages with the same binaries).
+# REUSE_BIN=1 (keep OUT/bin from an earlier run: add stages with the same binaries),
+# GC_SEQ (512: stage gc, gradient checkpointing on and off), FT_SEQS ("128 256 512 1024": stage
+# ftseq, tokens/s against the sequence length), SCALE_HIDDEN, SCALE_N, SCALE_SAMPLES, SCALE_PEFT
+# (stage prescale).
 # Smoke test: OUT=/tmp/bsmoke M1_SHAPE="2 128 352 4" SAMPLES=4 ROUNDS=1 STAGES="pre ft cov perf" \
 #   QUIET_PCT=101 WAIT_MAX=0 SKIP_BUILD=1 scripts/bench/run.sh
 set -uo pipefail
@@ -51,8 +63,15 @@ FT_WARMUP="${FT_WARMUP:-2}"
 FT_STEPS="${FT_STEPS:-5}"
 BIG_LAYERS="${BIG_LAYERS:-1 2 4}"
 BIG_SAMPLES="${BIG_SAMPLES:-8}"
+GC_SEQ="${GC_SEQ:-512}"
+FT_SEQS="${FT_SEQS:-128 256 512 1024}"
+LONG_SEQ=1024
+SCALE_HIDDEN="${SCALE_HIDDEN:-576 1024 2048 4096}"
+SCALE_N="${SCALE_N:-16}"
+SCALE_SAMPLES="${SCALE_SAMPLES:-4 16 64}"
+SCALE_PEFT="${SCALE_PEFT:-1}"
 THREADS="${THREADS:-2}"
-STAGES="${STAGES:-pre ft cov mem alloc perf perf1 perf2 big}"
+STAGES="${STAGES:-pre ft gc ftseq bf16 prescale cov mem alloc perf perf1 perf2 big}"
 QUIET_PCT="${QUIET_PCT:-15}"
 WAIT_MAX="${WAIT_MAX:-3600}"
 PY="${PY:-$HERE/.venv/bin/python}"
@@ -61,6 +80,18 @@ RUNS="$OUT/runs"
 mkdir -p "$RUNS"
 export RAYON_NUM_THREADS="$THREADS" OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+# The CPU this run is measured on, one line: model name, family/model, the vector flags that
+# decide which matmul kernels run (AVX2/FMA, AVX-512, BF16, AMX). Stored beside every run.
+cpu_id() {
+  local name fam mod flags
+  name=$(lscpu | sed -n 's/^Model name:\s*//p' | head -1)
+  fam=$(sed -n 's/^cpu family\s*:\s*//p' /proc/cpuinfo | head -1)
+  mod=$(sed -n 's/^model\s*:\s*//p' /proc/cpuinfo | head -1)
+  flags=$(grep -m1 '^flags' /proc/cpuinfo | grep -o -w -E 'avx2|fma|avx512f|avx512_bf16|avx512_fp16|amx_bf16|amx_tile' | tr '\n' ' ')
+  echo "$name; family $fam model $mod; $(nproc) cpus; ${flags% }"
+}
+CPU_ID="$(cpu_id)"
 
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/harness.log" >&2; }
 
@@ -99,6 +130,7 @@ run() {
   wait_quiet
   log "run $name ($QUIET_NOTE)"
   echo "$QUIET_NOTE" > "$RUNS/$name.quiet"
+  echo "$CPU_ID" > "$RUNS/$name.cpu"
   rm -f "$RUNS/$name.disturbed"
   ( while sleep 2; do pgrep -xa 'cargo|rustc' | cut -c1-160 >> "$RUNS/$name.disturbed" || true
       [ -s "$RUNS/$name.disturbed" ] || rm -f "$RUNS/$name.disturbed"; done ) &
@@ -122,7 +154,8 @@ machine() {
     echo "cpu: $(lscpu | sed -n 's/^Model name:\s*//p' | head -1)"
     echo "cores: $(nproc)"
     echo "ram: $(free -g | awk '/^Mem:/{print $2" GiB"}')"
-    echo "cpu flags: $(grep -o -w -E 'avx2|fma|avx512f|avx512_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+    echo "cpu flags: $(grep -o -w -E 'avx2|fma|avx512f|avx512_bf16|avx512_fp16|amx_bf16|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+    echo "cpu id (stored with every run as runs/NAME.cpu): $CPU_ID"
     echo "kernel: $(uname -r)"
     echo "rustc: $(rustc --version 2>/dev/null)"
     echo "git: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null) $(git -C "$ROOT" status --porcelain 2>/dev/null | grep -q . && echo '(dirty work tree)')"
@@ -161,22 +194,32 @@ peft_pre() { # NAME MODELDIR N
     --n "$n" --seq "$SEQ" --r "$R" --threads "$THREADS" --save_dir "$OUT/tmp/peft_pre" --out "$RUNS/$name.json"
 }
 
-ours_ft() { # NAME MODELDIR
-  local name="$1" dir="$2"
+ours_ft() { # NAME MODELDIR [SEQ [DATA [extra flags...]]]
+  local name="$1" dir="$2" seq="${3:-$SEQ}" data="${4:-$2/data}"; shift 2; shift $(( $# < 2 ? $# : 2 ))
   rm -rf "$OUT/tmp/ours_ft"
   run "$name" "$BIN/corda-finetune" --model_name_or_path "$dir/model" --corda_mode false --lora_r "$R" \
-    --data_path "$dir/data/train.jsonl" --dataset_split train --dataset_field query response \
+    --data_path "$data/train.jsonl" --dataset_split train --dataset_field query response \
     --output_dir "$OUT/tmp/ours_ft" --max_steps $((FT_WARMUP + FT_STEPS)) --per_device_train_batch_size 4 \
-    --model_max_length "$SEQ" --learning_rate 2e-5 --logging_steps 1 --save_strategy no --disable_tqdm true
+    --model_max_length "$seq" --learning_rate 2e-5 --logging_steps 1 --save_strategy no --disable_tqdm true "$@"
   local rc=$?
   cp "$OUT/tmp/ours_ft/trainer_state.json" "$RUNS/$name.json" 2>/dev/null
   return $rc
 }
 
-peft_ft() { # NAME MODELDIR
-  local name="$1" dir="$2"
-  run "$name" "$PY" "$HERE/peft_train.py" --model "$dir/model" --train "$dir/data/train.jsonl" --r "$R" \
-    --batch 4 --seq "$SEQ" --warmup "$FT_WARMUP" --steps "$FT_STEPS" --threads "$THREADS" --out "$RUNS/$name.json"
+peft_ft() { # NAME MODELDIR [SEQ [DATA [extra flags...]]]
+  local name="$1" dir="$2" seq="${3:-$SEQ}" data="${4:-$2/data}"; shift 2; shift $(( $# < 2 ? $# : 2 ))
+  run "$name" "$PY" "$HERE/peft_train.py" --model "$dir/model" --train "$data/train.jsonl" --r "$R" \
+    --batch 4 --seq "$seq" --warmup "$FT_WARMUP" --steps "$FT_STEPS" --threads "$THREADS" --out "$RUNS/$name.json" "$@"
+}
+
+# Training rows long enough for FT_SEQS (the default data is cut for 256 tokens).
+long_data() { # MODELDIR -> prints the data directory
+  local dir="$1" d="$1/data_long"
+  if [ ! -f "$d/.ready" ]; then
+    python3 "$HERE/make_inputs.py" --model "$dir/model" --data "$d" --calib_samples 1 --train_rows 64 \
+      --seq "$LONG_SEQ" >&2 && touch "$d/.ready"
+  fi
+  echo "$d"
 }
 
 log "harness start: STAGES='$STAGES' ROUNDS=$ROUNDS SAMPLES='$SAMPLES' BIG_LAYERS='$BIG_LAYERS' OUT=$OUT"
@@ -199,7 +242,7 @@ MAXN=$(echo $SAMPLES | tr ' ' '\n' | sort -n | tail -1)
 M1_SHAPE="${M1_SHAPE:-4 1024 2816 16}"   # layers hidden intermediate heads (smoke tests: smaller)
 M1="$OUT/models/l4_h1024"
 
-if has_stage pre || has_stage ft || has_stage cov || has_stage mem || has_stage alloc || has_stage perf || has_stage perf1 || has_stage perf2; then
+if has_stage pre || has_stage ft || has_stage gc || has_stage ftseq || has_stage prescale || has_stage bf16 || has_stage cov || has_stage mem || has_stage alloc || has_stage perf || has_stage perf1 || has_stage perf2; then
   demo_model "$M1" $M1_SHAPE "$(( MAXN > 64 ? MAXN : 64 ))" || { log "model generation failed"; exit 1; }
 fi
 
@@ -216,6 +259,35 @@ if has_stage ft; then
   for round in $(seq 1 "$ROUNDS"); do
     ours_ft "ft_ours_r${round}" "$M1"
     peft_ft "ft_peft_r${round}" "$M1"
+  done
+fi
+
+if has_stage gc; then  # gradient checkpointing at batch 4 x GC_SEQ: with and without, both sides
+  data=$(long_data "$M1")
+  for round in $(seq 1 "$ROUNDS"); do
+    ours_ft "gc_ours_plain_r${round}" "$M1" "$GC_SEQ" "$data"
+    ours_ft "gc_ours_ckpt_r${round}" "$M1" "$GC_SEQ" "$data" --gradient_checkpointing true
+    peft_ft "gc_peft_plain_r${round}" "$M1" "$GC_SEQ" "$data"
+    peft_ft "gc_peft_ckpt_r${round}" "$M1" "$GC_SEQ" "$data" --gradient_checkpointing
+  done
+fi
+
+if has_stage ftseq; then  # fine-tuning tokens/s against the sequence length, both sides
+  data=$(long_data "$M1")
+  for s in $FT_SEQS; do
+    for round in $(seq 1 "$ROUNDS"); do
+      ours_ft "ftseq_ours_s${s}_r${round}" "$M1" "$s" "$data"
+      peft_ft "ftseq_peft_s${s}_r${round}" "$M1" "$s" "$data"
+    done
+  done
+fi
+
+if has_stage bf16; then  # bfloat16 frozen weights against float32, each side of ours
+  for round in $(seq 1 "$ROUNDS"); do
+    ours_pre "bf16pre_f32_r${round}" "$M1" 16
+    ours_pre "bf16pre_bf16_r${round}" "$M1" 16 --dtype bfloat16
+    ours_ft "bf16ft_f32_r${round}" "$M1"
+    ours_ft "bf16ft_bf16_r${round}" "$M1" "$SEQ" "$M1/data" --bf16 true
   done
 fi
 
@@ -309,6 +381,28 @@ if has_stage perf2; then  # two threads: the calibration split for --calib_batch
       --overwrite --quiet --calib_batch_size "$b" --report_json "$RUNS/perf2_b$b.json" > "$RUNS/perf2_b$b.log" 2>&1
     perf script -F tid,time,ip,sym -i "$OUT/perf_pre2.data" 2>/dev/null | python3 "$HERE/perf_phases.py" > "$OUT/perf_pre2_b${b}_phases.txt"
     rm -f "$OUT/perf_pre2.data"
+  done
+fi
+
+if has_stage prescale; then  # preprocess time per layer against hidden size and calibration tokens
+  for h in $SCALE_HIDDEN; do
+    case $h in  # Llama-like shapes: SmolLM2-135M's, the benchmark model's, 1B-ish, 7B's
+      576) inter=1536; heads=9 ;; 1024) inter=2816; heads=16 ;; 2048) inter=5632; heads=32 ;;
+      4096) inter=11008; heads=32 ;; *) inter=$(( h * 11 / 4 )); heads=$(( h / 64 )) ;;
+    esac
+    dir="$OUT/models/scale_h$h"
+    demo_model "$dir" 1 "$h" "$inter" "$heads" "$SCALE_N" || { log "scale model h$h failed"; continue; }
+    for round in $(seq 1 "$ROUNDS"); do
+      ours_pre "prescale_ours_h${h}_r${round}" "$dir" "$SCALE_N"
+      [ "$SCALE_PEFT" = 1 ] && peft_pre "prescale_peft_h${h}_r${round}" "$dir" "$SCALE_N"
+    done
+    [ "$h" -ge 4096 ] && rm -rf "$dir"   # 0.8 GB per layer
+  done
+  for n in $SCALE_SAMPLES; do
+    for round in $(seq 1 "$ROUNDS"); do
+      ours_pre "prescalen_ours_n${n}_r${round}" "$M1" "$n"
+      [ "$SCALE_PEFT" = 1 ] && peft_pre "prescalen_peft_n${n}_r${round}" "$M1" "$n"
+    done
   done
 fi
 

@@ -68,6 +68,49 @@ def names(prefix):
     return out
 
 
+def cpu_of(ns):
+    """The CPUs (runs/NAME.cpu, written by run.sh: model; family/model; flags) the runs ran on."""
+    out = []
+    for n in ns:
+        p = os.path.join(RUNS, n + ".cpu")
+        c = open(p).read().strip() if os.path.exists(p) else "(CPU not recorded)"
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def cpu_note(*groups):
+    """A line naming the CPU of every run in the groups; mixed CPUs are called out."""
+    cs = cpu_of([n for g in groups for n in g])
+    if not cs:
+        return ""
+    if len(cs) == 1:
+        return f"CPU of every row: {cs[0]}\n"
+    return "**Rows come from different CPUs** (compare only rows of one CPU): " + " | ".join(cs) + "\n"
+
+
+def ft_ours(ns, seq, batch=4):
+    """(tokens/s, s/step, peak RSS) per corda-finetune run: medians of the steps after warm-up."""
+    tok, step, rss = [], [], []
+    warm = int(os.environ.get("FT_WARMUP", "2"))
+    for x in ns:
+        st = load_json(x) or {}
+        tps = [e["tokens_per_second"] for e in st.get("log_history", [])
+               if "tokens_per_second" in e and "loss" in e and e["step"] > warm]
+        if tps:
+            tok.append(statistics.median(tps))
+            step.append(batch * seq / statistics.median(tps))
+            rss.append(time_file(x)[1])
+    return tok, step, rss
+
+
+def ft_peft(ns):
+    """(tokens/s, s/step, peak RSS) per peft_train.py run."""
+    js = [load_json(x) or {} for x in ns]
+    return ([j.get("tokens_per_second") for j in js], [j.get("median_step_seconds") for j in js],
+            [time_file(x)[1] for x in ns])
+
+
 def rss_trace(n):
     """(max VmRSS, max RssAnon, max RssFile) in bytes from rss_trace.sh, or None."""
     p = os.path.join(RUNS, n + ".rss.tsv")
@@ -97,10 +140,15 @@ def gb(b):
     return f"{b / 1e9:.2f}" if b else "–"
 
 
+# Phase names of older binaries, read as today's.
+PHASE_ALIASES = {"decomposition (damping, inverse, SVD)": ("decomposition (not overlapped)",)}
+
+
 def phase(rep, key):
     if not rep:
         return None
-    return sum(p["seconds"] for p in rep.get("phases", []) if p["phase"] == key) or 0.0
+    keys = (key,) + PHASE_ALIASES.get(key, ())
+    return sum(p["seconds"] for p in rep.get("phases", []) if p["phase"] in keys) or 0.0
 
 
 def ratio(a, b):
@@ -130,6 +178,7 @@ if sizes:
           "whole process (interpreter start, imports, model load and writing the outputs included on both sides); "
           "PEFT's wall has the diagnostic hook-free forward pass of peft_preprocess.py (and its one-sample warm-up) "
           "taken off.\n")
+    print(cpu_note(*[names(f"pre_{side}_n{n}") for n in sizes for side in ("ours", "peft")]))
     print("| samples x 256 | side | rounds | wall (s) | peak RSS (GB) | calibration fwd + cov (s) | decomposition (s) | of which inverse / SVD (s) | write / save (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
@@ -194,6 +243,7 @@ if ours or peft:
     prss = [time_file(x)[1] for x in peft]
     pj = [load_json(x) or {} for x in peft]
     print("Steady-state steps only (the first steps are warm-up). Medians over rounds (min–max).\n")
+    print(cpu_note(ours, peft))
     print("| side | rounds | s / step | tokens/s | peak RSS (GB) |")
     print("|---|---|---|---|---|")
     print(f"| corda-finetune | {len(ours)} | {spread(ostep)} | {spread(otok)} | {gb(med(orss))} |")
@@ -213,6 +263,108 @@ if ours or peft:
         if rows:
             print("- corda-finetune phase totals (one run, all steps incl. warm-up): " +
                   "; ".join(" ".join(r.split()[:-1]) + " s" for r in rows))
+    print()
+
+# ---------------------------------------------------------------- gradient checkpointing
+gc = {k: names(f"gc_{k}") for k in ("ours_plain", "ours_ckpt", "peft_plain", "peft_ckpt")}
+if any(gc.values()):
+    seq = int(os.environ.get("GC_SEQ", "512"))
+    print(f"## Gradient checkpointing: same model, LoRA r 64, batch 4 x {seq} tokens, float32\n")
+    print(cpu_note(*gc.values()))
+    print("| side | checkpointing | rounds | s / step | tokens/s | peak RSS (GB) |")
+    print("|---|---|---|---|---|---|")
+    st = {}
+    for k, ns in gc.items():
+        tok, step, rss = ft_ours(ns, seq) if k.startswith("ours") else ft_peft(ns)
+        st[k] = (med(step), med(rss))
+        side = "corda-finetune" if k.startswith("ours") else "PyTorch + PEFT"
+        print(f"| {side} | {'on' if k.endswith('ckpt') else 'off'} | {len(ns)} | {spread(step)} | {spread(tok)} | {gb(med(rss))} |")
+    print()
+    for side, label in (("ours", "corda-finetune"), ("peft", "PyTorch + PEFT")):
+        (s0, m0), (s1, m1) = st[f"{side}_plain"], st[f"{side}_ckpt"]
+        if s0 and s1 and m0 and m1:
+            extra = (f" (targets: memory ≤ 0.6x: {verdict(m1 / m0, 0.6)}, step time ≤ 1.35x: {verdict(s1 / s0, 1.35)})"
+                     if side == "ours" else "")
+            print(f"- {label}: checkpointing on/off peak RSS {m1 / m0:.2f}x, step time {s1 / s0:.2f}x{extra}")
+    print()
+
+# ---------------------------------------------------------------- tokens/s against sequence length
+seqs = sorted({int(m.group(1)) for p in glob.glob(os.path.join(RUNS, "ftseq_*_s*_r*.time"))
+               for m in [re.search(r"_s(\d+)_r", p)] if m})
+if seqs:
+    print("## Fine-tuning tokens/s against the sequence length (batch 4, LoRA r 64, float32)\n")
+    print(cpu_note(*[names(f"ftseq_{side}_s{x}") for x in seqs for side in ("ours", "peft")]))
+    print("| tokens per row | corda-finetune tokens/s | PyTorch + PEFT tokens/s | ratio | corda peak RSS (GB) | PyTorch peak RSS (GB) |")
+    print("|---|---|---|---|---|---|")
+    for x in seqs:
+        ot, _, orss = ft_ours(names(f"ftseq_ours_s{x}"), x)
+        pt, _, prss = ft_peft(names(f"ftseq_peft_s{x}"))
+        print(f"| {x} | {spread(ot)} | {spread(pt)} | {ratio(med(ot), med(pt))} | {gb(med(orss))} | {gb(med(prss))} |")
+    print()
+
+CAL, DEC = "calibration forward + covariance", "decomposition (damping, inverse, SVD)"
+
+# ---------------------------------------------------------------- bfloat16 against float32
+bp = {k: names(f"bf16pre_{k}") for k in ("f32", "bf16")}
+bt = {k: names(f"bf16ft_{k}") for k in ("f32", "bf16")}
+if any(bp.values()) or any(bt.values()):
+    print("## bfloat16 frozen weights against float32 (corda only; 4 layers, hidden 1024)\n")
+    print(cpu_note(*bp.values(), *bt.values()))
+    print("| dtype | preprocess wall, 16 x 256 (s) | calibration fwd + cov (s) | fine-tuning tokens/s (batch 4 x 256) | fine-tuning peak RSS (GB) |")
+    print("|---|---|---|---|---|")
+    for k, label in (("f32", "float32"), ("bf16", "bfloat16")):
+        tok, _, rss = ft_ours(bt[k], 256)
+        print(f"| {label} | {spread([time_file(x)[0] for x in bp[k]])} | "
+              f"{spread([phase(load_json(x), CAL) for x in bp[k]])} | {spread(tok)} | {gb(med(rss))} |")
+    print()
+
+# ---------------------------------------------------------------- preprocess scaling
+hs = sorted({int(m.group(1)) for p in glob.glob(os.path.join(RUNS, "prescale_*_h*_r*.time"))
+             for m in [re.search(r"_h(\d+)_r", p)] if m})
+
+
+def pre_row(ours, peft, layers):
+    """Per-layer seconds: ours (wall, calibration, decomposition) and PEFT's wall, medians."""
+    oj = [load_json(x) for x in ours]
+    ow = med([time_file(x)[0] for x in ours])
+    pw = med([time_file(x)[0] - ((load_json(x) or {}).get("forward_only_seconds", 0.0)) for x in peft])
+    per = lambda v: v / layers if v is not None else None
+    return (per(ow), per(med([phase(j, CAL) for j in oj])), per(med([phase(j, DEC) for j in oj])), per(pw))
+
+
+def f1(v):
+    return f"{v:.2f}" if v is not None else "–"
+
+
+if hs:
+    print("## Preprocess time per layer against hidden size (one-layer models, KPM, r 64, float32)\n")
+    print(cpu_note(*[names(f"prescale_{side}_h{h}") for h in hs for side in ("ours", "peft")]))
+    print("Whole-process wall of a one-layer model (model load, embeddings and LM head included), and "
+          "corda-preprocess's calibration and decomposition phases (the decomposition phase is only the part "
+          "not overlapped with calibration).\n")
+    print("| hidden | corda wall (s) | calibration (s) | decomposition (s) | PEFT wall (s) | ratio |")
+    print("|---|---|---|---|---|---|")
+    per_layer = {}
+    for h in hs:
+        w, c, d, p = pre_row(names(f"prescale_ours_h{h}"), names(f"prescale_peft_h{h}"), 1)
+        per_layer[h] = (w, p)
+        print(f"| {h} | {f1(w)} | {f1(c)} | {f1(d)} | {f1(p)} | {ratio(w, p)} |")
+    print()
+    if 4096 in per_layer and per_layer[4096][0]:
+        w, p = per_layer[4096]
+        print(f"- 7B projection (32 layers of the 4096 shape, same tokens): corda-preprocess ≈ {32 * w / 60:.0f} min"
+              + (f", PEFT ≈ {32 * p / 60:.0f} min" if p else "") + " (an upper bound: the one-layer wall includes "
+              "loading and the LM head once, which a 32-layer run pays once too).\n")
+ns = sorted({int(m.group(1)) for p in glob.glob(os.path.join(RUNS, "prescalen_*_n*_r*.time"))
+             for m in [re.search(r"_n(\d+)_r", p)] if m})
+if ns:
+    print("## Preprocess time per layer against calibration tokens (4 layers, hidden 1024, KPM, r 64, float32)\n")
+    print(cpu_note(*[names(f"prescalen_{side}_n{n}") for n in ns for side in ("ours", "peft")]))
+    print("| samples x 256 | tokens | corda wall / layer (s) | calibration / layer (s) | decomposition / layer (s) | PEFT wall / layer (s) | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for n in ns:
+        w, c, d, p = pre_row(names(f"prescalen_ours_n{n}"), names(f"prescalen_peft_n{n}"), 4)
+        print(f"| {n} | {n * 256} | {f1(w)} | {f1(c)} | {f1(d)} | {f1(p)} | {ratio(w, p)} |")
     print()
 
 # ---------------------------------------------------------------- covariance throughput

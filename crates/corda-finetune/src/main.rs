@@ -91,8 +91,8 @@ struct Args {
     #[arg(long, help_heading = "Model")]
     tf32: bool,
 
-    /// Recompute activations in backward instead of keeping them. Not supported yet: `true` is
-    /// refused (the LoRA-only gradients already skip the frozen weights' gradients).
+    /// Keep only each decoder layer's input in the forward pass and recompute the layer in the
+    /// backward pass: much less activation memory for one more forward pass through the layers.
     #[arg(long = "gradient_checkpointing", help_heading = "Model")]
     gradient_checkpointing: bool,
 
@@ -318,6 +318,7 @@ fn train_config(a: &Args) -> Result<TrainConfig> {
         .as_deref()
         .and_then(ResumeFrom::parse);
     c.loss_normalization = a.loss_normalization;
+    c.gradient_checkpointing = a.gradient_checkpointing;
     c.progress = !a.disable_tqdm;
     c.validate()?;
     Ok(c)
@@ -405,9 +406,6 @@ fn run(args: Args) -> Result<()> {
 
     // Cheap checks first: nothing is loaded before the flags make sense.
     let config = train_config(&args)?;
-    if args.gradient_checkpointing {
-        bail!("--gradient_checkpointing true is not supported yet; run without it (only the LoRA factors keep gradients, so activation memory is the main cost: lower --per_device_train_batch_size or --model_max_length instead)");
-    }
     if args.report_to != "none" {
         tracing::warn!(
             "--report_to {}: no reporting integrations here; logs go to trainer_state.json",

@@ -1,8 +1,9 @@
 //! One decoder layer of the Llama family (Llama 2/3, Mistral, Qwen2): RMSNorm, rotary
 //! embeddings, grouped-query attention with a causal + padding mask, SwiGLU MLP.
 //!
-//! Only ops with a backward pass in candle are used (no fused rms_norm / softmax_last_dim /
-//! rope), so LoRA factors on any target receive gradients. An [`Observer`] sees the input of
+//! Only ops with a backward pass are used (candle's own, or ours: the masked attention softmax;
+//! not candle's fused rms_norm / softmax_last_dim / rope, which have none), so LoRA factors on
+//! any target receive gradients. An [`Observer`] sees the input of
 //! every target linear, which is how covariances are collected.
 
 use candle_core::{DType, Device, Tensor, D};
@@ -264,9 +265,9 @@ impl Attention {
                 .reshape((b, self.num_heads, tk, self.head_dim))?)
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
-        let scores = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let scores = scores.broadcast_add(&ctx.mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let scores = q.matmul(&k.t()?)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let probs = super::attn_softmax::masked_softmax(&scores, &ctx.mask, scale)?;
         let out =
             probs
                 .matmul(&v)?

@@ -6,7 +6,8 @@
 //! computes `x Wᵀ` and back-propagates `grad · W` only.
 //!
 //! On the CPU, float32 products go through faer, whose kernels use AVX-512 where the CPU has
-//! it; candle's matmul (the gemm crate on stable Rust) stops at AVX2, half the width.
+//! it (chosen at run time). bfloat16 products stay on candle's matmul: widening a bfloat16
+//! weight to float32 for faer on every call measured 10–20% slower in calibration on a Zen 5.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 use faer::{Accum, MatMut, MatRef, Par};

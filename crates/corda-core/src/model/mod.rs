@@ -7,10 +7,12 @@
 //! - [`tokenizer`]: `tokenizer.json` with BOS/EOS/pad.
 //! - [`linear`], [`frozen`]: target linears with optional LoRA; frozen-weight matmul.
 //! - [`decoder`]: one decoder layer with observable linear inputs.
+//! - [`attn_softmax`]: the masked attention softmax as one op with its own backward.
 //! - [`causal_lm`]: the whole model.
 //! - [`kv_cache`]: keys and values kept between steps for incremental (batched) decoding.
 //! - [`save`]: writing a model directory.
 
+pub mod attn_softmax;
 pub mod causal_lm;
 pub mod config;
 pub mod decoder;

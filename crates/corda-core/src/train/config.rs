@@ -163,6 +163,10 @@ pub struct TrainConfig {
     pub seed: u64,
     pub resume_from_checkpoint: Option<ResumeFrom>,
     pub loss_normalization: LossNormalization,
+    /// Recompute each decoder layer's activations in the backward pass instead of keeping them
+    /// (less memory, one more forward pass through the layers).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Draw a progress bar (it is hidden anyway when stderr is not a terminal).
     pub progress: bool,
     /// Print each log entry as a line on stderr, like the Trainer does.
@@ -195,6 +199,7 @@ impl TrainConfig {
             seed: d::SEED,
             resume_from_checkpoint: None,
             loss_normalization: d::LOSS_NORMALIZATION,
+            gradient_checkpointing: false,
             progress: true,
             print_logs: true,
         }

@@ -5,6 +5,7 @@
 //! - [`trainable`]: what the loop needs from a model.
 //! - [`loss`]: the shifted, masked causal-LM cross-entropy.
 //! - [`grads`]: gradients summed over the micro-batches of a step.
+//! - [`recompute`]: forward and backward of a micro-batch, optionally with gradient checkpointing.
 //! - [`clip`]: gradient clipping by global norm.
 //! - [`optimizer`]: torch's AdamW over candle `Var`s, with a saveable state.
 //! - [`schedule`]: transformers' learning-rate schedules and warmup.
@@ -23,6 +24,7 @@ pub mod grads;
 pub mod lora_init;
 pub mod loss;
 pub mod optimizer;
+pub mod recompute;
 pub mod schedule;
 pub mod state;
 pub mod trainable;
@@ -40,6 +42,7 @@ pub use grads::Gradients;
 pub use lora_init::{kaiming_uniform_bound, plain_lora_adapter};
 pub use loss::{causal_lm_loss, causal_lm_loss_sum, LossSum, IGNORE_INDEX};
 pub use optimizer::{AdamW, AdamWConfig, OptimizerName};
+pub use recompute::MicroBatch;
 pub use schedule::{warmup_steps, LrSchedule, SchedulerType};
 pub use state::{LogEntry, StepLog, TrainSummary, TrainerState, TRAINER_STATE_FILE};
 pub use trainable::{factor_names, TrainableModel};

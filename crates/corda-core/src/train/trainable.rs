@@ -4,9 +4,12 @@
 
 use candle_core::{Device, Tensor, Var};
 
+use super::grads::Gradients;
 use super::loss::{causal_lm_loss_sum, shifted_loss_sum, LossSum};
+use super::recompute::{checkpointed_forward_backward, plain_forward_backward, MicroBatch};
 use crate::model::CausalLM;
-use crate::Result;
+use crate::util::PhaseReport;
+use crate::{CordaError, Result};
 
 /// A model whose only trainable parameters are LoRA factors.
 pub trait TrainableModel {
@@ -29,6 +32,27 @@ pub trait TrainableModel {
         labels: &Tensor,
     ) -> Result<LossSum> {
         causal_lm_loss_sum(&self.logits(input_ids, attention_mask)?, labels)
+    }
+
+    /// Forward and backward of one micro-batch: the loss (summed over its target tokens, divided
+    /// by `denom(tokens)`) and the gradients of `vars` added to `grads`; `None` when the batch has
+    /// no target token. `checkpoint` recomputes activations in the backward pass instead of
+    /// keeping them; a model that cannot do that refuses it.
+    fn forward_backward(
+        &self,
+        batch: &MicroBatch<'_>,
+        denom: &dyn Fn(usize) -> f64,
+        checkpoint: bool,
+        vars: &[Var],
+        grads: &mut Gradients,
+        report: &mut PhaseReport,
+    ) -> Result<Option<f64>> {
+        if checkpoint {
+            return Err(CordaError::Invalid(
+                "gradient checkpointing is not available for this model; train without it".into(),
+            ));
+        }
+        plain_forward_backward(self, batch, denom, vars, grads, report)
     }
 }
 
@@ -57,6 +81,23 @@ impl TrainableModel for CausalLM {
         shifted_loss_sum(&h, labels, self.config.vocab_size, |rows| {
             Ok(self.lm_head_logits(&rows.unsqueeze(0)?)?.squeeze(0)?)
         })
+    }
+
+    /// With `checkpoint`, each decoder layer is recomputed in the backward pass (see
+    /// [`super::recompute`]).
+    fn forward_backward(
+        &self,
+        batch: &MicroBatch<'_>,
+        denom: &dyn Fn(usize) -> f64,
+        checkpoint: bool,
+        vars: &[Var],
+        grads: &mut Gradients,
+        report: &mut PhaseReport,
+    ) -> Result<Option<f64>> {
+        if checkpoint {
+            return checkpointed_forward_backward(self, batch, denom, vars, grads, report);
+        }
+        plain_forward_backward(self, batch, denom, vars, grads, report)
     }
 }
 

@@ -27,6 +27,7 @@ use super::clip::clip_grad_norm;
 use super::config::{LossNormalization, SaveStrategy, StepPlan, TrainConfig};
 use super::grads::Gradients;
 use super::optimizer::AdamW;
+use super::recompute::MicroBatch;
 use super::schedule::{warmup_steps, LrSchedule};
 use super::state::{LogEntry, StepLog, TrainSummary, TrainerState, TRAINER_STATE_FILE};
 use super::trainable::{factor_names, TrainableModel};
@@ -368,26 +369,25 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
             run.clock.window_tokens += real_tokens;
             run.clock.tokens_this_run += real_tokens;
             run.progress.tokens_seen += real_tokens;
-            let t0 = Instant::now();
-            let parts =
-                self.model
-                    .loss_sum(&batch.input_ids, &batch.attention_mask, &batch.labels)?;
-            if parts.tokens == 0 {
-                run.report.add("forward", t0.elapsed());
-                continue;
-            }
-            let denom = match cfg.loss_normalization {
+            let denom = |tokens: usize| match cfg.loss_normalization {
                 LossNormalization::TokensInStep => window_targets as f64,
-                LossNormalization::MeanOfMicroBatches => (parts.tokens * window.len()) as f64,
+                LossNormalization::MeanOfMicroBatches => (tokens * window.len()) as f64,
             };
-            let loss = parts.sum.affine(1.0 / denom, 0.0)?;
-            step_loss += loss.to_scalar::<f32>()? as f64;
-            run.report.add("forward", t0.elapsed());
-            let t1 = Instant::now();
-            let store = loss.backward()?;
-            run.grads.accumulate(&store, &run.vars)?;
-            drop(store);
-            run.report.add("backward", t1.elapsed());
+            let micro = MicroBatch {
+                input_ids: &batch.input_ids,
+                attention_mask: &batch.attention_mask,
+                labels: &batch.labels,
+            };
+            if let Some(loss) = self.model.forward_backward(
+                &micro,
+                &denom,
+                cfg.gradient_checkpointing,
+                &run.vars,
+                &mut run.grads,
+                &mut run.report,
+            )? {
+                step_loss += loss;
+            }
         }
         if !step_loss.is_finite() {
             return Err(CordaError::Numerics(format!(

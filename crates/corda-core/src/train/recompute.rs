@@ -1,0 +1,133 @@
+//! Forward and backward of one micro-batch, with or without gradient checkpointing.
+//!
+//! Without checkpointing, one autograd graph spans the whole model and every activation of
+//! every layer stays alive until the backward pass. With it (`--gradient_checkpointing`), the
+//! forward pass keeps only each decoder layer's input hidden state; the backward pass runs the
+//! layers in reverse, reruns each layer's forward from its stored input with gradients tracked,
+//! and back-propagates the incoming gradient `g` through it as the gradient of `sum(out ⊙ g)`
+//! (whose gradient with respect to `out` is exactly `g`). Only one layer's activations are alive
+//! at a time, for the price of a second forward pass through the decoder layers.
+
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+
+use super::grads::Gradients;
+use super::loss::{shifted_loss_sum, LossSum};
+use super::trainable::TrainableModel;
+use crate::model::causal_lm::mask_rows;
+use crate::model::{embed, AttnContext, CausalLM};
+use crate::util::PhaseReport;
+use crate::{CordaError, Result};
+
+/// One micro-batch: token ids and attention mask (B, T) and labels (B, T, -100 = no loss).
+pub struct MicroBatch<'b> {
+    pub input_ids: &'b Tensor,
+    pub attention_mask: &'b Tensor,
+    pub labels: &'b Tensor,
+}
+
+/// The summed loss divided by `denom(tokens)`, and its value; the forward pass ends here.
+/// `None` when the batch has no target token.
+fn scaled_loss(
+    parts: &LossSum,
+    denom: &dyn Fn(usize) -> f64,
+    report: &mut PhaseReport,
+    forward_start: Instant,
+) -> Result<Option<(Tensor, f64)>> {
+    let out = if parts.tokens == 0 {
+        None
+    } else {
+        let loss = parts.sum.affine(1.0 / denom(parts.tokens), 0.0)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        Some((loss, value))
+    };
+    report.add("forward", forward_start.elapsed());
+    Ok(out)
+}
+
+/// One graph over the whole model: the loss is scaled by `1 / denom(tokens)`, back-propagated,
+/// and the gradients of `vars` added to `grads`. `None` when the batch has no target token.
+pub fn plain_forward_backward<M: TrainableModel + ?Sized>(
+    model: &M,
+    batch: &MicroBatch<'_>,
+    denom: &dyn Fn(usize) -> f64,
+    vars: &[Var],
+    grads: &mut Gradients,
+    report: &mut PhaseReport,
+) -> Result<Option<f64>> {
+    let t0 = Instant::now();
+    let parts = model.loss_sum(batch.input_ids, batch.attention_mask, batch.labels)?;
+    let Some((loss, value)) = scaled_loss(&parts, denom, report, t0)? else {
+        return Ok(None);
+    };
+    let t1 = Instant::now();
+    let store = loss.backward()?;
+    grads.accumulate(&store, vars)?;
+    drop(store);
+    report.add("backward", t1.elapsed());
+    Ok(Some(value))
+}
+
+/// [`CausalLM`]'s forward and backward with each decoder layer recomputed in the backward pass.
+/// The gradients equal those of the plain pass: the same ops run on the same inputs.
+pub fn checkpointed_forward_backward(
+    model: &CausalLM,
+    batch: &MicroBatch<'_>,
+    denom: &dyn Fn(usize) -> f64,
+    vars: &[Var],
+    grads: &mut Gradients,
+    report: &mut PhaseReport,
+) -> Result<Option<f64>> {
+    let t0 = Instant::now();
+    let (b, t) = batch.input_ids.dims2()?;
+    let rows = mask_rows(batch.attention_mask)?;
+    let ctx = AttnContext::new(&model.config, b, t, Some(&rows), &model.device)?;
+    // Forward: every layer's graph is dropped as soon as its output is detached.
+    let mut inputs = Vec::with_capacity(model.layers.len());
+    let mut h = embed(&model.embed_tokens, batch.input_ids)?;
+    for layer in &model.layers {
+        let out = layer.forward(&h, &ctx, None)?.detach();
+        inputs.push(h);
+        h = out;
+    }
+    let top = Var::from_tensor(&h)?;
+    drop(h);
+    let parts = shifted_loss_sum(
+        &model.norm.forward(top.as_tensor())?,
+        batch.labels,
+        model.config.vocab_size,
+        |rows| Ok(model.lm_head_logits(&rows.unsqueeze(0)?)?.squeeze(0)?),
+    )?;
+    let Some((loss, value)) = scaled_loss(&parts, denom, report, t0)? else {
+        return Ok(None);
+    };
+
+    let t1 = Instant::now();
+    let missing = || {
+        CordaError::Numerics(
+            "gradient checkpointing: no gradient reached a layer's hidden state".into(),
+        )
+    };
+    let store = loss.backward()?;
+    grads.accumulate(&store, vars)?;
+    let mut g = store.get(top.as_tensor()).ok_or_else(missing)?.detach();
+    drop((store, loss, parts, top));
+    for (l, layer) in model.layers.iter().enumerate().rev() {
+        let stored = inputs.pop().ok_or_else(missing)?;
+        // The first layer's input (the embeddings) is frozen: no gradient is needed there.
+        let x = if l == 0 {
+            stored
+        } else {
+            Var::from_tensor(&stored)?.as_tensor().clone()
+        };
+        let out = layer.forward(&x, &ctx, None)?;
+        let store = (out * &g)?.sum_all()?.backward()?;
+        grads.accumulate(&store, vars)?;
+        if l > 0 {
+            g = store.get(&x).ok_or_else(missing)?.detach();
+        }
+    }
+    report.add("backward", t1.elapsed());
+    Ok(Some(value))
+}
