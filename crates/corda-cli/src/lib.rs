@@ -11,13 +11,15 @@ pub mod config;
 pub mod flags;
 
 use std::ffi::OsString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use corda_core::util::process::{install_interrupt_handler, OutputLock};
 use corda_core::util::AtomicDir;
 use corda_core::CordaError;
 
 pub use config::{expand_config_args, read_config_file};
+pub use corda_core::util::process::OnInterrupt;
 pub use flags::{
     hf_booleans, key_alpha, key_rank, key_value, normalize_flag_names, parse_bool, parse_device,
     parse_size, positive_count, positive_number,
@@ -37,10 +39,43 @@ pub fn init_logging(default_level: &str) {
         .try_init();
 }
 
-/// Claim an output directory: an existing non-empty one is refused unless `overwrite`
-/// (`--overwrite`), and nothing is written until the [`AtomicDir`] is committed.
-pub fn output_dir(path: &Path, overwrite: bool) -> anyhow::Result<AtomicDir> {
-    AtomicDir::create(path, overwrite).map_err(overwrite_hint)
+/// Claim an output directory: lock it against other runs, refuse an existing non-empty one
+/// unless `overwrite` (`--overwrite`); nothing is written until the [`Output`] is committed.
+pub fn output_dir(path: &Path, overwrite: bool) -> anyhow::Result<Output> {
+    let lock = OutputLock::acquire(path)?;
+    let dir = AtomicDir::create(path, overwrite).map_err(overwrite_hint)?;
+    Ok(Output { dir, _lock: lock })
+}
+
+/// An output directory being written under its lock (see [`output_dir`]).
+pub struct Output {
+    dir: AtomicDir,
+    _lock: OutputLock,
+}
+
+impl Output {
+    /// The temporary directory to write into.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The final location.
+    pub fn target(&self) -> &Path {
+        self.dir.target()
+    }
+
+    /// Move the finished directory into place, then release the lock.
+    pub fn commit(self) -> Result<PathBuf, CordaError> {
+        self.dir.commit()
+    }
+}
+
+/// Handle SIGINT / SIGTERM as `mode` says (temporary files are removed before exiting). Call
+/// first in `main`, before any thread starts.
+pub fn handle_interrupts(mode: OnInterrupt) {
+    if let Err(e) = install_interrupt_handler(mode) {
+        eprintln!("warning: {e}; an interrupt may leave temporary files behind");
+    }
 }
 
 /// The library's [`CordaError::OutputExists`] in the binaries' words: the flag that allows it.

@@ -12,7 +12,7 @@ use clap::Parser;
 use corda_core::adapter::{self, Adapter};
 use corda_core::hub::Hub;
 use corda_core::model::{resolve_model, TokenizerInfo};
-use corda_core::util::{progress_bar, AtomicDir};
+use corda_core::util::progress_bar;
 
 /// The probe sentence `--verify` runs through both models by default.
 const DEFAULT_PROBE: &str = "The capital of France is Paris, and the capital of Germany is Berlin.";
@@ -124,6 +124,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    corda_cli::handle_interrupts(corda_cli::OnInterrupt::Exit);
     corda_cli::main("warn", |cli: Cli| run(&cli))
 }
 
@@ -244,7 +245,12 @@ fn run(cli: &Cli) -> Result<()> {
 }
 
 /// The exact conversion, or the `--rank` compression with its error table.
-fn write_lora(cli: &Cli, initial: &Adapter, trained: &Adapter, out: &AtomicDir) -> Result<()> {
+fn write_lora(
+    cli: &Cli,
+    initial: &Adapter,
+    trained: &Adapter,
+    out: &corda_cli::Output,
+) -> Result<()> {
     let converted = match cli.rank {
         None => {
             let lora =

@@ -236,6 +236,14 @@ fn run(args: Args) -> Result<()> {
         (true, Some(p)) => Some(corda_cli::output_dir(p, args.overwrite)?),
         _ => None,
     };
+    // Temporaries of cache and covariance files left by killed runs go now.
+    for f in [&args.cache_file, &args.covariance_file]
+        .into_iter()
+        .flatten()
+    {
+        let (dir, name) = corda_core::util::process::split_target(f)?;
+        corda_core::util::atomic::clean_leftovers(&dir, &name)?;
+    }
     let mut opts = PreprocessOptions::new(r);
     opts.lora_alpha = args.lora_alpha.unwrap_or(r as f64);
     opts.use_rslora = args.use_rslora;
@@ -350,5 +358,6 @@ fn run(args: Args) -> Result<()> {
 
 fn main() -> std::process::ExitCode {
     corda_core::util::alloc::release_large_blocks_promptly();
+    corda_cli::handle_interrupts(corda_cli::OnInterrupt::Exit);
     corda_cli::main("warn", run)
 }

@@ -337,3 +337,86 @@ fn peak_memory_does_not_grow_with_depth() {
         "peak RSS grew from {shallow} (2 layers) to {deep} (8 layers); one layer is {layer_bytes} bytes"
     );
 }
+
+/// A preprocess run blocked (reading its calibration data from a FIFO nobody writes) after it
+/// has locked `out` and created its temporary directory; returns the child and the FIFO.
+fn blocked_run(root: &Path, out: &Path) -> std::process::Child {
+    let fifo = root.join("blocked.jsonl");
+    if !fifo.exists() {
+        let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(st.success());
+    }
+    let mut args = base_args(out);
+    let i = args.iter().position(|a| a == "--calib_dataset").unwrap();
+    args[i + 1] = fifo.display().to_string();
+    let child = bin()
+        .args(&args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tmp_dir = root.join(format!(".out.tmp-{}", child.id()));
+    let t0 = std::time::Instant::now();
+    while !tmp_dir.exists() {
+        assert!(t0.elapsed().as_secs() < 60, "the run never started writing");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Issue 14 cases 5 and 6: a second run into a locked output is refused naming the holder;
+/// SIGINT removes the temporary directory and the lock; after SIGKILL the next run removes the
+/// dead run's leftovers and takes over its stale lock.
+#[test]
+fn concurrent_runs_are_refused_and_interrupted_runs_leave_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let mut first = blocked_run(tmp.path(), &out);
+    let (ok, err) = run(&base_args(&out));
+    assert!(!ok, "a second run into the same output succeeded");
+    assert!(
+        err.contains("another corda run") && err.contains(&first.id().to_string()),
+        "{err}"
+    );
+    signal(&first, "-INT");
+    let status = first.wait().unwrap();
+    assert!(!status.success());
+    only(tmp.path(), &["blocked.jsonl"]);
+
+    let mut killed = blocked_run(tmp.path(), &out);
+    signal(&killed, "-KILL");
+    killed.wait().unwrap();
+    let dead = killed.id();
+    let mut left: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            ".out.lock".to_string(),
+            format!(".out.tmp-{dead}"),
+            "blocked.jsonl".into()
+        ]
+    );
+    // A cache's temporary file of the dead run too.
+    let cache = tmp.path().join("cache.safetensors");
+    std::fs::write(
+        tmp.path().join(format!(".cache.safetensors.tmp-{dead}")),
+        b"half",
+    )
+    .unwrap();
+    let mut args = base_args(&out);
+    args.extend(["--cache_file".into(), cache.display().to_string()]);
+    let (ok, err) = run(&args);
+    assert!(ok, "{err}");
+    only(tmp.path(), &["blocked.jsonl", "cache.safetensors", "out"]);
+}

@@ -23,8 +23,13 @@ pub struct StreamingSafetensors {
     path: PathBuf,
     tmp: PathBuf,
     out: BufWriter<std::fs::File>,
+    parent: PathBuf,
     order: Vec<(String, usize)>,
     next: usize,
+    /// Renamed into place; until then dropping removes the temporary file (a write error such
+    /// as a full disk included).
+    done: bool,
+    _cleanup: crate::util::process::TempGuard,
 }
 
 impl StreamingSafetensors {
@@ -59,18 +64,31 @@ impl StreamingSafetensors {
             text.push(' ');
         }
         // Unique per process, so two runs writing the same file never interleave; the rename in
-        // `finish` publishes one whole file.
-        let tmp = path.with_extension(format!("safetensors.partial-{}", std::process::id()));
-        let file = std::fs::File::create(&tmp).map_err(|e| CordaError::io(&tmp, e))?;
+        // `finish` publishes one whole file. Leftovers of killed runs go first.
+        let (parent, name) = crate::util::process::split_target(path)?;
+        crate::util::atomic::clean_leftovers(&parent, &name)?;
+        let tmp = parent.join(crate::util::atomic::temp_dir_name(
+            &name,
+            std::process::id(),
+        ));
+        let cleanup = crate::util::process::register_temp(&tmp);
+        let file = std::fs::File::create(&tmp).map_err(|e| CordaError::io(path, e))?;
         let mut out = BufWriter::new(file);
-        out.write_all(&(text.len() as u64).to_le_bytes())
-            .map_err(|e| CordaError::io(&tmp, e))?;
-        out.write_all(text.as_bytes())
-            .map_err(|e| CordaError::io(&tmp, e))?;
+        let head = out
+            .write_all(&(text.len() as u64).to_le_bytes())
+            .and_then(|()| out.write_all(text.as_bytes()));
+        if let Err(e) = head {
+            drop(out);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(CordaError::io(path, e));
+        }
         Ok(Self {
             path: path.to_path_buf(),
             tmp,
             out,
+            parent,
+            done: false,
+            _cleanup: cleanup,
             order,
             next: 0,
         })
@@ -93,7 +111,7 @@ impl StreamingSafetensors {
         for v in data {
             self.out
                 .write_all(&v.to_le_bytes())
-                .map_err(|e| CordaError::io(&self.tmp, e))?;
+                .map_err(|e| CordaError::io(&self.path, e))?;
         }
         self.next += 1;
         Ok(())
@@ -109,14 +127,21 @@ impl StreamingSafetensors {
                 self.order.len()
             )));
         }
-        self.out.flush().map_err(|e| CordaError::io(&self.tmp, e))?;
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| CordaError::io(&self.path, e))
+        let path = self.path.clone();
+        self.out.flush().map_err(|e| CordaError::io(&path, e))?;
+        self.out
+            .get_ref()
+            .sync_all()
+            .map_err(|e| CordaError::io(&path, e))?;
+        std::fs::rename(&self.tmp, &path).map_err(|e| CordaError::io(&path, e))?;
+        self.done = true;
+        crate::util::atomic::sync_dir(&self.parent)
     }
 }
 
 impl Drop for StreamingSafetensors {
     fn drop(&mut self) {
-        if self.next != self.order.len() {
+        if !self.done {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }

@@ -1,7 +1,9 @@
-//! Small shared pieces: atomic output directories, phase reports, progress bars.
+//! Small shared pieces: atomic output directories, output locks and interrupts, phase reports,
+//! progress bars.
 
 pub mod alloc;
 pub mod atomic;
+pub mod process;
 pub mod report;
 pub mod tensor;
 
