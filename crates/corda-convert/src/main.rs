@@ -169,6 +169,12 @@ fn run(cli: &Cli) -> Result<()> {
     })?;
     adapter::check_compatible(&initial, &trained)
         .context("checking that the two adapters belong together")?;
+    adapter::check_same_start(
+        &initial,
+        &cli.initial_adapter,
+        &trained,
+        &cli.trained_adapter,
+    )?;
     let base_dir = cli
         .base_model
         .as_deref()

@@ -449,8 +449,9 @@ fn a_diverged_run_fails_instead_of_passing() {
     assert!(!ft.join("ft").exists() && !ft.join("checkpoint-1").exists());
 }
 
-/// A finetune child whose stderr is read until its first logged step.
-fn started_training(args: &[&str]) -> std::process::Child {
+/// A finetune child whose stderr is read until its first logged step; later stderr lines
+/// arrive on the receiver.
+fn started_training(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_corda-finetune"))
         .args(args)
@@ -469,8 +470,13 @@ fn started_training(args: &[&str]) -> std::process::Child {
         }
     }
     // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    child
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
 }
 
 fn interrupt(child: &std::process::Child) {
@@ -491,7 +497,7 @@ fn ctrl_c_saves_a_resumable_checkpoint_and_twice_aborts() {
     let ft = tmp.path().join("FT");
     let (m, f, d) = (model.to_str().unwrap(), ft.to_str().unwrap(), math());
     let long = ["--max_steps", "1000", "--save_strategy", "no"];
-    let child = started_training(&base_args(m, f, &d, &long));
+    let (child, _) = started_training(&base_args(m, f, &d, &long));
     interrupt(&child);
     let o = child.wait_with_output().unwrap();
     assert!(!o.status.success());
@@ -521,11 +527,18 @@ fn ctrl_c_saves_a_resumable_checkpoint_and_twice_aborts() {
             .unwrap();
     assert_eq!(state["global_step"], step + 1);
     assert!(ft.join("ft/adapter_model.safetensors").is_file());
+    // The initial adapter's fingerprint travels with every trained adapter (issue 14 case 8).
+    assert!(ckpt.join("corda_provenance.json").is_file());
+    assert!(ft.join("ft/corda_provenance.json").is_file());
 
     let ft2 = tmp.path().join("FT2");
     let f2 = ft2.to_str().unwrap();
-    let child = started_training(&base_args(m, f2, &d, &long));
+    // Longer steps, so that the second interrupt lands inside the step the first one lets finish.
+    let slow = [&long[..], &["--gradient_accumulation_steps", "8"]].concat();
+    let (child, lines) = started_training(&base_args(m, f2, &d, &slow));
     interrupt(&child);
+    // Two signals sent at once may merge into one: wait until the first was taken.
+    while !lines.recv().unwrap().contains("interrupt again") {}
     interrupt(&child);
     let status = child.wait_with_output().unwrap().status;
     assert_eq!(status.code(), Some(130));

@@ -100,6 +100,7 @@ fn kpm_run_writes_a_peft_loadable_model_and_adapter() {
         "generation_config.json",
         "corda_init/adapter_config.json",
         "corda_init/adapter_model.safetensors",
+        "corda_init/corda_provenance.json",
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }

@@ -100,6 +100,8 @@ pub struct CheckpointContents<'a> {
     pub progress: &'a Progress,
     pub state: &'a TrainerState,
     pub args: &'a TrainConfig,
+    /// The initial adapter's fingerprint, for a CorDA run.
+    pub provenance: Option<&'a crate::adapter::Provenance>,
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
@@ -190,6 +192,9 @@ pub fn save_checkpoint(output_dir: &Path, c: &CheckpointContents<'_>) -> Result<
     let dir = AtomicDir::create(&target, true)?;
     let p = dir.path();
     c.adapter.save(p)?;
+    if let Some(prov) = c.provenance {
+        prov.write(p)?;
+    }
     c.optimizer.save(&p.join(OPTIMIZER_FILE))?;
     write_json(&p.join(SCHEDULER_FILE), c.scheduler)?;
     write_json(&p.join(RNG_STATE_FILE), c.progress)?;

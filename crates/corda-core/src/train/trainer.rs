@@ -31,7 +31,7 @@ use super::plot::loss_curve_svg;
 use super::schedule::{warmup_steps, LrSchedule};
 use super::state::{LogEntry, StepLog, TrainSummary, TrainerState, TRAINER_STATE_FILE};
 use super::trainable::{factor_names, TrainableModel};
-use crate::adapter::{Adapter, AdapterConfig, LoraPair};
+use crate::adapter::{Adapter, AdapterConfig, LoraPair, Provenance};
 use crate::data::{collate, SftExample, IGNORE_INDEX};
 use crate::util::atomic::write_file_atomic;
 use crate::util::{progress_bar, AtomicDir, PhaseReport};
@@ -78,6 +78,7 @@ pub struct Trainer<'a, M: TrainableModel> {
     adapter_config: AdapterConfig,
     config: TrainConfig,
     on_step: Option<StepCallback<'a>>,
+    provenance: Option<Provenance>,
 }
 
 /// Called after every optimizer step (after logging and saving) with the trainer state;
@@ -156,7 +157,15 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
             adapter_config,
             config,
             on_step: None,
+            provenance: None,
         })
+    }
+
+    /// Save `provenance` (the initial adapter's fingerprint) with every checkpoint and the
+    /// final adapter, so that conversion can check its starting point.
+    pub fn with_provenance(mut self, provenance: Option<Provenance>) -> Self {
+        self.provenance = provenance;
+        self
     }
 
     /// Install a callback run after every step (see [`StepCallback`]).
@@ -556,6 +565,7 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
                 progress: &run.progress,
                 state: &run.state,
                 args: cfg,
+                provenance: self.provenance.as_ref(),
             },
         )?;
         if let Some(limit) = cfg.save_total_limit {
@@ -602,7 +612,7 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
 
         let t4 = Instant::now();
         let adapter = current_adapter(&self.adapter_config, &run.factors)?;
-        let adapter_dir = save_final_adapter(out_dir, &adapter)?;
+        let adapter_dir = save_final_adapter(out_dir, &adapter, self.provenance.as_ref())?;
         run.state.write(&out_dir.join(TRAINER_STATE_FILE))?;
         let loss_curve = out_dir.join(LOSS_CURVE_FILE);
         let title = format!("training loss ({step} steps)");
@@ -700,9 +710,16 @@ struct WindowPosition {
 }
 
 /// Write the final adapter to `output_dir/ft` (replacing a previous one) atomically.
-fn save_final_adapter(out_dir: &Path, adapter: &Adapter) -> Result<PathBuf> {
+fn save_final_adapter(
+    out_dir: &Path,
+    adapter: &Adapter,
+    provenance: Option<&Provenance>,
+) -> Result<PathBuf> {
     let dir = AtomicDir::create(out_dir.join(FINAL_ADAPTER_DIR), true)?;
     adapter.save(dir.path())?;
+    if let Some(p) = provenance {
+        p.write(dir.path())?;
+    }
     dir.commit()
 }
 
