@@ -95,7 +95,7 @@ pub fn overwrite_hint(e: CordaError) -> anyhow::Error {
 pub fn error_text(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
-        let text = cause.to_string();
+        let text = user_paths(&cause.to_string());
         if out.ends_with(&text) {
             continue;
         }
@@ -104,6 +104,32 @@ pub fn error_text(e: &anyhow::Error) -> String {
         }
         out.push_str(&text);
     }
+    out
+}
+
+/// `text` with every temporary name `.NAME.tmp-PID` (where an output is written before it is
+/// renamed into place) shown as the `NAME` the user asked for.
+fn user_paths(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(".tmp-") {
+        let (before, after) = rest.split_at(i);
+        let digits = after[5..].bytes().take_while(u8::is_ascii_digit).count();
+        // The name starts after the last separator before it and must begin with a dot.
+        let start = before
+            .rfind(|c: char| c == '/' || c.is_whitespace() || c == '`' || c == '\'')
+            .map_or(0, |j| j + 1);
+        if digits > 0 && before[start..].starts_with('.') && before.len() > start + 1 {
+            out.push_str(&before[..start]);
+            out.push_str(&before[start + 1..]);
+            rest = &after[5 + digits..];
+        } else {
+            out.push_str(before);
+            out.push_str(".tmp-");
+            rest = &after[5..];
+        }
+    }
+    out.push_str(rest);
     out
 }
 
@@ -219,6 +245,24 @@ mod tests {
         let text = error_text(&anyhow::Error::from(io).context("reading the model"));
         assert_eq!(text.matches("os error 20").count(), 1, "{text}");
         assert!(text.starts_with("reading the model: /x/y: "), "{text}");
+    }
+
+    #[test]
+    fn errors_name_the_users_paths_not_temporary_ones() {
+        assert_eq!(
+            user_paths("/x/.out.tmp-123/model.safetensors: No space left on device"),
+            "/x/out/model.safetensors: No space left on device"
+        );
+        assert_eq!(
+            user_paths("writing .cache.safetensors.tmp-9: full; `a.tmp-` .x.tmp-y"),
+            "writing cache.safetensors: full; `a.tmp-` .x.tmp-y"
+        );
+        let io = CordaError::io(
+            "/x/.ft.tmp-77/adapter_config.json",
+            std::io::Error::from_raw_os_error(28),
+        );
+        let text = error_text(&anyhow::Error::from(io));
+        assert!(text.starts_with("/x/ft/adapter_config.json: "), "{text}");
     }
 
     #[test]

@@ -367,6 +367,10 @@ fn claim_output_dir(dir: &Path, overwrite: bool) -> Result<()> {
             .collect::<std::io::Result<_>>()
             .with_context(|| format!("reading --output_dir {}", dir.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => bail!(
+            "--output_dir {} exists and is not a directory; remove it or choose another path",
+            dir.display()
+        ),
         Err(e) => return Err(e).with_context(|| format!("--output_dir {}", dir.display())),
     };
     if entries.is_empty() {

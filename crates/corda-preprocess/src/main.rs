@@ -236,6 +236,11 @@ fn run(args: Args) -> Result<()> {
         (true, Some(p)) => Some(corda_cli::output_dir(p, args.overwrite)?),
         _ => None,
     };
+    // A report that cannot be written must fail now, not after the run.
+    if let Some(j) = &args.report_json {
+        let (dir, _) = corda_core::util::process::split_target(j)?;
+        corda_core::util::atomic::create_dir_all(&dir).context("--report_json")?;
+    }
     // Temporaries of cache and covariance files left by killed runs go now.
     for f in [&args.cache_file, &args.covariance_file]
         .into_iter()
@@ -350,8 +355,11 @@ fn run(args: Args) -> Result<()> {
         v["wall_seconds"] = start.elapsed().as_secs_f64().into();
         v["max_deviation"] = report.max_deviation().into();
         v["decomposition"] = report.to_json();
-        std::fs::write(j, serde_json::to_string_pretty(&v)?)
-            .with_context(|| format!("writing {}", j.display()))?;
+        corda_core::util::atomic::write_file_atomic(
+            j,
+            serde_json::to_string_pretty(&v)?.as_bytes(),
+        )
+        .context("writing --report_json")?;
     }
     Ok(())
 }

@@ -204,7 +204,7 @@ impl Adapter {
     /// Write `dir/adapter_model.safetensors` (f32, metadata `{"format": "pt"}`, keys sorted) and
     /// `dir/adapter_config.json`. The bytes depend only on the contents.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| CordaError::io(dir, e))?;
+        crate::util::atomic::create_dir_all(dir)?;
         let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(2 * self.modules.len());
         for (module, pair) in &self.modules {
             for (side, t) in [(Side::A, &pair.a), (Side::B, &pair.b)] {

@@ -40,7 +40,7 @@ impl StreamingSafetensors {
         metadata: &[(&str, String)],
     ) -> Result<Self> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| CordaError::io(parent, e))?;
+            crate::util::atomic::create_dir_all(parent)?;
         }
         let mut header = serde_json::Map::new();
         let meta: serde_json::Map<String, serde_json::Value> = metadata

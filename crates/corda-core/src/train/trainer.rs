@@ -191,7 +191,7 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
         let resumed_from = self.resume(&mut run)?;
         let cfg = &self.config;
         let out_dir = &cfg.output_dir;
-        std::fs::create_dir_all(out_dir).map_err(|e| CordaError::io(out_dir, e))?;
+        crate::util::atomic::create_dir_all(out_dir)?;
         remove_stale_temp_dirs(out_dir)?;
 
         let pb = if cfg.progress {

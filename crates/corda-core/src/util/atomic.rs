@@ -30,7 +30,7 @@ impl AtomicDir {
     pub fn create(target: impl AsRef<Path>, overwrite: bool) -> Result<Self> {
         let target = target.as_ref().to_path_buf();
         let (parent, name) = split_target(&target)?;
-        std::fs::create_dir_all(&parent).map_err(|e| CordaError::io(&parent, e))?;
+        create_dir_all(&parent)?;
         clean_leftovers(&parent, &name)?;
         if let Ok(meta) = std::fs::symlink_metadata(&target) {
             if !meta.is_dir() && !target.is_dir() {
@@ -209,6 +209,29 @@ pub fn remove_stale_temp_dirs(dir: &Path, ours: impl Fn(&str) -> bool) -> Result
 /// [`remove_stale_temp_dirs`] for the one target name `name` in `dir`.
 pub fn clean_leftovers(dir: &Path, name: &str) -> Result<()> {
     remove_stale_temp_dirs(dir, |stem| stem == name)
+}
+
+/// `create_dir_all` whose error names a file standing where a directory must be (the system's
+/// "File exists" / "Not a directory" do not say which path or what to do).
+pub fn create_dir_all(dir: &Path) -> Result<()> {
+    let Err(e) = std::fs::create_dir_all(dir) else {
+        return Ok(());
+    };
+    let blocker = dir
+        .ancestors()
+        .find(|a| std::fs::metadata(a).is_ok_and(|m| !m.is_dir()));
+    match blocker {
+        Some(file) if file == dir => Err(CordaError::Invalid(format!(
+            "{} exists and is not a directory; remove it or choose another path",
+            dir.display()
+        ))),
+        Some(file) => Err(CordaError::Invalid(format!(
+            "{} is a file, so {} cannot be created; remove it or choose another path",
+            file.display(),
+            dir.display()
+        ))),
+        None => Err(CordaError::io(dir, e)),
+    }
 }
 
 fn remove_path(path: &Path) -> Result<()> {

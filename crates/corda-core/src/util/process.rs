@@ -82,7 +82,7 @@ impl OutputLock {
     pub fn acquire(target: &Path) -> Result<Self> {
         let path = lock_file_for(target)?;
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| CordaError::io(dir, e))?;
+            crate::util::atomic::create_dir_all(dir)?;
         }
         loop {
             let mut file = OpenOptions::new()
