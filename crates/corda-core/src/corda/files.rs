@@ -482,3 +482,53 @@ fn check_values(t: &Tensor, name: &str, non_negative: bool) -> std::result::Resu
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Issue 14 case 5: a write that fails (a wrong entry, a rename that cannot happen) leaves
+    /// no temporary file; one left by a killed run is removed by the next writer.
+    #[test]
+    fn failed_writes_leave_no_temporary_file() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("cache.safetensors");
+        let entries = vec![("a".to_string(), vec![2])];
+        let mut w = StreamingSafetensors::create(&path, &entries, &[]).unwrap();
+        assert!(w.write("b", &[1.0, 2.0]).is_err());
+        drop(w);
+        assert!(names(root.path()).is_empty());
+
+        // The target is a non-empty directory: the publishing rename fails.
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("x"), b"1").unwrap();
+        let mut w = StreamingSafetensors::create(&path, &entries, &[]).unwrap();
+        w.write("a", &[1.0, 2.0]).unwrap();
+        let err = w.finish().unwrap_err().to_string();
+        assert!(
+            err.contains("cache.safetensors") && !err.contains(".tmp-"),
+            "{err}"
+        );
+        assert_eq!(names(root.path()), ["cache.safetensors"]);
+        std::fs::remove_dir_all(&path).unwrap();
+
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = root.path().join(format!(".cache.safetensors.tmp-{dead}"));
+        std::fs::write(&stale, b"half").unwrap();
+        let mut w = StreamingSafetensors::create(&path, &entries, &[]).unwrap();
+        w.write("a", &[1.0, 2.0]).unwrap();
+        w.finish().unwrap();
+        assert_eq!(names(root.path()), ["cache.safetensors"]);
+    }
+}

@@ -330,4 +330,33 @@ mod tests {
         );
         assert!(out.join("checkpoint-5").exists());
     }
+
+    /// Issue 14 case 4 for checkpoints: a run killed between the two renames that replace a
+    /// checkpoint (or `ft/`) left it only as `.NAME.old-PID`; the next run puts it back.
+    #[test]
+    fn a_checkpoint_caught_mid_replacement_is_restored() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let old = out.join(format!(".checkpoint-4.old-{dead}"));
+        std::fs::create_dir(&old).unwrap();
+        for f in REQUIRED {
+            std::fs::write(old.join(f), "{}").unwrap();
+        }
+        std::fs::create_dir(out.join(format!(".checkpoint-4.tmp-{dead}"))).unwrap();
+        std::fs::create_dir(out.join(format!(".ft.old-{dead}"))).unwrap();
+        std::fs::create_dir(out.join(FINAL_ADAPTER_DIR)).unwrap();
+        assert!(list_checkpoints(out).unwrap().is_empty());
+        remove_stale_temp_dirs(out).unwrap();
+        let found: Vec<u64> = list_checkpoints(out).unwrap().iter().map(|c| c.0).collect();
+        assert_eq!(found, [4]);
+        let mut names: Vec<String> = std::fs::read_dir(out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["checkpoint-4", FINAL_ADAPTER_DIR]);
+    }
 }
