@@ -3,6 +3,7 @@
 
 pub mod alloc;
 pub mod atomic;
+pub mod contain;
 pub mod process;
 pub mod report;
 pub mod tensor;
