@@ -6,7 +6,7 @@
 //! an arbitrary JSON value (so every field meets every type). Any panic fails the test and
 //! proptest shrinks it to a small list of mutations. Errors are the expected outcome.
 //!
-//! The runs are deterministic. `CORDA_FUZZ_CASES` (default 128 per target) and
+//! The runs are deterministic. `CORDA_FUZZ_CASES` (default 512 per target) and
 //! `CORDA_FUZZ_SEED` (a number) explore further, e.g.
 //! `CORDA_FUZZ_CASES=20000 CORDA_FUZZ_SEED=7 cargo test --release --test fuzz`. A crash found
 //! that way belongs in the corpus once fixed, so every later run replays it.
@@ -230,7 +230,7 @@ fn cases() -> u32 {
     std::env::var("CORDA_FUZZ_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(128)
+        .unwrap_or(512)
 }
 
 fn rng() -> TestRng {

@@ -486,15 +486,7 @@ fn check_values(t: &Tensor, name: &str, non_negative: bool) -> std::result::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        v.sort();
-        v
-    }
+    use crate::util::atomic::testing::names;
 
     /// Issue 14 case 5: a write that fails (a wrong entry, a rename that cannot happen) leaves
     /// no temporary file; one left by a killed run is removed by the next writer.
@@ -521,9 +513,7 @@ mod tests {
         assert_eq!(names(root.path()), ["cache.safetensors"]);
         std::fs::remove_dir_all(&path).unwrap();
 
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let dead = child.id();
-        child.wait().unwrap();
+        let dead = crate::util::atomic::testing::dead_pid();
         let stale = root.path().join(format!(".cache.safetensors.tmp-{dead}"));
         std::fs::write(&stale, b"half").unwrap();
         let mut w = StreamingSafetensors::create(&path, &entries, &[]).unwrap();

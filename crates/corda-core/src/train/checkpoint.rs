@@ -337,9 +337,7 @@ mod tests {
     fn a_checkpoint_caught_mid_replacement_is_restored() {
         let root = tempfile::tempdir().unwrap();
         let out = root.path();
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let dead = child.id();
-        child.wait().unwrap();
+        let dead = crate::util::atomic::testing::dead_pid();
         let old = out.join(format!(".checkpoint-4.old-{dead}"));
         std::fs::create_dir(&old).unwrap();
         for f in REQUIRED {
@@ -352,11 +350,9 @@ mod tests {
         remove_stale_temp_dirs(out).unwrap();
         let found: Vec<u64> = list_checkpoints(out).unwrap().iter().map(|c| c.0).collect();
         assert_eq!(found, [4]);
-        let mut names: Vec<String> = std::fs::read_dir(out)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["checkpoint-4", FINAL_ADAPTER_DIR]);
+        assert_eq!(
+            crate::util::atomic::testing::names(out),
+            ["checkpoint-4", FINAL_ADAPTER_DIR]
+        );
     }
 }

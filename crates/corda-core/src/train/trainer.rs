@@ -205,6 +205,11 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
                 pb.suspend(|| eprintln!("{line}"));
             }
         };
+        if crate::util::process::interrupt_requested() {
+            return Err(CordaError::Invalid(
+                "interrupted before the first step; nothing was trained or saved".into(),
+            ));
+        }
         run.clock = Clock::now();
         run.initial_param_norm = param_norm(&run.vars)?;
 

@@ -306,8 +306,33 @@ pub fn make_readable(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Helpers for the tests of the modules that leave or clean temporaries.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::path::Path;
+
+    /// The pid of a process that has exited.
+    pub fn dead_pid() -> u32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    }
+
+    /// The entries of `dir`, sorted.
+    pub fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::{dead_pid, names};
     use super::*;
 
     #[test]
@@ -346,23 +371,6 @@ mod tests {
         std::fs::write(d.path().join("new"), b"2").unwrap();
         d.commit().unwrap();
         assert!(target.join("new").exists() && !target.join("keep").exists());
-    }
-
-    /// The pid of a process that has exited.
-    fn dead_pid() -> u32 {
-        let mut c = std::process::Command::new("true").spawn().unwrap();
-        let pid = c.id();
-        c.wait().unwrap();
-        pid
-    }
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        v.sort();
-        v
     }
 
     /// Issue 14 case 4: a run killed between the two renames of an overwrite left the old

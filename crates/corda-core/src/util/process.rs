@@ -272,10 +272,7 @@ mod tests {
         assert!(pid_alive(1));
         assert!(!pid_alive(0));
         assert!(!pid_alive(u32::MAX));
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id();
-        child.wait().unwrap();
-        assert!(!pid_alive(pid));
+        assert!(!pid_alive(crate::util::atomic::testing::dead_pid()));
     }
 
     #[test]
