@@ -200,6 +200,12 @@ fn run(cli: &Cli) -> Result<()> {
     let merged_out = match (&cli.merge, &cli.merged_path) {
         (true, Some(dir)) => {
             ensure_not_input(dir, &inputs)?;
+            if let Some(lora) = &cli.output_dir {
+                let split = corda_core::util::process::split_target;
+                if split(lora)? == split(dir)? {
+                    bail!("--merged_path and --output_dir are both {}; give them different directories", dir.display());
+                }
+            }
             Some(corda_cli::output_dir(dir, cli.overwrite).context("preparing --merged_path")?)
         }
         _ => None,

@@ -500,3 +500,35 @@ fn broken_trained_adapters_fail_conversion_and_verification() {
     assert!(stderr.contains("degenerate logits"), "{stdout}\n{stderr}");
     assert!(!out.exists());
 }
+
+/// Issue 14 case 6: an output another run is writing is refused, naming that process; the
+/// same directory for --output_dir and --merged_path is refused up front.
+#[test]
+fn a_locked_output_is_refused_naming_the_holder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let lock = corda_core::util::process::OutputLock::acquire(&out).unwrap();
+    let err = convert_fails(&fx("kpm/corda_init"), &fx("kpm/trained"), &out);
+    assert!(
+        err.contains("another corda run") && err.contains(&std::process::id().to_string()),
+        "{err}"
+    );
+    drop(lock);
+    let o = run(&[
+        "--initial_adapter",
+        &fx("kpm/corda_init"),
+        "--trained_adapter",
+        &fx("kpm/trained"),
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--merge",
+        "--base_model",
+        &fx("base-model"),
+        "--merged_path",
+        out.to_str().unwrap(),
+    ]);
+    let (_, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("different directories"), "{stderr}");
+    assert_eq!(entries(tmp.path()), Vec::<String>::new());
+}

@@ -133,8 +133,10 @@ impl StreamingSafetensors {
             .get_ref()
             .sync_all()
             .map_err(|e| CordaError::io(&path, e))?;
+        let publishing = crate::util::process::publishing();
         std::fs::rename(&self.tmp, &path).map_err(|e| CordaError::io(&path, e))?;
         self.done = true;
+        drop(publishing);
         crate::util::atomic::sync_dir(&self.parent)
     }
 }

@@ -77,6 +77,7 @@ impl AtomicDir {
     /// Move the finished directory into place (replacing an existing target when allowed).
     pub fn commit(mut self) -> Result<PathBuf> {
         sync_tree(&self.tmp)?;
+        let _publishing = super::process::publishing();
         let published = |e: std::io::Error| self.rename_error(e);
         if self.target.exists() {
             if !self.overwrite {
@@ -287,10 +288,12 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(CordaError::io(path, e));
     }
+    let publishing = super::process::publishing();
     if let Err(e) = std::fs::rename(&tmp, path) {
         let _ = std::fs::remove_file(&tmp);
         return Err(CordaError::io(path, e));
     }
+    drop(publishing);
     sync_dir(&parent)
 }
 

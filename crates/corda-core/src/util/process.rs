@@ -219,8 +219,18 @@ pub fn interrupt_requested() -> bool {
     INTERRUPTS.load(Ordering::SeqCst) > 0
 }
 
+/// Held while an output is renamed into place, so that an interrupt's clean-up never removes a
+/// temporary directory half-way through its publishing rename.
+static PUBLISHING: Mutex<()> = Mutex::new(());
+
+/// Hold off the interrupt clean-up while publishing (see [`PUBLISHING`]).
+pub fn publishing() -> std::sync::MutexGuard<'static, ()> {
+    PUBLISHING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Remove every registered temporary path (what a signal does before exiting).
 fn remove_temps() {
+    let _publishing = publishing();
     let paths = match TEMPS.lock() {
         Ok(mut g) => std::mem::take(&mut *g),
         Err(p) => std::mem::take(&mut *p.into_inner()),
