@@ -11,13 +11,15 @@ pub mod config;
 pub mod flags;
 
 use std::ffi::OsString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use corda_core::util::process::{install_interrupt_handler, OutputLock};
 use corda_core::util::AtomicDir;
 use corda_core::CordaError;
 
 pub use config::{expand_config_args, read_config_file};
+pub use corda_core::util::process::OnInterrupt;
 pub use flags::{
     hf_booleans, key_alpha, key_rank, key_value, normalize_flag_names, parse_bool, parse_device,
     parse_size, positive_count, positive_number,
@@ -37,10 +39,43 @@ pub fn init_logging(default_level: &str) {
         .try_init();
 }
 
-/// Claim an output directory: an existing non-empty one is refused unless `overwrite`
-/// (`--overwrite`), and nothing is written until the [`AtomicDir`] is committed.
-pub fn output_dir(path: &Path, overwrite: bool) -> anyhow::Result<AtomicDir> {
-    AtomicDir::create(path, overwrite).map_err(overwrite_hint)
+/// Claim an output directory: lock it against other runs, refuse an existing non-empty one
+/// unless `overwrite` (`--overwrite`); nothing is written until the [`Output`] is committed.
+pub fn output_dir(path: &Path, overwrite: bool) -> anyhow::Result<Output> {
+    let lock = OutputLock::acquire(path)?;
+    let dir = AtomicDir::create(path, overwrite).map_err(overwrite_hint)?;
+    Ok(Output { dir, _lock: lock })
+}
+
+/// An output directory being written under its lock (see [`output_dir`]).
+pub struct Output {
+    dir: AtomicDir,
+    _lock: OutputLock,
+}
+
+impl Output {
+    /// The temporary directory to write into.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The final location.
+    pub fn target(&self) -> &Path {
+        self.dir.target()
+    }
+
+    /// Move the finished directory into place, then release the lock.
+    pub fn commit(self) -> Result<PathBuf, CordaError> {
+        self.dir.commit()
+    }
+}
+
+/// Handle SIGINT / SIGTERM as `mode` says (temporary files are removed before exiting). Call
+/// first in `main`, before any thread starts.
+pub fn handle_interrupts(mode: OnInterrupt) {
+    if let Err(e) = install_interrupt_handler(mode) {
+        eprintln!("warning: {e}; an interrupt may leave temporary files behind");
+    }
 }
 
 /// The library's [`CordaError::OutputExists`] in the binaries' words: the flag that allows it.
@@ -60,7 +95,7 @@ pub fn overwrite_hint(e: CordaError) -> anyhow::Error {
 pub fn error_text(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
-        let text = cause.to_string();
+        let text = user_paths(&cause.to_string());
         if out.ends_with(&text) {
             continue;
         }
@@ -69,6 +104,32 @@ pub fn error_text(e: &anyhow::Error) -> String {
         }
         out.push_str(&text);
     }
+    out
+}
+
+/// `text` with every temporary name `.NAME.tmp-PID` (where an output is written before it is
+/// renamed into place) shown as the `NAME` the user asked for.
+fn user_paths(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(".tmp-") {
+        let (before, after) = rest.split_at(i);
+        let digits = after[5..].bytes().take_while(u8::is_ascii_digit).count();
+        // The name starts after the last separator before it and must begin with a dot.
+        let start = before
+            .rfind(|c: char| c == '/' || c.is_whitespace() || c == '`' || c == '\'')
+            .map_or(0, |j| j + 1);
+        if digits > 0 && before[start..].starts_with('.') && before.len() > start + 1 {
+            out.push_str(&before[..start]);
+            out.push_str(&before[start + 1..]);
+            rest = &after[5 + digits..];
+        } else {
+            out.push_str(before);
+            out.push_str(".tmp-");
+            rest = &after[5..];
+        }
+    }
+    out.push_str(rest);
     out
 }
 
@@ -184,6 +245,24 @@ mod tests {
         let text = error_text(&anyhow::Error::from(io).context("reading the model"));
         assert_eq!(text.matches("os error 20").count(), 1, "{text}");
         assert!(text.starts_with("reading the model: /x/y: "), "{text}");
+    }
+
+    #[test]
+    fn errors_name_the_users_paths_not_temporary_ones() {
+        assert_eq!(
+            user_paths("/x/.out.tmp-123/model.safetensors: No space left on device"),
+            "/x/out/model.safetensors: No space left on device"
+        );
+        assert_eq!(
+            user_paths("writing .cache.safetensors.tmp-9: full; `a.tmp-` .x.tmp-y"),
+            "writing cache.safetensors: full; `a.tmp-` .x.tmp-y"
+        );
+        let io = CordaError::io(
+            "/x/.ft.tmp-77/adapter_config.json",
+            std::io::Error::from_raw_os_error(28),
+        );
+        let text = error_text(&anyhow::Error::from(io));
+        assert!(text.starts_with("/x/ft/adapter_config.json: "), "{text}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use clap::Parser;
 use corda_core::adapter::{self, Adapter};
 use corda_core::hub::Hub;
 use corda_core::model::{resolve_model, TokenizerInfo};
-use corda_core::util::{progress_bar, AtomicDir};
+use corda_core::util::progress_bar;
 
 /// The probe sentence `--verify` runs through both models by default.
 const DEFAULT_PROBE: &str = "The capital of France is Paris, and the capital of Germany is Berlin.";
@@ -124,6 +124,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    corda_cli::handle_interrupts(corda_cli::OnInterrupt::Exit);
     corda_cli::main("warn", |cli: Cli| run(&cli))
 }
 
@@ -168,6 +169,12 @@ fn run(cli: &Cli) -> Result<()> {
     })?;
     adapter::check_compatible(&initial, &trained)
         .context("checking that the two adapters belong together")?;
+    adapter::check_same_start(
+        &initial,
+        &cli.initial_adapter,
+        &trained,
+        &cli.trained_adapter,
+    )?;
     let base_dir = cli
         .base_model
         .as_deref()
@@ -193,6 +200,12 @@ fn run(cli: &Cli) -> Result<()> {
     let merged_out = match (&cli.merge, &cli.merged_path) {
         (true, Some(dir)) => {
             ensure_not_input(dir, &inputs)?;
+            if let Some(lora) = &cli.output_dir {
+                let split = corda_core::util::process::split_target;
+                if split(lora)? == split(dir)? {
+                    bail!("--merged_path and --output_dir are both {}; give them different directories", dir.display());
+                }
+            }
             Some(corda_cli::output_dir(dir, cli.overwrite).context("preparing --merged_path")?)
         }
         _ => None,
@@ -244,7 +257,12 @@ fn run(cli: &Cli) -> Result<()> {
 }
 
 /// The exact conversion, or the `--rank` compression with its error table.
-fn write_lora(cli: &Cli, initial: &Adapter, trained: &Adapter, out: &AtomicDir) -> Result<()> {
+fn write_lora(
+    cli: &Cli,
+    initial: &Adapter,
+    trained: &Adapter,
+    out: &corda_cli::Output,
+) -> Result<()> {
     let converted = match cli.rank {
         None => {
             let lora =

@@ -397,3 +397,138 @@ fn config_file_with_command_line_override() {
     assert!(out.join("adapter_model.safetensors").is_file());
     assert!(!tmp.path().join("from-file").exists());
 }
+
+/// Issue 14 case 8: an IPM initial adapter with a KPM-trained one is refused, and so is a
+/// trained adapter whose recorded starting point (corda_provenance.json) is another initial
+/// adapter; with the right starting point the conversion works.
+#[test]
+fn adapters_of_another_method_or_starting_point_are_refused() {
+    use corda_core::adapter::Provenance;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let err = convert_fails(&fx("ipm/corda_init"), &fx("kpm/trained"), &out);
+    assert!(
+        err.contains("corda_method ipm") && err.contains("with kpm"),
+        "{err}"
+    );
+
+    let kpm_init = Adapter::load(&fixtures().join("kpm/corda_init")).unwrap();
+    let ipm_init = Adapter::load(&fixtures().join("ipm/corda_init")).unwrap();
+    let trained = edited_copy(tmp.path(), "trained", "kpm/trained", |_| {});
+    let init = edited_copy(tmp.path(), "init", "kpm/corda_init", |_| {});
+    Provenance::of_initial(&kpm_init)
+        .unwrap()
+        .write(Path::new(&init))
+        .unwrap();
+    // Trained from another starting point (same shapes, so nothing else tells).
+    let mut other = Provenance::of_initial(&ipm_init).unwrap();
+    other.corda_method = Some("kpm".into());
+    other.write(Path::new(&trained)).unwrap();
+    let err = convert_fails(&init, &trained, &out);
+    assert!(
+        err.contains("another initial adapter") && err.contains(&init),
+        "{err}"
+    );
+    // An initial adapter edited after preprocessing.
+    let edited = edited_copy(tmp.path(), "edited", "kpm/corda_init", |a| {
+        let p = a.modules.values_mut().next().unwrap();
+        p.a = (&p.a * 2.0).unwrap();
+    });
+    Provenance::of_initial(&kpm_init)
+        .unwrap()
+        .write(Path::new(&edited))
+        .unwrap();
+    let err = convert_fails(&edited, &trained, &out);
+    assert!(err.contains("changed after preprocessing"), "{err}");
+
+    Provenance::of_initial(&kpm_init)
+        .unwrap()
+        .write(Path::new(&trained))
+        .unwrap();
+    let o = run(&[
+        "--initial_adapter",
+        &init,
+        "--trained_adapter",
+        &trained,
+        "--output_dir",
+        out.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&o);
+    assert!(o.status.success(), "{stdout}\n{stderr}");
+}
+
+/// Issue 14 cases 7 and 13: a trained adapter with non-finite values is refused naming the file
+/// and the tensor; `--verify` fails on an adapter whose logits are degenerate.
+#[test]
+fn broken_trained_adapters_fail_conversion_and_verification() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let nan = edited_copy(tmp.path(), "nan", "kpm/trained", |a| {
+        let p = a.modules.get_mut("model.layers.1.mlp.down_proj").unwrap();
+        p.b = (&p.b * f64::NAN).unwrap();
+    });
+    let err = convert_fails(&fx("kpm/corda_init"), &nan, &out);
+    assert!(
+        err.contains("nan/adapter_model.safetensors")
+            && err.contains("model.layers.1.mlp.down_proj.lora_B.weight")
+            && err.contains("non-finite"),
+        "{err}"
+    );
+
+    // Factors blown up by a diverged run: finite, but the model's output is garbage.
+    let huge = edited_copy(tmp.path(), "huge", "kpm/trained", |a| {
+        for p in a.modules.values_mut() {
+            p.a = (&p.a * 3e6).unwrap();
+            p.b = (&p.b * 3e6).unwrap();
+        }
+    });
+    let o = run(&[
+        "--initial_adapter",
+        &fx("kpm/corda_init"),
+        "--trained_adapter",
+        &huge,
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--verify",
+        "--base_model",
+        &fx("base-model"),
+        "--residual_model",
+        &fx("kpm/residual-model"),
+    ]);
+    let (stdout, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("degenerate logits"), "{stdout}\n{stderr}");
+    assert!(!out.exists());
+}
+
+/// Issue 14 case 6: an output another run is writing is refused, naming that process; the
+/// same directory for --output_dir and --merged_path is refused up front.
+#[test]
+fn a_locked_output_is_refused_naming_the_holder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let lock = corda_core::util::process::OutputLock::acquire(&out).unwrap();
+    let err = convert_fails(&fx("kpm/corda_init"), &fx("kpm/trained"), &out);
+    assert!(
+        err.contains("another corda run") && err.contains(&std::process::id().to_string()),
+        "{err}"
+    );
+    drop(lock);
+    let o = run(&[
+        "--initial_adapter",
+        &fx("kpm/corda_init"),
+        "--trained_adapter",
+        &fx("kpm/trained"),
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--merge",
+        "--base_model",
+        &fx("base-model"),
+        "--merged_path",
+        out.to_str().unwrap(),
+    ]);
+    let (_, stderr) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("different directories"), "{stderr}");
+    assert_eq!(entries(tmp.path()), Vec::<String>::new());
+}

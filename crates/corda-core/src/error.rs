@@ -46,6 +46,16 @@ pub enum CordaError {
     /// An output directory that exists and is not empty, where replacing it was not allowed.
     #[error("{} already exists and is not empty; choose another path or allow replacing it", path.display())]
     OutputExists { path: PathBuf },
+    /// Another run holds the lock of an output path.
+    #[error("{} is being written by another corda run{}; wait for it to finish or choose another path (lock file {})", target.display(), holder.map(|p| format!(" (process {p})")).unwrap_or_default(), lock.display())]
+    Locked {
+        target: PathBuf,
+        lock: PathBuf,
+        holder: Option<u32>,
+    },
+    /// Training stopped by SIGINT / SIGTERM after saving a resumable checkpoint.
+    #[error("interrupted at step {step}; the run is saved in {}: continue it with --resume_from_checkpoint {}", checkpoint.display(), checkpoint.display())]
+    Interrupted { step: u64, checkpoint: PathBuf },
     /// The Hugging Face hub: unreachable, gated, missing repo or file, failed download.
     #[error("{0}")]
     Hub(String),

@@ -177,5 +177,6 @@ fn run(args: Args) -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
+    corda_cli::handle_interrupts(corda_cli::OnInterrupt::Exit);
     corda_cli::main("warn", run)
 }

@@ -17,6 +17,7 @@ use corda_core::train::{
     defaults, resolve_resume, AdapterChoice, FineTuneSpec, LossNormalization, OptimizerName,
     ResumeFrom, SaveStrategy, SchedulerType, TrainConfig,
 };
+use corda_core::util::process::OutputLock;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -367,6 +368,10 @@ fn claim_output_dir(dir: &Path, overwrite: bool) -> Result<()> {
             .collect::<std::io::Result<_>>()
             .with_context(|| format!("reading --output_dir {}", dir.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => bail!(
+            "--output_dir {} exists and is not a directory; remove it or choose another path",
+            dir.display()
+        ),
         Err(e) => return Err(e).with_context(|| format!("--output_dir {}", dir.display())),
     };
     if entries.is_empty() {
@@ -398,6 +403,8 @@ fn claim_output_dir(dir: &Path, overwrite: bool) -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
+    // The first interrupt stops training after the current step with a checkpoint.
+    corda_cli::handle_interrupts(corda_cli::OnInterrupt::Request);
     corda_cli::main("info", run)
 }
 
@@ -425,6 +432,8 @@ fn run(args: Args) -> Result<()> {
             format!("--model_name_or_path {}", args.model_name_or_path)
         }
     })?;
+    // One run per output directory: a second one would mix its checkpoints with this one's.
+    let _lock = OutputLock::acquire(&config.output_dir)?;
     if let Some(from) = &config.resume_from_checkpoint {
         resolve_resume(&config.output_dir, from)?;
     } else {

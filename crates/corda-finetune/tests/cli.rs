@@ -427,3 +427,159 @@ fn list_dirs(p: &Path) -> Vec<String> {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect()
 }
+
+/// Issue 14 case 7: `--learning_rate 1e6` used to exit 0 with factors around 3e6 and the loss
+/// pinned at ln(vocab); now the run stops at the first diverged step, saving no adapter.
+#[test]
+fn a_diverged_run_fails_instead_of_passing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = corda_out(tmp.path());
+    let ft = tmp.path().join("FT");
+    let (m, f, d) = (model.to_str().unwrap(), ft.to_str().unwrap(), math());
+    let o = finetune(&base_args(
+        m,
+        f,
+        &d,
+        &[
+            "--learning_rate",
+            "1e6",
+            "--max_steps",
+            "10",
+            "--save_steps",
+            "1",
+        ],
+    ));
+    let err = stderr(&o);
+    assert!(!o.status.success(), "a diverged run passed: {err}");
+    assert!(
+        err.contains("training diverged at step 1") && err.contains("learning_rate"),
+        "{err}"
+    );
+    assert!(!ft.join("ft").exists() && !ft.join("checkpoint-1").exists());
+}
+
+/// A finetune child whose stderr is read until its first logged step; later stderr lines
+/// arrive on the receiver.
+fn started_training(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_corda-finetune"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    loop {
+        let line = lines
+            .next()
+            .expect("the run ended before its first step")
+            .unwrap();
+        if line.contains("\"loss\"") {
+            break;
+        }
+    }
+    // Keep draining stderr so the child never blocks on a full pipe.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+fn interrupt(child: &std::process::Child) {
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Issue 14 case 11: the first SIGINT finishes the step, writes a resumable checkpoint and
+/// exits non-zero saying how to resume; the resumed run completes. A second SIGINT aborts at
+/// once, leaving no temporaries and no lock.
+#[test]
+fn ctrl_c_saves_a_resumable_checkpoint_and_twice_aborts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = corda_out(tmp.path());
+    let ft = tmp.path().join("FT");
+    let (m, f, d) = (model.to_str().unwrap(), ft.to_str().unwrap(), math());
+    let long = ["--max_steps", "1000", "--save_strategy", "no"];
+    let (child, _) = started_training(&base_args(m, f, &d, &long));
+    interrupt(&child);
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    let ckpts: Vec<String> = list_dirs(&ft)
+        .into_iter()
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    assert_eq!(ckpts.len(), 1, "{:?}", list_dirs(&ft));
+    let step: u64 = ckpts[0]["checkpoint-".len()..].parse().unwrap();
+    assert!((1..1000).contains(&step));
+    assert!(
+        !ft.join("ft").exists(),
+        "an interrupted run wrote a final adapter"
+    );
+    let ckpt = ft.join(&ckpts[0]);
+    let next = (step + 1).to_string();
+    let c = ckpt.to_str().unwrap();
+    let o = finetune(&base_args(
+        m,
+        f,
+        &d,
+        &["--max_steps", &next, "--resume_from_checkpoint", c],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ft.join("trainer_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["global_step"], step + 1);
+    assert!(ft.join("ft/adapter_model.safetensors").is_file());
+    // The initial adapter's fingerprint travels with every trained adapter (issue 14 case 8).
+    assert!(ckpt.join("corda_provenance.json").is_file());
+    assert!(ft.join("ft/corda_provenance.json").is_file());
+
+    let ft2 = tmp.path().join("FT2");
+    let f2 = ft2.to_str().unwrap();
+    // Longer steps, so that the second interrupt lands inside the step the first one lets finish.
+    let slow = [&long[..], &["--gradient_accumulation_steps", "8"]].concat();
+    let (child, lines) = started_training(&base_args(m, f2, &d, &slow));
+    interrupt(&child);
+    // Two signals sent at once may merge into one: wait until the first was taken.
+    while !lines.recv().unwrap().contains("interrupt again") {}
+    interrupt(&child);
+    let status = child.wait_with_output().unwrap().status;
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        list_dirs(&ft2).iter().all(|n| !n.starts_with('.')),
+        "{:?}",
+        list_dirs(&ft2)
+    );
+    assert!(!tmp.path().join(".FT2.lock").exists());
+}
+
+/// Issue 14 case 6: a second run into an output directory in use is refused, naming the
+/// process holding it; a lock file left by a dead process is taken over.
+#[test]
+fn a_locked_output_dir_is_refused_naming_the_holder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = corda_out(tmp.path());
+    let ft = tmp.path().join("FT");
+    let (m, f, d) = (model.to_str().unwrap(), ft.to_str().unwrap(), math());
+    let lock = corda_core::util::process::OutputLock::acquire(&ft).unwrap();
+    let o = finetune(&base_args(m, f, &d, &[]));
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("another corda run") && err.contains(&std::process::id().to_string()),
+        "{err}"
+    );
+    assert_nothing_trained(&ft);
+    let path = lock.path().to_path_buf();
+    drop(lock);
+    std::fs::write(&path, "999999999\n").unwrap();
+    let o = finetune(&base_args(m, f, &d, &[]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!path.exists());
+}

@@ -384,6 +384,19 @@ fn run(args: Args) -> Result<()> {
         (true, Some(p)) => Some(corda_cli::output_dir(p, args.overwrite)?),
         _ => None,
     };
+    // A report that cannot be written must fail now, not after the run.
+    if let Some(j) = &args.report_json {
+        let (dir, _) = corda_core::util::process::split_target(j)?;
+        corda_core::util::atomic::create_dir_all(&dir).context("--report_json")?;
+    }
+    // Temporaries of cache and covariance files left by killed runs go now.
+    for f in [&args.cache_file, &args.covariance_file]
+        .into_iter()
+        .flatten()
+    {
+        let (dir, name) = corda_core::util::process::split_target(f)?;
+        corda_core::util::atomic::clean_leftovers(&dir, &name)?;
+    }
     let mut opts = PreprocessOptions::new(r);
     opts.lora_alpha = args.lora_alpha.unwrap_or(r as f64);
     opts.use_rslora = args.use_rslora;
@@ -510,13 +523,17 @@ fn run(args: Args) -> Result<()> {
         if let Some(c) = &ppl_check {
             v["verify_ppl"] = serde_json::to_value(c)?;
         }
-        std::fs::write(j, serde_json::to_string_pretty(&v)?)
-            .with_context(|| format!("writing {}", j.display()))?;
+        corda_core::util::atomic::write_file_atomic(
+            j,
+            serde_json::to_string_pretty(&v)?.as_bytes(),
+        )
+        .context("writing --report_json")?;
     }
     Ok(())
 }
 
 fn main() -> std::process::ExitCode {
     corda_core::util::alloc::release_large_blocks_promptly();
+    corda_cli::handle_interrupts(corda_cli::OnInterrupt::Exit);
     corda_cli::main("warn", run)
 }

@@ -100,6 +100,7 @@ fn kpm_run_writes_a_peft_loadable_model_and_adapter() {
         "generation_config.json",
         "corda_init/adapter_config.json",
         "corda_init/adapter_model.safetensors",
+        "corda_init/corda_provenance.json",
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
@@ -225,14 +226,17 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
         &|a| a.extend(["--config".into(), cfg.to_str().unwrap().into()]),
         "bad.yaml: unknown key `calib_batchsize`",
     );
-    // An I/O error's detail is said once.
+    // A file where a directory must be is named, without the system's cryptic detail.
     let file = tmp.path().join("data/a-file");
     std::fs::write(&file, "x").unwrap();
     let mut args = base_args(&out);
     args[8] = file.join("out").to_str().unwrap().into();
     let (ok, err) = run(&args);
     assert!(!ok, "{err}");
-    assert_eq!(err.matches("os error").count(), 1, "{err}");
+    assert!(
+        err.contains("a-file exists and is not a directory") && !err.contains("os error"),
+        "{err}"
+    );
 
     // A NaN in the model.
     let nan_model = tmp.path().join("data/nan-model");
@@ -525,4 +529,127 @@ fn verify_ppl_compares_original_and_residual_plus_adapter() {
     let (ok, err) = run(&args);
     assert!(!ok && err.contains("--verify_ppl"), "{err}");
     assert!(!out4.exists(), "nothing written on a bad --verify_ppl");
+}
+
+/// A preprocess run blocked (reading its calibration data from a FIFO nobody writes) after it
+/// has locked `out` and created its temporary directory; returns the child and the FIFO.
+fn blocked_run(root: &Path, out: &Path) -> std::process::Child {
+    let fifo = root.join("blocked.jsonl");
+    if !fifo.exists() {
+        let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(st.success());
+    }
+    let mut args = base_args(out);
+    let i = args.iter().position(|a| a == "--calib_dataset").unwrap();
+    args[i + 1] = fifo.display().to_string();
+    let child = bin()
+        .args(&args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tmp_dir = root.join(format!(".out.tmp-{}", child.id()));
+    let t0 = std::time::Instant::now();
+    while !tmp_dir.exists() {
+        assert!(t0.elapsed().as_secs() < 60, "the run never started writing");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Issue 14 cases 5 and 6: a second run into a locked output is refused naming the holder;
+/// SIGINT removes the temporary directory and the lock; after SIGKILL the next run removes the
+/// dead run's leftovers and takes over its stale lock.
+#[test]
+fn concurrent_runs_are_refused_and_interrupted_runs_leave_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let mut first = blocked_run(tmp.path(), &out);
+    let (ok, err) = run(&base_args(&out));
+    assert!(!ok, "a second run into the same output succeeded");
+    assert!(
+        err.contains("another corda run") && err.contains(&first.id().to_string()),
+        "{err}"
+    );
+    signal(&first, "-INT");
+    let status = first.wait().unwrap();
+    assert!(!status.success());
+    only(tmp.path(), &["blocked.jsonl"]);
+
+    let mut killed = blocked_run(tmp.path(), &out);
+    signal(&killed, "-KILL");
+    killed.wait().unwrap();
+    let dead = killed.id();
+    let mut left: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            ".out.lock".to_string(),
+            format!(".out.tmp-{dead}"),
+            "blocked.jsonl".into()
+        ]
+    );
+    // A cache's temporary file of the dead run too.
+    let cache = tmp.path().join("cache.safetensors");
+    std::fs::write(
+        tmp.path().join(format!(".cache.safetensors.tmp-{dead}")),
+        b"half",
+    )
+    .unwrap();
+    let mut args = base_args(&out);
+    args.extend(["--cache_file".into(), cache.display().to_string()]);
+    let (ok, err) = run(&args);
+    assert!(ok, "{err}");
+    only(tmp.path(), &["blocked.jsonl", "cache.safetensors", "out"]);
+}
+
+/// Issue 14 case 13: a damaged weight (NaN values, an integer dtype) is reported with its file
+/// and tensor name, before any output is written.
+#[test]
+fn a_bad_weight_tensor_is_named_with_its_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = "model.layers.0.self_attn.q_proj.weight";
+    for (name, damage) in [("nan", "values"), ("int", "dtype")] {
+        let model = tmp.path().join(name);
+        std::fs::create_dir(&model).unwrap();
+        for e in std::fs::read_dir(fixtures().join("base-model")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+        }
+        let file = model.join("model.safetensors");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        if damage == "values" {
+            let start = header[key]["data_offsets"][0].as_u64().unwrap() as usize + 8 + n;
+            bytes[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        } else {
+            let text = std::str::from_utf8(&bytes[8..8 + n]).unwrap().to_string();
+            let at = text.find(key).unwrap();
+            let d = at + text[at..].find("F32").unwrap();
+            bytes[8 + d..8 + d + 3].copy_from_slice(b"I32");
+        }
+        std::fs::write(&file, bytes).unwrap();
+        let mut args = base_args(&tmp.path().join("out"));
+        let i = args.iter().position(|a| a == "--model_id").unwrap();
+        args[i + 1] = model.display().to_string();
+        let (ok, err) = run(&args);
+        assert!(!ok);
+        assert!(
+            err.contains(&file.display().to_string()) && err.contains(key),
+            "{damage}: {err}"
+        );
+        assert!(!tmp.path().join("out").exists());
+    }
 }

@@ -17,6 +17,7 @@ pub mod config;
 pub mod convert;
 pub mod merge;
 pub mod pattern;
+pub mod provenance;
 pub mod verify;
 pub mod weights;
 
@@ -26,5 +27,6 @@ pub use convert::{
     check_compatible, convert_to_lora, converted_config, delta_weight, delta_weights,
 };
 pub use merge::{merge_into_base, MergeReport};
+pub use provenance::{check_same_start, Provenance, PROVENANCE_FILE};
 pub use verify::{logits_with_adapter, verify_conversion, VerifyReport};
 pub use weights::{Adapter, LoraPair};

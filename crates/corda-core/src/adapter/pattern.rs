@@ -2,7 +2,11 @@
 //! string, regex keys of `rank_pattern` / `alpha_pattern`), so the crate needs no regex engine.
 //! It supports literals, `.`, classes (`[a-z_]`, `[^.]`, `\d \w \s`), groups (`(..)`, `(?:..)`),
 //! alternation, the quantifiers `* + ? {m} {m,} {m,n}` (lazy forms too) and `^ $`; anything else
-//! makes [`full_match`] return `None`. Matching backtracks, which is fine for module names.
+//! makes [`full_match`] return `None`. Matching backtracks, which is fine for module names; a
+//! step and depth budget turns a pathological pattern (`(.*)*x`, `(){100000}`) into `None`
+//! instead of an exponential run or a stack overflow.
+
+use std::cell::Cell;
 
 #[derive(Debug, Clone)]
 enum Node {
@@ -200,31 +204,39 @@ impl Parser<'_> {
 
 type Cont<'k> = &'k mut dyn FnMut(usize) -> bool;
 
-fn match_alt(alts: &[Seq], s: &[char], i: usize, k: Cont) -> bool {
-    alts.iter().any(|seq| match_seq(seq, s, i, k))
+fn match_alt(alts: &[Seq], s: &[char], i: usize, b: &Budget, k: Cont) -> bool {
+    alts.iter().any(|seq| match_seq(seq, s, i, b, k))
 }
 
-fn match_seq(seq: &[Item], s: &[char], i: usize, k: Cont) -> bool {
+fn match_seq(seq: &[Item], s: &[char], i: usize, b: &Budget, k: Cont) -> bool {
     match seq.split_first() {
         None => k(i),
-        Some((item, rest)) => match_repeat(item, 0, s, i, &mut |j| match_seq(rest, s, j, k)),
+        Some((item, rest)) => match_repeat(item, 0, s, i, b, &mut |j| match_seq(rest, s, j, b, k)),
     }
 }
 
 /// Greedy repetition: try one more occurrence first, then stop if `min` is reached. An occurrence
 /// that consumes nothing ends the repetition (otherwise `(a*)*` would loop).
-fn match_repeat(item: &Item, n: usize, s: &[char], i: usize, k: Cont) -> bool {
-    if n < item.max
-        && match_node(&item.node, s, i, &mut |j| {
-            (j != i || n < item.min) && match_repeat(item, n + 1, s, j, k)
-        })
-    {
+fn match_repeat(item: &Item, n: usize, s: &[char], i: usize, b: &Budget, k: Cont) -> bool {
+    if !b.tick() {
+        return false;
+    }
+    b.depth.set(b.depth.get() + 1);
+    let more = n < item.max
+        && match_node(&item.node, s, i, b, &mut |j| {
+            (j != i || n < item.min) && match_repeat(item, n + 1, s, j, b, k)
+        });
+    b.depth.set(b.depth.get() - 1);
+    if more {
         return true;
     }
-    n >= item.min && k(i)
+    n >= item.min && !b.exhausted.get() && k(i)
 }
 
-fn match_node(node: &Node, s: &[char], i: usize, k: Cont) -> bool {
+fn match_node(node: &Node, s: &[char], i: usize, b: &Budget, k: Cont) -> bool {
+    if !b.tick() {
+        return false;
+    }
     match node {
         Node::Char(c) => s.get(i) == Some(c) && k(i + 1),
         Node::Any => s.get(i).is_some_and(|&c| c != '\n') && k(i + 1),
@@ -233,7 +245,7 @@ fn match_node(node: &Node, s: &[char], i: usize, k: Cont) -> bool {
                 .is_some_and(|&c| ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negated)
                 && k(i + 1)
         }
-        Node::Group(alts) => match_alt(alts, s, i, k),
+        Node::Group(alts) => match_alt(alts, s, i, b, k),
         Node::Start => i == 0 && k(i),
         Node::End => i == s.len() && k(i),
     }
@@ -252,7 +264,33 @@ pub fn full_match(pattern: &str, text: &str) -> Option<bool> {
         return None;
     }
     let s: Vec<char> = text.chars().collect();
-    Some(match_alt(&alts, &s, 0, &mut |j| j == s.len()))
+    let b = Budget::default();
+    let matched = match_alt(&alts, &s, 0, &b, &mut |j| j == s.len());
+    (!b.exhausted.get()).then_some(matched)
+}
+
+/// Matching steps and nested repetitions allowed for one [`full_match`]; module names need a
+/// few thousand steps at most.
+const MAX_STEPS: usize = 1_000_000;
+const MAX_DEPTH: usize = 1_000;
+
+#[derive(Default)]
+struct Budget {
+    steps: Cell<usize>,
+    depth: Cell<usize>,
+    exhausted: Cell<bool>,
+}
+
+impl Budget {
+    /// Count a step; `false` once the budget is spent (every caller then fails the match).
+    fn tick(&self) -> bool {
+        let n = self.steps.get() + 1;
+        self.steps.set(n);
+        if n > MAX_STEPS || self.depth.get() > MAX_DEPTH {
+            self.exhausted.set(true);
+        }
+        !self.exhausted.get()
+    }
 }
 
 /// Characters that mark a config string as a regex rather than a module name (a '.' alone is
@@ -264,6 +302,18 @@ pub fn looks_like_regex(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::full_match;
+
+    /// Found by the fuzz tests: exponential backtracking and unbounded recursion.
+    #[test]
+    fn pathological_patterns_give_up_quickly() {
+        let name = "model.layers.10.self_attn.q_proj.lora_A.default.weight";
+        let t = std::time::Instant::now();
+        for p in ["(.*)*x", "(.*.*)*(.*.*)*y", "(){100000}", "(|){5000}z"] {
+            assert_eq!(full_match(p, name), None, "{p}");
+        }
+        assert!(t.elapsed().as_secs() < 10, "{:?}", t.elapsed());
+        assert_eq!(full_match("(.*)*weight", name), Some(true));
+    }
 
     #[test]
     fn matches_like_python_re_fullmatch() {

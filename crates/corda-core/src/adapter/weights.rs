@@ -117,7 +117,12 @@ impl Adapter {
                 );
                 continue;
             };
-            let t = st.load(name, &Device::Cpu).map_err(st_err)?;
+            let t = st
+                .load(name, &Device::Cpu)
+                .map_err(|e| CordaError::Safetensors {
+                    path: path.clone(),
+                    reason: format!("tensor `{name}`: {e}"),
+                })?;
             if !t.dtype().is_float() {
                 return Err(CordaError::Adapter(format!(
                     "{}: `{name}` has dtype {:?}; LoRA weights must be floating point",
@@ -133,6 +138,18 @@ impl Adapter {
                 )));
             }
             let t = t.to_dtype(DType::F32)?.contiguous()?;
+            let bad = t
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .filter(|x| !x.is_finite())
+                .count();
+            if bad > 0 {
+                return Err(CordaError::Adapter(format!(
+                    "{}: `{name}` has {bad} non-finite values (NaN or infinity); the adapter is broken, typically by a diverged training run",
+                    path.display()
+                )));
+            }
             let entry = halves.entry(module.to_string()).or_default();
             match side {
                 Side::A => entry.0 = Some(t),
@@ -187,7 +204,7 @@ impl Adapter {
     /// Write `dir/adapter_model.safetensors` (f32, metadata `{"format": "pt"}`, keys sorted) and
     /// `dir/adapter_config.json`. The bytes depend only on the contents.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| CordaError::io(dir, e))?;
+        crate::util::atomic::create_dir_all(dir)?;
         let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(2 * self.modules.len());
         for (module, pair) in &self.modules {
             for (side, t) in [(Side::A, &pair.a), (Side::B, &pair.b)] {

@@ -23,8 +23,13 @@ pub struct StreamingSafetensors {
     path: PathBuf,
     tmp: PathBuf,
     out: BufWriter<std::fs::File>,
+    parent: PathBuf,
     order: Vec<(String, usize)>,
     next: usize,
+    /// Renamed into place; until then dropping removes the temporary file (a write error such
+    /// as a full disk included).
+    done: bool,
+    _cleanup: crate::util::process::TempGuard,
 }
 
 impl StreamingSafetensors {
@@ -35,7 +40,7 @@ impl StreamingSafetensors {
         metadata: &[(&str, String)],
     ) -> Result<Self> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| CordaError::io(parent, e))?;
+            crate::util::atomic::create_dir_all(parent)?;
         }
         let mut header = serde_json::Map::new();
         let meta: serde_json::Map<String, serde_json::Value> = metadata
@@ -59,18 +64,31 @@ impl StreamingSafetensors {
             text.push(' ');
         }
         // Unique per process, so two runs writing the same file never interleave; the rename in
-        // `finish` publishes one whole file.
-        let tmp = path.with_extension(format!("safetensors.partial-{}", std::process::id()));
-        let file = std::fs::File::create(&tmp).map_err(|e| CordaError::io(&tmp, e))?;
+        // `finish` publishes one whole file. Leftovers of killed runs go first.
+        let (parent, name) = crate::util::process::split_target(path)?;
+        crate::util::atomic::clean_leftovers(&parent, &name)?;
+        let tmp = parent.join(crate::util::atomic::temp_dir_name(
+            &name,
+            std::process::id(),
+        ));
+        let cleanup = crate::util::process::register_temp(&tmp);
+        let file = std::fs::File::create(&tmp).map_err(|e| CordaError::io(path, e))?;
         let mut out = BufWriter::new(file);
-        out.write_all(&(text.len() as u64).to_le_bytes())
-            .map_err(|e| CordaError::io(&tmp, e))?;
-        out.write_all(text.as_bytes())
-            .map_err(|e| CordaError::io(&tmp, e))?;
+        let head = out
+            .write_all(&(text.len() as u64).to_le_bytes())
+            .and_then(|()| out.write_all(text.as_bytes()));
+        if let Err(e) = head {
+            drop(out);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(CordaError::io(path, e));
+        }
         Ok(Self {
             path: path.to_path_buf(),
             tmp,
             out,
+            parent,
+            done: false,
+            _cleanup: cleanup,
             order,
             next: 0,
         })
@@ -93,7 +111,7 @@ impl StreamingSafetensors {
         for v in data {
             self.out
                 .write_all(&v.to_le_bytes())
-                .map_err(|e| CordaError::io(&self.tmp, e))?;
+                .map_err(|e| CordaError::io(&self.path, e))?;
         }
         self.next += 1;
         Ok(())
@@ -109,14 +127,23 @@ impl StreamingSafetensors {
                 self.order.len()
             )));
         }
-        self.out.flush().map_err(|e| CordaError::io(&self.tmp, e))?;
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| CordaError::io(&self.path, e))
+        let path = self.path.clone();
+        self.out.flush().map_err(|e| CordaError::io(&path, e))?;
+        self.out
+            .get_ref()
+            .sync_all()
+            .map_err(|e| CordaError::io(&path, e))?;
+        let publishing = crate::util::process::publishing();
+        std::fs::rename(&self.tmp, &path).map_err(|e| CordaError::io(&path, e))?;
+        self.done = true;
+        drop(publishing);
+        crate::util::atomic::sync_dir(&self.parent)
     }
 }
 
 impl Drop for StreamingSafetensors {
     fn drop(&mut self) {
-        if self.next != self.order.len() {
+        if !self.done {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
@@ -456,4 +483,44 @@ fn check_values(t: &Tensor, name: &str, non_negative: bool) -> std::result::Resu
         return Err(format!("holds negative singular values in {name}"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::util::atomic::testing::names;
+
+    /// Issue 14 case 5: a write that fails (a wrong entry, a rename that cannot happen) leaves
+    /// no temporary file; one left by a killed run is removed by the next writer.
+    #[test]
+    fn failed_writes_leave_no_temporary_file() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("cache.safetensors");
+        let entries = vec![("a".to_string(), vec![2])];
+        let mut w = StreamingSafetensors::create(&path, &entries, &[]).unwrap();
+        assert!(w.write("b", &[1.0, 2.0]).is_err());
+        drop(w);
+        assert!(names(root.path()).is_empty());
+
+        // The target is a non-empty directory: the publishing rename fails.
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("x"), b"1").unwrap();
+        let mut w = StreamingSafetensors::create(&path, &entries, &[]).unwrap();
+        w.write("a", &[1.0, 2.0]).unwrap();
+        let err = w.finish().unwrap_err().to_string();
+        assert!(
+            err.contains("cache.safetensors") && !err.contains(".tmp-"),
+            "{err}"
+        );
+        assert_eq!(names(root.path()), ["cache.safetensors"]);
+        std::fs::remove_dir_all(&path).unwrap();
+
+        let dead = crate::util::atomic::testing::dead_pid();
+        let stale = root.path().join(format!(".cache.safetensors.tmp-{dead}"));
+        std::fs::write(&stale, b"half").unwrap();
+        let mut w = StreamingSafetensors::create(&path, &entries, &[]).unwrap();
+        w.write("a", &[1.0, 2.0]).unwrap();
+        w.finish().unwrap();
+        assert_eq!(names(root.path()), ["cache.safetensors"]);
+    }
 }

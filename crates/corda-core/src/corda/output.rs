@@ -155,11 +155,12 @@ impl<'a> Outputs<'a> {
             write_config(raw_config, self.dtype, out)?;
             copy_support_files(model_dir, out)?;
             let dir = out.join(CORDA_INIT_DIR);
-            Adapter {
+            let adapter = Adapter {
                 config: adapter,
                 modules: self.adapter,
-            }
-            .save(&dir)?;
+            };
+            adapter.save(&dir)?;
+            crate::adapter::Provenance::of_initial(&adapter)?.write(&dir)?;
             report.write(&dir)?;
         }
         Ok(())

@@ -28,6 +28,16 @@ use crate::{CordaError, Result};
 /// Columns of a type with no JSON counterpart (maps, unions, durations, …) become `null`, with
 /// one warning per file, so that an exotic unused column does not block the whole dataset.
 pub fn read_parquet(path: &Path) -> Result<Vec<Value>> {
+    // arrow panics on some damaged files (found by the fuzz tests) instead of failing.
+    crate::util::contain::contain_panic(|| read_parquet_inner(path)).unwrap_or_else(|why| {
+        Err(CordaError::Data(format!(
+            "{}: cannot decode parquet data ({why}); the file is damaged, re-download or re-export it",
+            path.display()
+        )))
+    })
+}
+
+fn read_parquet_inner(path: &Path) -> Result<Vec<Value>> {
     let unreadable = |e: parquet::errors::ParquetError| {
         CordaError::Data(format!(
             "{}: cannot read parquet ({e}); the file may be truncated or use an unsupported \

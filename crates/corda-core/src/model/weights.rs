@@ -256,9 +256,10 @@ impl Weights {
             S::BF16 => DType::BF16,
             S::F64 => DType::F64,
             other => {
+                let file = self.files[self.entry(name)?.shard].display();
                 return Err(CordaError::Model(format!(
-                    "tensor `{name}` has dtype {other:?}; only float32, float16 and bfloat16 checkpoints are supported (quantized models must be de-quantized first)"
-                )))
+                    "{file}: tensor `{name}` has dtype {other:?}; only float32, float16 and bfloat16 checkpoints are supported (quantized models must be de-quantized first)"
+                )));
             }
         })
     }
@@ -274,7 +275,15 @@ impl Weights {
         check_shape(name, expected, &e.shape)?;
         let dtype = self.dtype(name)?;
         let map = &self.maps[e.shard];
-        let t = Tensor::from_raw_buffer(&map[e.start..e.end], dtype, &e.shape, device)?;
+        let bytes = &map[e.start..e.end];
+        let bad = non_finite(bytes, dtype);
+        if bad > 0 {
+            return Err(CordaError::Model(format!(
+                "{}: tensor `{name}` has {bad} non-finite values (NaN or infinity); the checkpoint is damaged: re-download or re-save it",
+                self.files[e.shard].display()
+            )));
+        }
+        let t = Tensor::from_raw_buffer(bytes, dtype, &e.shape, device)?;
         release_pages(map, e.start, e.end);
         Ok(t)
     }
@@ -292,6 +301,33 @@ impl Weights {
             .max_by_key(|(n, _)| *n)
             .map(|(_, d)| *d)
             .unwrap_or(DType::F32)
+    }
+}
+
+/// How many values of the little-endian float buffer `bytes` are NaN or infinite (an exponent
+/// of all ones), read straight from the stored bits.
+fn non_finite(bytes: &[u8], dtype: DType) -> usize {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .filter(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000)
+            .count(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00)
+            .count(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80)
+            .count(),
+        DType::F64 => bytes
+            .chunks_exact(8)
+            .filter(|c| {
+                let v = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                v & 0x7ff0_0000_0000_0000 == 0x7ff0_0000_0000_0000
+            })
+            .count(),
+        _ => 0,
     }
 }
 
@@ -420,5 +456,29 @@ impl ShardWriter {
             std::fs::write(&path, text + "\n").map_err(|e| CordaError::io(&path, e))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_values_are_counted_from_the_stored_bits() {
+        let f32s: Vec<u8> = [1.0f32, f32::NAN, f32::INFINITY, -0.0, f32::MAX]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert_eq!(non_finite(&f32s, DType::F32), 2);
+        let f16s: Vec<u8> = [half::f16::ONE, half::f16::NAN, half::f16::NEG_INFINITY]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert_eq!(non_finite(&f16s, DType::F16), 2);
+        let bf16s: Vec<u8> = [half::bf16::ONE, half::bf16::MAX, half::bf16::INFINITY]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert_eq!(non_finite(&bf16s, DType::BF16), 1);
     }
 }

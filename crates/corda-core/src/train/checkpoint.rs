@@ -100,6 +100,8 @@ pub struct CheckpointContents<'a> {
     pub progress: &'a Progress,
     pub state: &'a TrainerState,
     pub args: &'a TrainConfig,
+    /// The initial adapter's fingerprint, for a CorDA run.
+    pub provenance: Option<&'a crate::adapter::Provenance>,
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
@@ -190,6 +192,9 @@ pub fn save_checkpoint(output_dir: &Path, c: &CheckpointContents<'_>) -> Result<
     let dir = AtomicDir::create(&target, true)?;
     let p = dir.path();
     c.adapter.save(p)?;
+    if let Some(prov) = c.provenance {
+        prov.write(p)?;
+    }
     c.optimizer.save(&p.join(OPTIMIZER_FILE))?;
     write_json(&p.join(SCHEDULER_FILE), c.scheduler)?;
     write_json(&p.join(RNG_STATE_FILE), c.progress)?;
@@ -324,5 +329,30 @@ mod tests {
             "not ours to remove"
         );
         assert!(out.join("checkpoint-5").exists());
+    }
+
+    /// Issue 14 case 4 for checkpoints: a run killed between the two renames that replace a
+    /// checkpoint (or `ft/`) left it only as `.NAME.old-PID`; the next run puts it back.
+    #[test]
+    fn a_checkpoint_caught_mid_replacement_is_restored() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path();
+        let dead = crate::util::atomic::testing::dead_pid();
+        let old = out.join(format!(".checkpoint-4.old-{dead}"));
+        std::fs::create_dir(&old).unwrap();
+        for f in REQUIRED {
+            std::fs::write(old.join(f), "{}").unwrap();
+        }
+        std::fs::create_dir(out.join(format!(".checkpoint-4.tmp-{dead}"))).unwrap();
+        std::fs::create_dir(out.join(format!(".ft.old-{dead}"))).unwrap();
+        std::fs::create_dir(out.join(FINAL_ADAPTER_DIR)).unwrap();
+        assert!(list_checkpoints(out).unwrap().is_empty());
+        remove_stale_temp_dirs(out).unwrap();
+        let found: Vec<u64> = list_checkpoints(out).unwrap().iter().map(|c| c.0).collect();
+        assert_eq!(found, [4]);
+        assert_eq!(
+            crate::util::atomic::testing::names(out),
+            ["checkpoint-4", FINAL_ADAPTER_DIR]
+        );
     }
 }

@@ -15,7 +15,7 @@ use candle_core::{DType, Device};
 use super::config::TrainConfig;
 use super::lora_init::plain_lora_adapter;
 use super::trainer::{target_tokens, Trainer};
-use crate::adapter::Adapter;
+use crate::adapter::{Adapter, Provenance};
 use crate::data::{build_sft_examples, RowSource, SftExample, SftOptions, Split};
 use crate::hub::Hub;
 use crate::layout::CORDA_INIT_DIR;
@@ -69,6 +69,8 @@ pub struct FineTuneRun {
     pub pad_id: u32,
     /// Wall time of the loading phases.
     pub report: PhaseReport,
+    /// For a CorDA adapter: the initial adapter's fingerprint, saved with every trained one.
+    pub provenance: Option<Provenance>,
 }
 
 /// The initial CorDA adapter's directory for a preprocessing output `model_dir`.
@@ -146,8 +148,13 @@ impl FineTuneSpec {
             (None, AdapterChoice::Corda) => unreachable!("loaded above"),
         };
         adapter.config.base_model_name_or_path = Some(self.model_name_or_path.clone());
+        let provenance = match self.adapter {
+            AdapterChoice::Corda => Some(Provenance::of_initial(&adapter)?),
+            AdapterChoice::PlainLora { .. } => None,
+        };
         adapter.attach_to(&mut model)?;
         Ok(FineTuneRun {
+            provenance,
             model,
             adapter,
             examples,
@@ -200,5 +207,6 @@ impl FineTuneRun {
             self.adapter.config.clone(),
             config,
         )
+        .map(|t| t.with_provenance(self.provenance.clone()))
     }
 }

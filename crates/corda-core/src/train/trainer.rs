@@ -31,7 +31,7 @@ use super::recompute::MicroBatch;
 use super::schedule::{warmup_steps, LrSchedule};
 use super::state::{LogEntry, StepLog, TrainSummary, TrainerState, TRAINER_STATE_FILE};
 use super::trainable::{factor_names, TrainableModel};
-use crate::adapter::{Adapter, AdapterConfig, LoraPair};
+use crate::adapter::{Adapter, AdapterConfig, LoraPair, Provenance};
 use crate::data::{collate, SftExample, IGNORE_INDEX};
 use crate::util::atomic::write_file_atomic;
 use crate::util::plot::loss_curve_svg;
@@ -79,6 +79,7 @@ pub struct Trainer<'a, M: TrainableModel> {
     adapter_config: AdapterConfig,
     config: TrainConfig,
     on_step: Option<StepCallback<'a>>,
+    provenance: Option<Provenance>,
 }
 
 /// Called after every optimizer step (after logging and saving) with the trainer state;
@@ -157,7 +158,15 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
             adapter_config,
             config,
             on_step: None,
+            provenance: None,
         })
+    }
+
+    /// Save `provenance` (the initial adapter's fingerprint) with every checkpoint and the
+    /// final adapter, so that conversion can check its starting point.
+    pub fn with_provenance(mut self, provenance: Option<Provenance>) -> Self {
+        self.provenance = provenance;
+        self
     }
 
     /// Install a callback run after every step (see [`StepCallback`]).
@@ -183,7 +192,7 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
         let resumed_from = self.resume(&mut run)?;
         let cfg = &self.config;
         let out_dir = &cfg.output_dir;
-        std::fs::create_dir_all(out_dir).map_err(|e| CordaError::io(out_dir, e))?;
+        crate::util::atomic::create_dir_all(out_dir)?;
         remove_stale_temp_dirs(out_dir)?;
 
         let pb = if cfg.progress {
@@ -197,7 +206,13 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
                 pb.suspend(|| eprintln!("{line}"));
             }
         };
+        if crate::util::process::interrupt_requested() {
+            return Err(CordaError::Invalid(
+                "interrupted before the first step; nothing was trained or saved".into(),
+            ));
+        }
         run.clock = Clock::now();
+        run.initial_param_norm = param_norm(&run.vars)?;
 
         let n = self.examples.len();
         let mut epoch = run.progress.epoch;
@@ -221,7 +236,19 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
                 pb.inc(1);
                 pb.set_message(format!("loss {step_loss:.4}"));
                 self.log(&mut run, &log_line);
-                self.save(&mut run, &position)?;
+                let saved = self.save(&mut run, &position)?;
+                if crate::util::process::interrupt_requested() {
+                    pb.finish_and_clear();
+                    let checkpoint = match saved {
+                        Some(p) => p,
+                        None => self.write_checkpoint(&mut run)?,
+                    };
+                    run.state.write(&out_dir.join(TRAINER_STATE_FILE))?;
+                    return Err(CordaError::Interrupted {
+                        step: run.progress.global_step,
+                        checkpoint,
+                    });
+                }
                 if let Some(cb) = on_step.as_mut() {
                     if cb(&run.state) {
                         tracing::info!(
@@ -293,6 +320,8 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
             device: self.model.device(),
             clock: Clock::now(),
             last_grad_norm: 0.0,
+            initial_param_norm: 0.0,
+            zero_grad_steps: 0,
         })
     }
 
@@ -403,9 +432,51 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
         )?;
         run.grads.clear();
         run.report.add("optimizer", t2.elapsed());
+        self.check_divergence(run, grad_norm, step_loss, window_targets)?;
         run.clock.train_seconds += step_start.elapsed().as_secs_f64();
         run.last_grad_norm = grad_norm;
         Ok(step_loss)
+    }
+
+    /// Stop a run that can no longer train instead of saving garbage as a result: a
+    /// non-finite gradient, factors that are non-finite or grew by orders of magnitude (a far
+    /// too high learning rate), or a gradient exactly zero for several steps while there are
+    /// targets (a collapsed model, typically with the loss pinned at ln(vocabulary size)).
+    fn check_divergence(
+        &self,
+        run: &mut RunState,
+        grad_norm: f64,
+        loss: f64,
+        targets: usize,
+    ) -> Result<()> {
+        let step = run.progress.global_step + 1;
+        let lr = self.config.learning_rate;
+        let advice = format!(
+            "lower learning_rate (now {lr}) or raise warmup_steps; the checkpoints saved before this step are unaffected"
+        );
+        if !grad_norm.is_finite() {
+            return Err(CordaError::Numerics(format!(
+                "training diverged at step {step}: the gradient norm is {grad_norm}; {advice}"
+            )));
+        }
+        let norm = param_norm(&run.vars)?;
+        let before = run.initial_param_norm;
+        if !norm.is_finite() || norm > EXPLODED_FACTOR * before.max(1e-3) {
+            return Err(CordaError::Numerics(format!(
+                "training diverged at step {step}: the norm of the LoRA factors went from {before:.3e} to {norm:.3e} (loss {loss:.4}); {advice}"
+            )));
+        }
+        if targets > 0 && grad_norm == 0.0 {
+            run.zero_grad_steps += 1;
+        } else {
+            run.zero_grad_steps = 0;
+        }
+        if run.zero_grad_steps >= COLLAPSED_STEPS {
+            return Err(CordaError::Numerics(format!(
+                "training collapsed at step {step}: the gradient has been exactly 0 for {COLLAPSED_STEPS} steps while the loss is {loss:.4} (a loss near ln(vocabulary size) means the model predicts a uniform distribution); {advice}"
+            )));
+        }
+        Ok(())
     }
 
     /// Count the step: position in the data, running loss sums, the state's epoch and tokens.
@@ -458,8 +529,8 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
     }
 
     /// A checkpoint when `save_strategy` asks for one (and always at the last step unless it
-    /// is `no`), then pruning to `save_total_limit`.
-    fn save(&self, run: &mut RunState, at: &WindowPosition) -> Result<()> {
+    /// is `no`), then pruning to `save_total_limit`. Returns the checkpoint written, if any.
+    fn save(&self, run: &mut RunState, at: &WindowPosition) -> Result<Option<PathBuf>> {
         let cfg = &self.config;
         let step = run.progress.global_step;
         let last = step >= run.plan.total_steps;
@@ -470,8 +541,15 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
             SaveStrategy::No => false,
         };
         if !save {
-            return Ok(());
+            return Ok(None);
         }
+        self.write_checkpoint(run).map(Some)
+    }
+
+    /// Write the checkpoint of the current step, then prune to `save_total_limit`.
+    fn write_checkpoint(&self, run: &mut RunState) -> Result<PathBuf> {
+        let cfg = &self.config;
+        let step = run.progress.global_step;
         let t3 = Instant::now();
         let schedule = &run.schedule;
         let scheduler = SchedulerState {
@@ -492,6 +570,7 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
                 progress: &run.progress,
                 state: &run.state,
                 args: cfg,
+                provenance: self.provenance.as_ref(),
             },
         )?;
         if let Some(limit) = cfg.save_total_limit {
@@ -501,7 +580,7 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
         run.report.add("checkpoint", t3.elapsed());
         // Saving is not training: keep it out of the tokens/s of the window.
         run.clock.window_start += t3.elapsed();
-        Ok(())
+        Ok(path)
     }
 
     /// The summary entry, the final adapter in `ft/`, `trainer_state.json` and the loss curve.
@@ -538,7 +617,7 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
 
         let t4 = Instant::now();
         let adapter = current_adapter(&self.adapter_config, &run.factors)?;
-        let adapter_dir = save_final_adapter(out_dir, &adapter)?;
+        let adapter_dir = save_final_adapter(out_dir, &adapter, self.provenance.as_ref())?;
         run.state.write(&out_dir.join(TRAINER_STATE_FILE))?;
         let loss_curve = out_dir.join(LOSS_CURVE_FILE);
         let title = format!("training loss ({step} steps)");
@@ -577,6 +656,26 @@ struct RunState {
     device: Device,
     clock: Clock,
     last_grad_norm: f64,
+    /// Norm of all LoRA factors when this process started training (the divergence baseline).
+    initial_param_norm: f64,
+    /// Consecutive steps with targets and a gradient of exactly zero.
+    zero_grad_steps: u32,
+}
+
+/// Factors whose norm grows beyond this multiple of their starting norm have diverged (a
+/// working run changes it by a small fraction; a far too high learning rate by 1e6 and more).
+const EXPLODED_FACTOR: f64 = 1e4;
+/// Steps of exactly zero gradient (with targets) that mean the model collapsed.
+const COLLAPSED_STEPS: u32 = 3;
+
+/// The Frobenius norm of all `vars` together (non-finite when any entry is).
+fn param_norm(vars: &[Var]) -> Result<f64> {
+    let mut sum = 0.0f64;
+    for v in vars {
+        let t = v.as_tensor().to_dtype(DType::F32)?;
+        sum += t.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    Ok(sum.sqrt())
 }
 
 /// Counters and timers of this process (not restored on resume).
@@ -616,9 +715,16 @@ struct WindowPosition {
 }
 
 /// Write the final adapter to `output_dir/ft` (replacing a previous one) atomically.
-fn save_final_adapter(out_dir: &Path, adapter: &Adapter) -> Result<PathBuf> {
+fn save_final_adapter(
+    out_dir: &Path,
+    adapter: &Adapter,
+    provenance: Option<&Provenance>,
+) -> Result<PathBuf> {
     let dir = AtomicDir::create(out_dir.join(FINAL_ADAPTER_DIR), true)?;
     adapter.save(dir.path())?;
+    if let Some(p) = provenance {
+        p.write(dir.path())?;
+    }
     dir.commit()
 }
 

@@ -1,8 +1,11 @@
-//! Small shared pieces: atomic output directories, phase reports, progress bars, SVG charts.
+//! Small shared pieces: atomic output directories, output locks and interrupts, phase reports,
+//! progress bars, SVG charts.
 
 pub mod alloc;
 pub mod atomic;
+pub mod contain;
 pub mod plot;
+pub mod process;
 pub mod report;
 pub mod tensor;
 
