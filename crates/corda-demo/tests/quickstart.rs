@@ -198,6 +198,7 @@ fn scripts_honour_cargo_target_dir() {
         "preprocess_kpm_nqopen.sh",
         "preprocess_ipm_metamath.sh",
         "preprocess_pissa.sh",
+        "reproduce.sh",
     ] {
         let text = std::fs::read_to_string(root.join("scripts").join(script)).unwrap();
         assert!(
