@@ -29,6 +29,7 @@
 #   SEED (42)   QA_DATA (nqopen)   GSM8K_DATA (gsm8k)   MATH_DATA (math, i.e. MATH-500)
 #   QA_FIELDS / MATH_FIELDS ("question answer" columns of a QA / math file; empty for built-ins)
 #   LIMIT (empty: every question; demo 6), or QA_LIMIT / GSM8K_LIMIT / MATH_LIMIT per task
+#   QA_FEWSHOT (0: the seed ran lm-evaluation-harness' nq_open without --num_fewshot)
 #   MAX_NEW_TOKENS (the task's default: 32 for QA, 512 for math; demo 24)   EVAL_BATCH (8)
 #   DEVICE (cpu; cuda or cuda:N)   DTYPE (bf16 on cuda, else f32: weights in eval, --bf16 in training)
 #   CONVERT (0)   SKIP_BUILD (unset)   BIN (cargo's target directory/release; CARGO_TARGET_DIR is honoured)
@@ -106,6 +107,7 @@ QA_LIMIT="${QA_LIMIT-$LIMIT}"
 GSM8K_LIMIT="${GSM8K_LIMIT-$LIMIT}"
 MATH_LIMIT="${MATH_LIMIT-$LIMIT}"
 EVAL_BATCH="${EVAL_BATCH:-8}"
+QA_FEWSHOT="${QA_FEWSHOT:-0}"
 DEVICE="${DEVICE:-cpu}"
 if [[ $DEVICE == cuda* ]]; then DTYPE="${DTYPE:-bf16}"; else DTYPE="${DTYPE:-f32}"; fi
 CONVERT="${CONVERT:-0}"
@@ -122,6 +124,7 @@ if [[ " $METHODS " == *" lora "* && "$ALPHA" != "$R" ]] && ! awk -v a="$ALPHA" -
   die "ALPHA=$ALPHA with plain LoRA: corda-finetune --corda_mode False trains with lora_alpha = r ($R); set ALPHA=$R or leave lora out of METHODS"
 fi
 [[ -z "$STEPS" || $STEPS =~ ^[1-9][0-9]*$ ]] || die "STEPS=$STEPS: a positive number of optimizer steps, or empty for one epoch"
+[[ $QA_FEWSHOT =~ ^[0-9]+$ ]] || die "QA_FEWSHOT=$QA_FEWSHOT: a number of few-shot examples (0 or more)"
 for v in QA_LIMIT GSM8K_LIMIT MATH_LIMIT MAX_NEW_TOKENS; do
   [[ -z "${!v}" || ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v=${!v}: a positive integer, or empty for the default"
 done
@@ -302,6 +305,7 @@ for t in "${TASKS[@]}"; do
     elif ((${#fields[@]} != 0)); then
       die "the fields of $t (\"${TASK_FIELDS[$t]}\") must be two column names: question and answer"
     fi
+    if [[ $t == nqopen ]]; then CMD+=(--num_fewshot "$QA_FEWSHOT"); fi
     if [[ -n "${TASK_LIMIT[$t]}" ]]; then CMD+=(--limit "${TASK_LIMIT[$t]}"); fi
     if [[ -n "$MAX_NEW_TOKENS" ]]; then CMD+=(--max_new_tokens "$MAX_NEW_TOKENS"); fi
     key="${EVAL_UP[$m]}|"
@@ -362,7 +366,7 @@ declare -A HEAD=([nqopen]="NQ-open EM (%)" [gsm8k]="GSM8K acc. (%)" [math]="MATH
     printf '\n'
   done
   echo
-  echo "Data: NQ-open \`$QA_DATA\`${QA_LIMIT:+ (first $QA_LIMIT)}, GSM8K \`$GSM8K_DATA\`${GSM8K_LIMIT:+ (first $GSM8K_LIMIT)}, MATH \`$MATH_DATA\`${MATH_LIMIT:+ (first $MATH_LIMIT)}."
+  echo "Data: NQ-open \`$QA_DATA\` ($QA_FEWSHOT-shot${QA_LIMIT:+, first $QA_LIMIT}), GSM8K \`$GSM8K_DATA\`${GSM8K_LIMIT:+ (first $GSM8K_LIMIT)}, MATH \`$MATH_DATA\`${MATH_LIMIT:+ (first $MATH_LIMIT)}."
   if ((${#METHOD_LIST[@]} > 1)); then echo "Chart: comparison.svg. Every question's generation: comparison.json."; fi
 } >"$RES/comparison.md"
 
