@@ -2,7 +2,8 @@
 //! fine-tuned on a math set, evaluated on QA, GSM8K and MATH) on the demo model and
 //! `tests/data`, offline. The numbers mean nothing; the plumbing is the real one: the table has
 //! three methods by three tasks, the JSON nine records, and the chart exists. A second run
-//! resumes (every stage skipped), and bad settings fail before anything runs.
+//! resumes (every stage skipped), `CONVERT=1` evaluates converted LoRAs on the base model, bad
+//! settings fail before anything runs and a failing stage names its log.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -39,7 +40,17 @@ fn reproduce(out: &Path, extra_env: &[(&str, &str)]) -> Output {
         .env("CARGO_NET_OFFLINE", "true")
         .env("HF_HUB_OFFLINE", "1");
     for v in [
-        "MODEL", "METHODS", "R", "ALPHA", "STEPS", "LIMIT", "CONVERT", "DEVICE", "DTYPE",
+        "MODEL",
+        "METHODS",
+        "R",
+        "ALPHA",
+        "STEPS",
+        "LIMIT",
+        "CONVERT",
+        "DEVICE",
+        "DTYPE",
+        "TRAIN_FIELDS",
+        "SKIP_BUILD",
     ] {
         cmd.env_remove(v);
     }
@@ -153,6 +164,76 @@ fn reproduce_demo_writes_the_comparison_table_and_chart() {
         std::fs::read_to_string(out.join("results/comparison.md")).unwrap(),
         md
     );
+
+    // CONVERT=1 reuses the trained adapters, converts CorDA and PiSSA to plain LoRAs of the base
+    // model (checked on a probe text) and evaluates every method on the base model.
+    let conv = reproduce(&out, &[("SKIP_BUILD", "1"), ("CONVERT", "1")]);
+    let stdout = String::from_utf8_lossy(&conv.stdout);
+    assert!(conv.status.success(), "{}", tail(&conv.stderr, 20));
+    assert!(
+        stdout.contains("corda fine-tuning: done") && stdout.matches("verify:").count() == 2,
+        "{stdout}"
+    );
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("results/comparison.json")).unwrap(),
+    )
+    .unwrap();
+    let records = json["records"].as_array().unwrap();
+    assert_eq!(records.len(), 9, "{json}");
+    let base = out.join("model");
+    for r in records {
+        assert_eq!(r["model"], base.to_str().unwrap(), "{r}");
+    }
+    for m in ["corda", "pissa"] {
+        let lora = out.join(format!("lora-{m}"));
+        assert_eq!(
+            records
+                .iter()
+                .filter(|r| r["adapter"] == lora.to_str().unwrap())
+                .count(),
+            3,
+            "{m}"
+        );
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(lora.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            config["r"], 16,
+            "the converted {m} LoRA has rank 2r: {config}"
+        );
+    }
+}
+
+#[test]
+fn reproduce_names_the_log_of_a_failed_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("repro");
+    let run = reproduce(
+        &out,
+        // It builds (a no-op after the other tests' build): run alone, the binaries may be missing.
+        &[
+            ("METHODS", "lora"),
+            ("TRAIN_FIELDS", "query no_such_column"),
+        ],
+    );
+    let err = String::from_utf8_lossy(&run.stderr);
+    let log = out.join("logs/finetune-lora.log");
+    assert!(
+        !run.status.success()
+            && err.contains(&format!(
+                "stage finetune-lora failed; see {}",
+                log.display()
+            )),
+        "{err}"
+    );
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("no_such_column"),
+        "the log does not say what went wrong"
+    );
+    assert!(!out.join("results/comparison.md").exists());
 }
 
 #[test]
