@@ -125,7 +125,7 @@ if [[ " $METHODS " == *" lora "* && "$ALPHA" != "$R" ]] && ! awk -v a="$ALPHA" -
 fi
 [[ -z "$STEPS" || $STEPS =~ ^[1-9][0-9]*$ ]] || die "STEPS=$STEPS: a positive number of optimizer steps, or empty for one epoch"
 [[ $QA_FEWSHOT =~ ^[0-9]+$ ]] || die "QA_FEWSHOT=$QA_FEWSHOT: a number of few-shot examples (0 or more)"
-for v in QA_LIMIT GSM8K_LIMIT MATH_LIMIT MAX_NEW_TOKENS; do
+for v in QA_LIMIT GSM8K_LIMIT MATH_LIMIT MAX_NEW_TOKENS EVAL_BATCH BATCH GRAD_ACCUM CALIB_SAMPLES; do
   [[ -z "${!v}" || ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v=${!v}: a positive integer, or empty for the default"
 done
 [[ $CONVERT == 0 || $CONVERT == 1 ]] || die "CONVERT=$CONVERT: use 1 (evaluate converted LoRAs on MODEL) or 0"
@@ -172,6 +172,19 @@ run_logged() {
     die "stage $name failed; see $LOGS/$name.log"
   fi
 }
+# stage NAME KEY OUTPUT WHAT CMD...: run CMD as stage NAME (stamp and log NAME) unless it already
+# finished with KEY and OUTPUT is there.
+stage() {
+  local name="$1" key="$2" output="$3" what="$4"
+  shift 4
+  if stamp_matches "$name" "$key" && [[ -e "$output" ]]; then
+    step "$what: done ($output)"
+  else
+    step "$what ($(basename "$1")) -> $output"
+    run_logged "$name" "$@"
+    stamp_write "$name" "$key"
+  fi
+}
 
 # ---------------------------------------------------------------------------- 1. demo model
 if [[ $DEMO == 1 && -z "${MODEL:-}" ]]; then
@@ -180,14 +193,7 @@ if [[ $DEMO == 1 && -z "${MODEL:-}" ]]; then
   # reach confident logits at all), two layers fewer to stay within seconds.
   DEMO_CMD=("$BIN/corda-demo" --out "$OUT" --overwrite --skip_data --seed 42 --layers 2 --hidden 128
     --intermediate 352 --heads 4 --kv_heads 2 --initializer_range 0.1)
-  key="$(key_of "${DEMO_CMD[@]}")"
-  if stamp_matches model "$key" && [[ -f "$MODEL/config.json" ]]; then
-    step "[1/4] demo model: done ($MODEL)"
-  else
-    step "[1/4] writing the demo model (corda-demo)"
-    run_logged demo "${DEMO_CMD[@]}"
-    stamp_write model "$key"
-  fi
+  stage demo "$(key_of "${DEMO_CMD[@]}")" "$MODEL/config.json" "[1/4] demo model" "${DEMO_CMD[@]}"
 fi
 MODEL="${MODEL:?}"
 
@@ -205,14 +211,8 @@ for m in "${METHOD_LIST[@]}"; do
     pissa) CMD=("$BIN/corda-preprocess" "${PREP_COMMON[@]}" --init pissa --save_path "$OUT/pissa") ;;
     lora) continue ;;
   esac
-  key="$(stamp_read model)|$(key_of "${CMD[@]}")"
-  if stamp_matches "prep-$m" "$key" && [[ -f "$OUT/$m/corda_init/adapter_config.json" ]]; then
-    step "[1/4] $m preprocessing: done ($OUT/$m)"
-    continue
-  fi
-  step "[1/4] $m preprocessing (corda-preprocess, r $R) -> $OUT/$m"
-  run_logged "preprocess-$m" "${CMD[@]}"
-  stamp_write "prep-$m" "$key"
+  stage "preprocess-$m" "$(stamp_read demo)|$(key_of "${CMD[@]}")" "$OUT/$m/corda_init/adapter_config.json" \
+    "[1/4] $m preprocessing, r $R" "${CMD[@]}"
 done
 
 # ---------------------------------------------------------------------------- 2. fine-tune
@@ -231,28 +231,28 @@ for m in "${METHOD_LIST[@]}"; do
   dir="$OUT/ft-$m"
   if [[ $m == lora ]]; then
     CMD=("$BIN/corda-finetune" --model_name_or_path "$MODEL" --corda_mode False --lora_r "$R")
-    up="$(stamp_read model)"
+    up="$(stamp_read demo)"
   else
     CMD=("$BIN/corda-finetune" --model_name_or_path "$OUT/$m" --corda_mode True)
-    up="$(stamp_read "prep-$m")"
+    up="$(stamp_read "preprocess-$m")"
   fi
   CMD+=(--output_dir "$dir" "${TRAIN_ARGS[@]}")
   key="$up|$(key_of "${CMD[@]}")"
-  if stamp_matches "ft-$m" "$key" && [[ -f "$dir/ft/adapter_config.json" ]]; then
+  if stamp_matches "finetune-$m" "$key" && [[ -f "$dir/ft/adapter_config.json" ]]; then
     step "[2/4] $m fine-tuning: done ($dir/ft)"
     continue
   fi
   # The same run was interrupted after a checkpoint: continue it; otherwise start afresh.
-  if stamp_matches "ft-$m.started" "$key" && compgen -G "$dir/checkpoint-*" >/dev/null; then
+  if stamp_matches "finetune-$m.started" "$key" && compgen -G "$dir/checkpoint-*" >/dev/null; then
     CMD+=(--resume_from_checkpoint true)
     step "[2/4] $m fine-tuning: resuming from the last checkpoint in $dir"
   else
     CMD+=(--overwrite_output_dir true)
     step "[2/4] $m fine-tuning (corda-finetune) -> $dir/ft"
   fi
-  stamp_write "ft-$m.started" "$key"
+  stamp_write "finetune-$m.started" "$key"
   run_logged "finetune-$m" "${CMD[@]}"
-  stamp_write "ft-$m" "$key"
+  stamp_write "finetune-$m" "$key"
 done
 
 # ---------------------------------------------------------------------------- 3. convert
@@ -262,26 +262,21 @@ for m in "${METHOD_LIST[@]}"; do
   if [[ $m == lora ]]; then
     EVAL_MODEL[$m]="$MODEL"
     EVAL_ADAPTER[$m]="$OUT/ft-$m/ft"
-    EVAL_UP[$m]="$(stamp_read "ft-$m")"
+    EVAL_UP[$m]="$(stamp_read "finetune-$m")"
   elif [[ $CONVERT == 1 ]]; then
     CMD=("$BIN/corda-convert" --initial_adapter "$OUT/$m/corda_init" --trained_adapter "$OUT/ft-$m/ft"
       --output_dir "$OUT/lora-$m" --overwrite --verify --base_model "$MODEL" --residual_model "$OUT/$m"
       --device "$DEVICE")
-    key="$(stamp_read "ft-$m")|$(key_of "${CMD[@]}")"
-    if stamp_matches "convert-$m" "$key" && [[ -f "$OUT/lora-$m/adapter_config.json" ]]; then
-      step "[3/4] $m conversion: done ($OUT/lora-$m)"
-    else
-      step "[3/4] converting $m to a plain LoRA of the base model (corda-convert --verify) -> $OUT/lora-$m"
-      run_logged "convert-$m" "${CMD[@]}"
-      stamp_write "convert-$m" "$key"
-    fi
+    key="$(stamp_read "finetune-$m")|$(key_of "${CMD[@]}")"
+    stage "convert-$m" "$key" "$OUT/lora-$m/adapter_config.json" \
+      "[3/4] $m as a plain LoRA of the base model, verified" "${CMD[@]}"
     EVAL_MODEL[$m]="$MODEL"
     EVAL_ADAPTER[$m]="$OUT/lora-$m"
     EVAL_UP[$m]="$key"
   else
     EVAL_MODEL[$m]="$OUT/$m"
     EVAL_ADAPTER[$m]="$OUT/ft-$m/ft"
-    EVAL_UP[$m]="$(stamp_read "ft-$m")"
+    EVAL_UP[$m]="$(stamp_read "finetune-$m")"
   fi
 done
 
@@ -321,13 +316,7 @@ for t in "${TASKS[@]}"; do
       key+="$earlier_keys|"
     fi
     key+="$(key_of "${CMD[@]}")"
-    if stamp_matches "eval-$t-$m" "$key" && [[ -f "$json" ]]; then
-      step "[4/4] ($i/$n_runs) $m on $t: done ($json)"
-    else
-      step "[4/4] ($i/$n_runs) evaluating $m on $t (corda-eval) -> $json"
-      run_logged "eval-$t-$m" "${CMD[@]}"
-      stamp_write "eval-$t-$m" "$key"
-    fi
+    stage "eval-$t-$m" "$key" "$json" "[4/4] ($i/$n_runs) $m on $t" "${CMD[@]}"
     earlier+=("$json")
     earlier_keys+="$key;"
   done

@@ -5,29 +5,11 @@
 //! resumes (every stage skipped), `CONVERT=1` evaluates converted LoRAs on the base model, bad
 //! settings fail before anything runs and a failing stage names its log.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{bin_dir, repo_root, tail};
+use std::path::Path;
 use std::process::{Command, Output};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-/// Where Cargo put the workspace's binaries for this test run (it honours `CARGO_TARGET_DIR`).
-fn bin_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_corda-demo"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn tail(bytes: &[u8], n: usize) -> String {
-    let s = String::from_utf8_lossy(bytes);
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
 
 fn reproduce(out: &Path, extra_env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new("bash");
