@@ -144,9 +144,10 @@ RES="$OUT/results"
 step() { printf '\n==> %s\n' "$*"; }
 
 # ---------------------------------------------------------------------------- 0. build
+BUILD=(cargo build --release --workspace)
+# The CUDA toolkit must be installed for this build (README, "Speed and memory").
+if [[ $DEVICE == cuda* ]]; then BUILD=(cargo build --release --features cuda); fi
 if [[ -z "${SKIP_BUILD:-}" ]]; then
-  BUILD=(cargo build --release --workspace)
-  if [[ $DEVICE == cuda* ]]; then BUILD=(cargo build --release --features cuda); fi
   step "[0/4] building (${BUILD[*]})"
   (cd "$ROOT" && "${BUILD[@]}")
 fi
@@ -154,7 +155,7 @@ NEEDED=(corda-preprocess corda-finetune corda-eval)
 if [[ $CONVERT == 1 ]]; then NEEDED+=(corda-convert); fi
 if [[ $DEMO == 1 ]]; then NEEDED+=(corda-demo); fi
 for b in "${NEEDED[@]}"; do
-  [[ -x "$BIN/$b" ]] || die "$BIN/$b is missing; run without SKIP_BUILD or build with: cargo build --release --workspace"
+  [[ -x "$BIN/$b" ]] || die "$BIN/$b is missing; run without SKIP_BUILD or build with: ${BUILD[*]}"
 done
 mkdir -p "$OUT" "$LOGS" "$STAMPS" "$RES"
 
