@@ -21,7 +21,8 @@
 #
 # Variables (default; --demo or DEMO=1 sets the demo's):
 #   OUT (out/reproduce; demo: reproduce-demo/ in the checkout)   MODEL (meta-llama/Llama-2-7b-hf;
-#     demo: a random model written by corda-demo)   METHODS ("lora pissa corda")
+#     demo: a random model written by corda-demo)   METHODS ("lora pissa corda"; add base for a
+#     row of the pre-trained model itself, the forgetting's baseline)
 #   CALIB (nqopen; demo: tests/data/knowledge.jsonl)   CALIB_SAMPLES (256; demo 64)
 #   TRAIN_DATA (meta-math/MetaMathQA; demo: tests/data/math.jsonl)   TRAIN_SPLIT (train[:100000])
 #   TRAIN_FIELDS ("query response")   R (128; demo 8)   ALPHA (= R; plain LoRA always has alpha = r)
@@ -114,9 +115,9 @@ CONVERT="${CONVERT:-0}"
 
 # Check the settings before anything runs.
 read -r -a METHOD_LIST <<<"$METHODS"
-((${#METHOD_LIST[@]} > 0)) || die "METHODS is empty; use any of: lora pissa corda"
+((${#METHOD_LIST[@]} > 0)) || die "METHODS is empty; use any of: base lora pissa corda"
 for m in "${METHOD_LIST[@]}"; do
-  case "$m" in lora | pissa | corda) ;; *) die "METHODS: unknown method \`$m\`; use any of: lora pissa corda" ;; esac
+  case "$m" in base | lora | pissa | corda) ;; *) die "METHODS: unknown method \`$m\`; use any of: base lora pissa corda" ;; esac
 done
 [[ "$(printf '%s\n' "${METHOD_LIST[@]}" | sort | uniq -d)" == "" ]] || die "METHODS=\"$METHODS\" names a method twice"
 [[ $R =~ ^[1-9][0-9]*$ ]] || die "R=$R: the rank must be a positive integer"
@@ -210,7 +211,7 @@ for m in "${METHOD_LIST[@]}"; do
       if [[ -e "$CALIB" ]]; then CMD+=(--calib_sampling rows --calib_template '{question}'); fi
       ;;
     pissa) CMD=("$BIN/corda-preprocess" "${PREP_COMMON[@]}" --init pissa --save_path "$OUT/pissa") ;;
-    lora) continue ;;
+    base | lora) continue ;;
   esac
   stage "preprocess-$m" "$(stamp_read demo)|$(key_of "${CMD[@]}")" "$OUT/$m/corda_init/adapter_config.json" \
     "[1/4] $m preprocessing, r $R" "${CMD[@]}"
@@ -229,6 +230,7 @@ else
 fi
 if [[ $DTYPE == bf16 ]]; then TRAIN_ARGS+=(--bf16 True --tf32 True); fi
 for m in "${METHOD_LIST[@]}"; do
+  [[ $m != base ]] || continue
   dir="$OUT/ft-$m"
   if [[ $m == lora ]]; then
     CMD=("$BIN/corda-finetune" --model_name_or_path "$MODEL" --corda_mode False --lora_r "$R")
@@ -260,7 +262,11 @@ done
 # EVAL_MODEL / EVAL_ADAPTER / EVAL_UP: what each method is evaluated as, and the stamp it depends on.
 declare -A EVAL_MODEL EVAL_ADAPTER EVAL_UP
 for m in "${METHOD_LIST[@]}"; do
-  if [[ $m == lora ]]; then
+  if [[ $m == base ]]; then
+    EVAL_MODEL[$m]="$MODEL"
+    EVAL_ADAPTER[$m]=""
+    EVAL_UP[$m]="$(stamp_read demo)"
+  elif [[ $m == lora ]]; then
     EVAL_MODEL[$m]="$MODEL"
     EVAL_ADAPTER[$m]="$OUT/ft-$m/ft"
     EVAL_UP[$m]="$(stamp_read "finetune-$m")"
@@ -293,8 +299,9 @@ earlier_keys=""
 for t in "${TASKS[@]}"; do
   for m in "${METHOD_LIST[@]}"; do
     i=$((i + 1))
-    CMD=("$BIN/corda-eval" --model_name_or_path "${EVAL_MODEL[$m]}" --adapter "${EVAL_ADAPTER[$m]}"
-      --task "$t" --dataset "${TASK_DATA[$t]}" --batch_size "$EVAL_BATCH" --dtype "$DTYPE" --device "$DEVICE")
+    CMD=("$BIN/corda-eval" --model_name_or_path "${EVAL_MODEL[$m]}")
+    if [[ -n "${EVAL_ADAPTER[$m]}" ]]; then CMD+=(--adapter "${EVAL_ADAPTER[$m]}"); fi
+    CMD+=(--task "$t" --dataset "${TASK_DATA[$t]}" --batch_size "$EVAL_BATCH" --dtype "$DTYPE" --device "$DEVICE")
     read -r -a fields <<<"${TASK_FIELDS[$t]}"
     if ((${#fields[@]} == 2)); then
       CMD+=(--question_field "${fields[0]}" --answer_field "${fields[1]}")
@@ -328,13 +335,13 @@ done
 # writes it: each record's fields are indented six spaces).
 records=$(awk '
   /^    \{/ { adapter = ""; task = ""; value = ""; count = "" }
-  /^      "adapter": / { s = $0; sub(/^      "adapter": "/, "", s); sub(/",?$/, "", s); adapter = s }
+  /^      "adapter": "/ { s = $0; sub(/^      "adapter": "/, "", s); sub(/",?$/, "", s); adapter = s }
   /^      "task": / { s = $0; sub(/^      "task": "/, "", s); sub(/",?$/, "", s); task = s }
   /^      "value": / { s = $0; sub(/^      "value": /, "", s); sub(/,$/, "", s); value = s }
   /^      "count": / { s = $0; sub(/^      "count": /, "", s); sub(/,$/, "", s); count = s }
   /^    \}/ { printf "%s\t%s\t%.2f\t%s\n", adapter, task, 100 * value, count }
 ' "$RES/comparison.json")
-declare -A NAME=([lora]=LoRA [pissa]=PiSSA [corda]="CorDA (KPM, $(basename "$CALIB"))")
+declare -A NAME=([base]="pre-trained" [lora]=LoRA [pissa]=PiSSA [corda]="CorDA (KPM, $(basename "$CALIB"))")
 declare -A HEAD=([nqopen]="NQ-open EM (%)" [gsm8k]="GSM8K acc. (%)" [math]="MATH acc. (%)")
 {
   echo "# CorDA reproduction: knowledge kept vs task learned"

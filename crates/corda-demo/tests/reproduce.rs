@@ -148,8 +148,16 @@ fn reproduce_demo_writes_the_comparison_table_and_chart() {
     );
 
     // CONVERT=1 reuses the trained adapters, converts CorDA and PiSSA to plain LoRAs of the base
-    // model (checked on a probe text) and evaluates every method on the base model.
-    let conv = reproduce(&out, &[("SKIP_BUILD", "1"), ("CONVERT", "1")]);
+    // model (checked on a probe text) and evaluates every method on the base model; `base` adds
+    // the pre-trained model's own row.
+    let conv = reproduce(
+        &out,
+        &[
+            ("SKIP_BUILD", "1"),
+            ("CONVERT", "1"),
+            ("METHODS", "base lora pissa corda"),
+        ],
+    );
     let stdout = String::from_utf8_lossy(&conv.stdout);
     assert!(conv.status.success(), "{}", tail(&conv.stderr, 20));
     assert!(
@@ -161,7 +169,14 @@ fn reproduce_demo_writes_the_comparison_table_and_chart() {
     )
     .unwrap();
     let records = json["records"].as_array().unwrap();
-    assert_eq!(records.len(), 9, "{json}");
+    assert_eq!(records.len(), 12, "{json}");
+    assert_eq!(
+        records.iter().filter(|r| r["adapter"].is_null()).count(),
+        3,
+        "{json}"
+    );
+    let md = std::fs::read_to_string(out.join("results/comparison.md")).unwrap();
+    assert!(md.lines().any(|l| l.starts_with("| pre-trained |")), "{md}");
     let base = out.join("model");
     for r in records {
         assert_eq!(r["model"], base.to_str().unwrap(), "{r}");
