@@ -122,6 +122,10 @@ fn reproduce_demo_writes_the_comparison_table_and_chart() {
         svg.starts_with("<svg") || svg.starts_with("<?xml"),
         "{svg:.80}"
     );
+    assert!(
+        svg.contains(">nqopen, gsm8k, math</text>"),
+        "the chart's title names the three tasks"
+    );
     for label in ["ft-lora/ft", "ft-pissa/ft", "ft-corda/ft"] {
         assert!(svg.contains(label), "the chart lacks {label}");
     }
