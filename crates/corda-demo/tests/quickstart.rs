@@ -2,30 +2,10 @@
 //! the demo model and data, preprocesses, fine-tunes (a few steps here), converts and verifies,
 //! all offline. Also checks that every file in `configs/` names only real flags.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::{bin_dir, repo_root, tail};
 use std::process::Command;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-/// Where Cargo put the workspace's binaries for this test run (it honours `CARGO_TARGET_DIR`):
-/// next to the corda-demo binary it built for these tests.
-fn bin_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_corda-demo"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn tail(bytes: &[u8], n: usize) -> String {
-    let s = String::from_utf8_lossy(bytes);
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
 
 #[test]
 fn quickstart_runs_end_to_end_offline() {
@@ -198,6 +178,7 @@ fn scripts_honour_cargo_target_dir() {
         "preprocess_kpm_nqopen.sh",
         "preprocess_ipm_metamath.sh",
         "preprocess_pissa.sh",
+        "reproduce.sh",
     ] {
         let text = std::fs::read_to_string(root.join("scripts").join(script)).unwrap();
         assert!(

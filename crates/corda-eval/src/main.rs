@@ -250,7 +250,16 @@ fn run(a: &Args) -> Result<()> {
             .with_context(|| format!("--output {}", out.display()))?;
         eprintln!("results in {}", out.display());
     }
-    let title = if spec.source.name == spec.task.name() {
+    // With --compare_with the chart may hold several tasks; its bars name each task's dataset.
+    let mut tasks: Vec<&str> = Vec::new();
+    for r in &all.records {
+        if !tasks.contains(&r.task.as_str()) {
+            tasks.push(&r.task);
+        }
+    }
+    let title = if tasks.len() > 1 {
+        tasks.join(", ")
+    } else if spec.source.name == spec.task.name() {
         spec.task.to_string()
     } else {
         format!("{} ({})", spec.task, spec.source.name)
