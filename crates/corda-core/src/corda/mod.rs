@@ -12,6 +12,7 @@
 
 pub mod calibration;
 pub mod covariance;
+mod covariance_tensor;
 pub mod decompose;
 pub mod files;
 pub mod init;

@@ -2,6 +2,7 @@
 
 pub mod alloc;
 pub mod atomic;
+pub mod cuda_runtime;
 pub mod report;
 pub mod tensor;
 
