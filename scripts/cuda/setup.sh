@@ -4,7 +4,8 @@
 # 1. Installs CUDA 13.0's compiler, headers and runtime from PyPI into a local folder. Every package
 #    is pinned to one release line: a newer nvvm/crt emits PTX that ptxas 13.0 rejects, which
 #    candle-kernels reports only as "nvcc error". 13.0 is what the H200 machine's driver (580) runs.
-# 2. Adds the two symlinks candle's build scripts look for (lib64, libcudart.so).
+# 2. Adds the lib64 symlink candle's build scripts look for and a linker script that makes
+#    `-lcudart` the static CUDA runtime.
 # 3. Copies the registry's candle-core with cudarc's `dynamic-linking` switched to
 #    `dynamic-loading`, so the binaries open libcuda/cuBLAS/cuRAND/NVRTC at run time instead of
 #    needing libcuda.so at link time (it exists only where a driver is installed).
@@ -43,10 +44,17 @@ fi
 "$CU/bin/nvcc" --version | grep -q "release 13.0" || {
   echo "setup.sh: error: $CU/bin/nvcc is not CUDA 13.0:" >&2; "$CU/bin/nvcc" --version >&2; exit 1; }
 
-# --- 2. symlinks ---
+# --- 2. symlinks, and the CUDA runtime linked statically ---
 [[ -e "$CU/lib64" ]] || ln -s lib "$CU/lib64"
-[[ -e "$CU/lib/libcudart.so" ]] || ln -s libcudart.so.13 "$CU/lib/libcudart.so"
-[[ -e "$CU/lib/libcudart.so.13" ]] || { echo "setup.sh: error: $CU/lib/libcudart.so.13 missing (nvidia-cuda-runtime)" >&2; exit 1; }
+# (An earlier setup's libcudart.so symlink would make the runtime a shared library again.)
+[[ -L "$CU/lib/libcudart.so" ]] && rm "$CU/lib/libcudart.so"
+[[ -f "$CU/lib/libcudart_static.a" ]] || { echo "setup.sh: error: $CU/lib/libcudart_static.a missing (nvidia-cuda-runtime)" >&2; exit 1; }
+# candle-kernels asks for `-lcudart` (its quantized/MoE kernels call the runtime API). A linker
+# script found first on the search path links the static runtime instead, as nvcc does by
+# default: the binaries then need no CUDA library to start (`--device cpu` runs anywhere) and
+# open the driver only for `--device cuda`.
+mkdir -p "$DIR/link"
+printf 'INPUT(%s -ldl -lrt -lpthread)\n' "$CU/lib/libcudart_static.a" >"$DIR/link/libcudart.so"
 
 # --- 3. candle-core with dynamic loading ---
 VER="$(awk '/^name = "candle-core"$/ {getline; sub(/version = /, ""); gsub(/"/, ""); print; exit}' "$ROOT/Cargo.lock")"
@@ -82,7 +90,7 @@ cat >"$DIR/env.sh" <<EOF
 export PATH="$CU/bin:\$PATH"
 export CUDA_ROOT="$CU" CUDA_PATH="$CU" CUDA_HOME="$CU"
 export CUDA_COMPUTE_CAP="$CAP"
-export LIBRARY_PATH="$CU/lib\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
+export LIBRARY_PATH="$DIR/link:$CU/lib\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
 export CORDA_CUDA_PATCH="patch.crates-io.candle-core.path=\"$PATCHED\""
 EOF
 if [[ $QUIET == 0 ]]; then
