@@ -13,7 +13,6 @@
 """
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -83,6 +82,30 @@ def cmd_env(_args):
     print(json.dumps(res, indent=1))
 
 
+def write_word_tokenizer(d):
+    """A word-level tokenizer like corda-demo's (`<unk>`, `<s>`, `</s>`, whitespace words, `<s>`
+    in front of every text); scripts/bench/make_inputs.py then fills its vocabulary."""
+    special = [("<unk>", 0), ("<s>", 1), ("</s>", 2)]
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for t, i in special]
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+           "pre_tokenizer": {"type": "Whitespace"},
+           "post_processor": {"type": "TemplateProcessing",
+                              "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos,
+                                       {"Sequence": {"id": "B", "type_id": 0}}],
+                              "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+           "decoder": None,
+           "model": {"type": "WordLevel", "vocab": {t: i for t, i in special}, "unk_token": "<unk>"}}
+    with open(os.path.join(d, "tokenizer.json"), "w") as f:
+        json.dump(tok, f)
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "clean_up_tokenization_spaces": False, "model_max_length": 4096,
+                   "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=1)
+
+
 def cmd_make_model(a):
     import argparse
     import torch
@@ -94,7 +117,6 @@ def cmd_make_model(a):
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--tokenizer_from", required=True, help="a model dir with tokenizer.json")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(a)
     os.makedirs(a.dir, exist_ok=True)
@@ -125,10 +147,7 @@ def cmd_make_model(a):
            "vocab_size": a.vocab, "use_cache": False}
     with open(os.path.join(a.dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
-    for n in ["tokenizer.json", "tokenizer_config.json"]:
-        src = os.path.join(a.tokenizer_from, n)
-        if os.path.exists(src):
-            shutil.copy(src, os.path.join(a.dir, n))
+    write_word_tokenizer(a.dir)
     params = sum(x.numel() for x in t.values())
     print(json.dumps({"dir": a.dir, "parameters": params, "layers": a.layers, "hidden": h, "inter": i,
                       "heads": a.heads, "vocab": a.vocab, "dtype": a.dtype, "made_on": dev}))

@@ -166,7 +166,7 @@ step matmul 60 --json "$PY" "$HERE/device_check.py" matmul --device "$DEVICE" $(
 # --- 2. the 7B-shaped model ---
 M="$WORK/m7b"
 step make_model 120 --json "$PY" "$HERE/device_check.py" make-model "$M/model" --layers "$LAYERS" "${SHAPE[@]}" \
-  --dtype bfloat16 --tokenizer_from "$FIX/base-model"
+  --dtype bfloat16
 if ok make_model; then
   step make_inputs 60 "$PY" "$ROOT/scripts/bench/make_inputs.py" --model "$M/model" --data "$M/data" \
     --calib_samples "$N" --train_rows 64 --seq "$SEQ"
