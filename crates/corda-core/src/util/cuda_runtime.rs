@@ -88,20 +88,12 @@ pub fn missing_libraries_message(
     let names: Vec<String> = missing
         .iter()
         .map(|p| {
-            let tried = p
-                .tried
-                .iter()
-                .take(3)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ");
-            let more = p.tried.len().saturating_sub(3);
-            let more = if more > 0 {
-                format!(" and {more} more")
-            } else {
-                String::new()
-            };
-            format!("{} (tried {tried}{more})", p.what)
+            format!(
+                "{} (lib{}.so*, {} names tried)",
+                p.what,
+                p.name,
+                p.tried.len()
+            )
         })
         .collect();
     msg.push_str(&format!("could not load {}. ", names.join("; ")));
@@ -177,10 +169,7 @@ mod tests {
     fn missing_driver_says_install_driver_or_use_cpu() {
         let p = vec![probe("cuda", false), probe("cublas", false)];
         let m = missing_libraries_message(&p, None).unwrap();
-        assert!(
-            m.contains("lib cuda (tried libcuda.so, libcuda.so.13, libcuda.so.12 and 1 more)"),
-            "{m}"
-        );
+        assert!(m.contains("lib cuda (libcuda.so*, 4 names tried)"), "{m}");
         assert!(m.contains("lib cublas"), "{m}");
         assert!(m.contains("install the driver"), "{m}");
         assert!(m.contains("--device cpu"), "{m}");
