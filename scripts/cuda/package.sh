@@ -6,13 +6,16 @@
 #
 # Usage: scripts/cuda/package.sh [OUT]        (default dist/cuda; run scripts/cuda/build.sh first)
 #   BIN=dir     where the CUDA binaries are (default: cargo's target dir /release)
-#   WHEELS=0    leave the wheels out
+#   BINARIES="corda-preprocess corda-finetune"   (the default: what runs on a GPU; corda-convert
+#               is 8.5 MiB more packed and works from the CPU build, add it with WHEELS=0 to stay
+#               within the limit)
+#   WHEELS=0    leave the wheels out (they are for device_check.sh's PEFT runs)
 # On the GPU machine: dist/cuda/unpack.sh DIR puts the runnable binaries in DIR.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT="${1:-$ROOT/dist/cuda}"
 BIN="${BIN:-$("$ROOT/scripts/target-dir.sh")/release}"
-NAMES=(corda-preprocess corda-finetune corda-convert)
+read -r -a NAMES <<<"${BINARIES:-corda-preprocess corda-finetune}"
 LIMIT_MIB=60
 
 for n in "${NAMES[@]}"; do
