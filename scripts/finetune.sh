@@ -6,7 +6,8 @@
 #
 # Variables: RESIDUAL (the corda-preprocess output: residual model + corda_init/), OUTPUT_DIR
 # (checkpoints, trainer_state.json, loss curve; final adapter in OUTPUT_DIR/ft), DATA (hub id in
-# the local cache or a local file), SPLIT, FIELDS (query and response columns), BIN. Extra
+# the local cache or a local file), SPLIT, FIELDS (query and response columns), DEVICE (cuda by
+# default, as the recipe is a GPU run; with DEVICE=cpu --tf32 is left out), BIN. Extra
 # arguments go to corda-finetune and override the recipe (e.g. --max_steps 10).
 # Same run: configs/llama2-7b-finetune-metamath.yaml.
 set -euo pipefail
@@ -18,6 +19,9 @@ DATA="${DATA:-meta-math/MetaMathQA}"
 SPLIT="${SPLIT:-train[:100000]}"
 FIELDS="${FIELDS:-query response}"
 read -r -a FIELD_ARGS <<<"$FIELDS"
+DEVICE="${DEVICE:-cuda}"
+TF32=(--tf32 True)
+[[ "$DEVICE" == cpu ]] && TF32=()
 
 exec "$BIN/corda-finetune" \
   --model_name_or_path "$RESIDUAL" \
@@ -38,6 +42,7 @@ exec "$BIN/corda-finetune" \
   --lr_scheduler_type cosine \
   --logging_steps 1 \
   --bf16 True \
-  --tf32 True \
+  "${TF32[@]}" \
+  --device "$DEVICE" \
   --report_to none \
   "$@"

@@ -17,6 +17,7 @@ corda-preprocess, and prints one JSON object:
   save_seconds            save_pretrained of the residual model and the adapter (with --save_dir)
   total_seconds           preprocess_corda + get_peft_model (+ save when asked)
   peak_rss_bytes          getrusage ru_maxrss at the end (the process's high-water mark)
+  peak_gpu_bytes          torch.cuda.max_memory_allocated (with --device cuda)
 
 Calibration runs one sample per forward pass, as PEFT's hook requires (it squeezes dim 0).
 """
@@ -46,6 +47,8 @@ def main() -> None:
     ap.add_argument("--save_dir", default=None, help="also save the residual model + adapter here")
     ap.add_argument("--skip_forward_only", action="store_true", help="do not time a hook-free forward pass")
     ap.add_argument("--out", default=None, help="write the JSON here too")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU device check)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a = ap.parse_args()
 
     t_import = time.perf_counter()
@@ -74,17 +77,26 @@ def main() -> None:
     res["first_ids"] = samples[0][:8]
 
     t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype)).to(a.device)
     model.eval()
+    cuda = a.device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    sync()
     res["load_seconds"] = time.perf_counter() - t
     res["rss_after_load_bytes"] = rss_bytes()
+    res["device"], res["dtype"] = a.device, a.dtype
 
-    inputs = [torch.tensor([s], dtype=torch.long) for s in samples]
+    inputs = [torch.tensor([s], dtype=torch.long, device=a.device) for s in samples]
 
     @torch.no_grad()
     def run_model():
         for ids in inputs:
             model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        sync()
 
     if not a.skip_forward_only:
         with torch.no_grad():  # one warm-up sample (first-call allocations), then the timed pass
@@ -143,6 +155,8 @@ def main() -> None:
     if "forward_only_seconds" in res:
         res["covariance_seconds"] = res["calibration_seconds"] - res["forward_only_seconds"]
     res["peak_rss_bytes"] = rss_bytes()
+    if cuda:
+        res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     s = json.dumps(res, indent=1)
     print(s)
     if a.out:

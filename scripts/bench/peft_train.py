@@ -42,6 +42,9 @@ def main() -> None:
     ap.add_argument("--gradient_checkpointing", action="store_true",
                     help="transformers' per-decoder-layer activation checkpointing (use_reentrant=False)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU device check)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the frozen base weights (bfloat16 = the Trainer's --bf16 with a bf16 model)")
     a = ap.parse_args()
 
     import torch
@@ -71,14 +74,25 @@ def main() -> None:
         ids_list += ids_list
         labels_list += labels_list
 
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype)).to(a.device)
     if a.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     res["gradient_checkpointing"] = a.gradient_checkpointing
+    cuda = a.device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    res["device"], res["dtype"] = a.device, a.dtype
     config = LoraConfig(r=a.r, lora_alpha=a.r, lora_dropout=0.0, bias="none", init_lora_weights=True,
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
+    # LoRA factors (and so AdamW's state) in float32, as corda-finetune keeps them.
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     res["trainable_parameters"] = sum(p.numel() for p in params)
@@ -88,16 +102,21 @@ def main() -> None:
     step_s, fwd_s, bwd_s, opt_s, losses = [], [], [], [], []
     for step in range(a.warmup + a.steps):
         lo = step * a.batch
-        input_ids = torch.tensor(ids_list[lo: lo + a.batch])
-        labels = torch.tensor(labels_list[lo: lo + a.batch])
+        input_ids = torch.tensor(ids_list[lo: lo + a.batch], device=a.device)
+        labels = torch.tensor(labels_list[lo: lo + a.batch], device=a.device)
+        sync()
         t0 = time.perf_counter()
-        out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
+        with torch.autocast(a.device.split(":")[0], dtype=torch.bfloat16, enabled=a.dtype == "bfloat16"):
+            out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
+        sync()
         t1 = time.perf_counter()
         out.loss.backward()
+        sync()
         t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         t3 = time.perf_counter()
         losses.append(out.loss.item())
         if step >= a.warmup:
@@ -115,6 +134,8 @@ def main() -> None:
         "optimizer_seconds": statistics.median(opt_s), "losses": losses,
         "peak_rss_bytes": rss_bytes(),
     })
+    if cuda:
+        res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     s = json.dumps(res, indent=1)
     print(s)
     if a.out:

@@ -169,14 +169,16 @@ pub fn parse_device(s: &str) -> Result<candle_core::Device> {
             .strip_prefix("cuda:")
             .and_then(|n| n.parse::<usize>().ok()),
     };
-    match ordinal {
-        Some(n) if candle_core::utils::cuda_is_available() => candle_core::Device::new_cuda(n)
-            .map_err(|e| anyhow::anyhow!("cannot open CUDA device {n}: {e}")),
-        Some(_) => bail!(
-            "this build has no CUDA support; rebuild with `cargo build --release --features cuda` or use --device cpu"
-        ),
-        None => bail!("unknown device `{s}`; use cpu, cuda or cuda:N"),
-    }
+    let Some(n) = ordinal else {
+        bail!("unknown device `{s}`; use cpu, cuda or cuda:N")
+    };
+    // A missing driver or library would otherwise be a panic inside cudarc.
+    corda_core::util::cuda_runtime::check_cuda_libraries()?;
+    candle_core::Device::new_cuda(n).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open CUDA device {n}: {e}; check that `nvidia-smi` lists it (and CUDA_VISIBLE_DEVICES), that the driver supports CUDA 13.0 (driver 580 or newer), or use --device cpu"
+        )
+    })
 }
 
 #[cfg(test)]
@@ -256,5 +258,15 @@ mod tests {
         assert!(positive_count("0").unwrap_err().contains("at least 1"));
         assert!(parse_device("cpu").is_ok());
         assert!(parse_device("tpu").is_err());
+    }
+
+    #[test]
+    fn cuda_without_a_usable_runtime_is_a_clear_error() {
+        // Holds on any machine without a GPU driver, with or without the cuda feature.
+        if std::path::Path::new("/dev/nvidiactl").exists() {
+            return;
+        }
+        let e = format!("{:#}", parse_device("cuda:1").unwrap_err());
+        assert!(e.contains("--device cpu"), "{e}");
     }
 }

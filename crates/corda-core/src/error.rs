@@ -62,6 +62,9 @@ pub enum CordaError {
     /// Invalid arguments or options.
     #[error("{0}")]
     Invalid(String),
+    /// A compute device that cannot be opened (driver or libraries missing), with advice.
+    #[error("{0}")]
+    Device(String),
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -35,7 +35,8 @@ and `--flag false`. Flag names use underscores like the reference; kebab-case al
 --data_path meta-math/MetaMathQA --dataset_split \"train[:100000]\" --dataset_field query response \\\n    \
 --num_train_epochs 1 --per_device_train_batch_size 1 --gradient_accumulation_steps 32 \\\n    \
 --save_strategy steps --save_steps 100 --save_total_limit 1 --learning_rate 2e-5 --weight_decay 0. \\\n    \
---warmup_ratio 0.03 --lr_scheduler_type cosine --logging_steps 1 --bf16 True --tf32 True --report_to none"
+--warmup_ratio 0.03 --lr_scheduler_type cosine --logging_steps 1 --bf16 True --tf32 True --report_to none \\\n    \
+--device cuda"
 )]
 struct Args {
     /// YAML or TOML file whose keys are flag names (e.g. `bf16: true`,
@@ -88,7 +89,7 @@ struct Args {
     bf16: bool,
 
     /// Let float32 matmuls on CUDA use TF32 tensor cores (candle's reduced-precision switch).
-    /// No effect on CPU, where there are no TF32 matmuls.
+    /// Refused with --device cpu, where there are no TF32 matmuls.
     #[arg(long, help_heading = "Model")]
     tf32: bool,
 
@@ -420,10 +421,11 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let device = parse_device(&args.device).context("--device")?;
-    candle_core::cuda::set_gemm_reduced_precision_f32(args.tf32);
     if args.tf32 && device.is_cpu() {
-        tracing::info!("--tf32 has no effect on CPU (TF32 matmuls exist only on NVIDIA GPUs)");
+        // Like the Trainer, which refuses tf32 without a GPU that has it.
+        bail!("--tf32 True needs a CUDA device (TF32 tensor cores exist only on NVIDIA GPUs); drop --tf32 on the CPU or pass --device cuda");
     }
+    candle_core::cuda::set_gemm_reduced_precision_f32(args.tf32);
     let spec = finetune_spec(&args, device)?;
     spec.check().with_context(|| {
         if args.corda_mode {

@@ -106,8 +106,6 @@ fn corda_run_writes_adapter_state_curve_and_checkpoint() {
             "--corda_mode",
             "True",
             "--bf16",
-            "--tf32",
-            "True",
             "--report_to",
             "none",
             "--lr_scheduler_type",
@@ -283,6 +281,10 @@ fn bad_input_fails_before_training() {
         (
             base_args(m, f, &d, &["--model_max_length", "20"]),
             "model_max_length",
+        ),
+        (
+            base_args(m, f, &d, &["--tf32", "True", "--device", "cpu"]),
+            "--tf32 True needs a CUDA device",
         ),
         (
             base_args(m, f, &d, &["--learning_rate", "-1"]),

@@ -124,10 +124,13 @@ impl HiddenStates {
         precision: CovariancePrecision,
         device: &Device,
     ) -> Result<(BTreeMap<InputSite, Mat<f32>>, LayerProbe)> {
-        let mut accs: BTreeMap<InputSite, CovarianceAccumulator> = sites
-            .iter()
-            .map(|(&site, &d_in)| (site, CovarianceAccumulator::new(d_in, precision)))
-            .collect();
+        let mut accs = BTreeMap::new();
+        for (&site, &d_in) in sites {
+            accs.insert(
+                site,
+                CovarianceAccumulator::for_device(d_in, precision, device)?,
+            );
+        }
         let mut probe = None;
         for batch in self.batches.iter_mut() {
             let context = batch.context(cfg, device)?;

@@ -458,7 +458,11 @@ fn spectrum(
     faer::linalg::matmul::matmul(r1.as_mut(), Accum::Add, wc, v, 1.0, par);
     let mut r2 = Mat::from_fn(v.nrows(), r, |i, j| -v[(i, j)] * s_all[start + j]);
     faer::linalg::matmul::matmul(r2.as_mut(), Accum::Add, wc.transpose(), u, 1.0, par);
-    let residual = r1.norm_l2().hypot(r2.norm_l2());
+    // √(a² + b²) written out: f64::hypot binds to glibc 2.35's `hypot`, and the binaries are
+    // meant to run on glibc 2.34 (GPU machines; see scripts/cuda/package.sh). Norms of finite
+    // residuals are far from overflowing when squared.
+    let (n1, n2) = (r1.norm_l2(), r2.norm_l2());
+    let residual = (n1 * n1 + n2 * n2).sqrt();
     let (error_estimate, sensitivity) = match gap_at_cut {
         Some(_) if gap_abs > 0.0 => (
             residual / gap_abs,

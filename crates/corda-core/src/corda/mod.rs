@@ -13,6 +13,7 @@
 
 pub mod calibration;
 pub mod covariance;
+mod covariance_tensor;
 pub mod decompose;
 pub mod files;
 pub mod init;

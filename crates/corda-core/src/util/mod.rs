@@ -1,9 +1,10 @@
 //! Small shared pieces: atomic output directories, output locks and interrupts, phase reports,
-//! progress bars, SVG charts.
+//! progress bars, SVG charts, the CUDA library probe.
 
 pub mod alloc;
 pub mod atomic;
 pub mod contain;
+pub mod cuda_runtime;
 pub mod plot;
 pub mod process;
 pub mod report;
