@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -31,6 +32,48 @@ pub fn llama_chat_template(instruction: &str, response: &str) -> Result<Template
         .unwrap_or((LLAMA_CHAT_TEMPLATE, ""));
     let (middle, tail) = rest.split_once("{response}").unwrap_or((rest, ""));
     Template::parse(&format!("{head}{instruction}{middle}{response}{tail}"))
+}
+
+/// An entry of a built-in TOML table of datasets (`[datasets.NAME]`), known by its table name
+/// and its aliases: the calibration registry and the evaluation datasets share this shape.
+pub(crate) trait NamedEntry {
+    fn name(&self) -> &str;
+    fn aliases(&self) -> &[String];
+    fn set_name(&mut self, name: &str);
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamedTables<E> {
+    datasets: BTreeMap<String, E>,
+}
+
+/// The `[datasets.NAME]` tables of `text`, each entry told its table name.
+pub(crate) fn parse_named<E: NamedEntry + DeserializeOwned>(
+    text: &str,
+) -> std::result::Result<BTreeMap<String, E>, toml::de::Error> {
+    let file: NamedTables<E> = toml::from_str(text)?;
+    Ok(file
+        .datasets
+        .into_iter()
+        .map(|(name, mut e)| {
+            e.set_name(&name);
+            (name, e)
+        })
+        .collect())
+}
+
+/// The entry called `name` or having it as an alias; exact match first, then ignoring case.
+pub(crate) fn find_named<'a, E: NamedEntry + 'a>(
+    entries: impl Iterator<Item = &'a E> + Clone,
+    name: &str,
+) -> Option<&'a E> {
+    let matches = |eq: &dyn Fn(&str) -> bool| {
+        entries
+            .clone()
+            .find(|e| eq(e.name()) || e.aliases().iter().any(|a| eq(a)))
+    };
+    matches(&|n| n == name).or_else(|| matches(&|n| n.eq_ignore_ascii_case(name)))
 }
 
 /// One calibration dataset.
@@ -59,6 +102,18 @@ pub struct RegistryEntry {
     /// Columns that must be empty or absent for a row to be kept.
     #[serde(default)]
     pub require_empty: Vec<String>,
+}
+
+impl NamedEntry for RegistryEntry {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn aliases(&self) -> &[String] {
+        &self.aliases
+    }
+    fn set_name(&mut self, name: &str) {
+        self.name = name.to_string();
+    }
 }
 
 impl RegistryEntry {
@@ -150,27 +205,18 @@ pub struct Registry {
     entries: BTreeMap<String, RegistryEntry>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegistryFile {
-    datasets: BTreeMap<String, RegistryEntry>,
-}
-
 impl Registry {
     /// Parses and checks a registry in the `configs/datasets.toml` format.
     pub fn parse(text: &str) -> Result<Self> {
-        let file: RegistryFile = toml::from_str(text).map_err(|e| {
+        let entries: BTreeMap<String, RegistryEntry> = parse_named(text).map_err(|e| {
             CordaError::Data(format!(
                 "invalid dataset registry: {e}; fix configs/datasets.toml"
             ))
         })?;
-        let mut entries = BTreeMap::new();
-        for (name, mut entry) in file.datasets {
-            entry.name.clone_from(&name);
+        for (name, entry) in &entries {
             entry
                 .validate()
                 .map_err(|e| CordaError::Data(format!("dataset registry entry `{name}`: {e}")))?;
-            entries.insert(name, entry);
         }
         Ok(Registry { entries })
     }
@@ -187,20 +233,13 @@ impl Registry {
     /// The entry called `name` or having it as an alias; exact match first, then ignoring
     /// case. An unknown name is an error listing the known ones.
     pub fn get(&self, name: &str) -> Result<&RegistryEntry> {
-        let matches = |eq: &dyn Fn(&str) -> bool| {
-            self.entries
-                .values()
-                .find(|e| eq(&e.name) || e.aliases.iter().any(|a| eq(a)))
-        };
-        matches(&|n| n == name)
-            .or_else(|| matches(&|n| n.eq_ignore_ascii_case(name)))
-            .ok_or_else(|| {
-                CordaError::Data(format!(
-                    "unknown calibration dataset `{name}`; known datasets: {} (or pass a local \
+        find_named(self.entries.values(), name).ok_or_else(|| {
+            CordaError::Data(format!(
+                "unknown calibration dataset `{name}`; known datasets: {} (or pass a local \
                      file or a hub dataset id with a template)",
-                    self.names().join(", ")
-                ))
-            })
+                self.names().join(", ")
+            ))
+        })
     }
 
     /// The entry names, sorted.

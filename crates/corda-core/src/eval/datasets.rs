@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::prompts::Shot;
+use crate::data::registry::{find_named, parse_named, NamedEntry};
 use crate::data::{FieldPath, RowSource, Split, Template};
 use crate::hub::Hub;
 use crate::{CordaError, Result};
@@ -38,10 +39,16 @@ pub struct EvalDatasetEntry {
     pub fewshot_split: Option<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EvalDatasetFile {
-    datasets: BTreeMap<String, EvalDatasetEntry>,
+impl NamedEntry for EvalDatasetEntry {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn aliases(&self) -> &[String] {
+        &self.aliases
+    }
+    fn set_name(&mut self, name: &str) {
+        self.name = name.to_string();
+    }
 }
 
 fn builtin() -> Result<&'static BTreeMap<String, EvalDatasetEntry>> {
@@ -49,30 +56,17 @@ fn builtin() -> Result<&'static BTreeMap<String, EvalDatasetEntry>> {
         OnceLock::new();
     BUILTIN
         .get_or_init(|| {
-            let file: EvalDatasetFile = toml::from_str(EVAL_DATASETS_TOML)
-                .map_err(|e| format!("invalid configs/eval_datasets.toml: {e}"))?;
-            Ok(file
-                .datasets
-                .into_iter()
-                .map(|(name, mut e)| {
-                    e.name.clone_from(&name);
-                    (name, e)
-                })
-                .collect())
+            parse_named(EVAL_DATASETS_TOML)
+                .map_err(|e| format!("invalid configs/eval_datasets.toml: {e}"))
         })
         .as_ref()
         .map_err(|e| CordaError::Data(e.clone()))
 }
 
-/// The built-in entry called `name` (or aliased so, ignoring case), if any.
+/// The built-in entry called `name` (or aliased so; exact match first, then ignoring case), if
+/// any.
 pub fn lookup(name: &str) -> Result<Option<EvalDatasetEntry>> {
-    Ok(builtin()?
-        .values()
-        .find(|e| {
-            e.name.eq_ignore_ascii_case(name)
-                || e.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
-        })
-        .cloned())
+    Ok(find_named(builtin()?.values(), name).cloned())
 }
 
 /// The built-in dataset names.
