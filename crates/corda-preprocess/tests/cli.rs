@@ -422,17 +422,19 @@ fn peak_rss_for_layers(root: &Path, layers: usize) -> u64 {
 #[test]
 fn peak_memory_does_not_grow_with_depth() {
     let tmp = tempfile::tempdir().unwrap();
-    let shallow = peak_rss_for_layers(tmp.path(), 2);
-    let deep = peak_rss_for_layers(tmp.path(), 8);
+    let shallow = peak_rss_for_layers(tmp.path(), 3);
+    let deep = peak_rss_for_layers(tmp.path(), 12);
     // One layer of this model is 11.5 MB of float32 weights: holding the whole model (or every
-    // covariance) would add at least 6 layers' worth. Layer by layer it stays flat; the
-    // decomposition of layer l overlaps the calibration of layer l + 1, so one more layer is
-    // in flight at a moment that depends on thread timing, and the peak of 7 overlaps can sit
-    // up to about one layer above the peak of 1: two layers' worth is the bound.
+    // covariance) would add at least 9 layers' worth from 3 to 12 layers. Layer by layer it
+    // stays flat, but not to the byte: the decomposition of layer l overlaps the calibration of
+    // layer l + 1 and its modules' float64 work runs one task per core, so how much is live at
+    // the peak depends on thread timing (a deeper run has more chances to meet the worst
+    // alignment; CI measured 2.2 layers' worth from 2 to 8 layers once under load). Three
+    // layers' worth is the bound: a third of what holding the model would cost.
     let layer_bytes = 4 * (4 * 512 * 512 + 3 * 512 * 1408) as u64;
     assert!(
-        deep < shallow + 2 * layer_bytes,
-        "peak RSS grew from {shallow} (2 layers) to {deep} (8 layers); one layer is {layer_bytes} bytes"
+        deep < shallow + 3 * layer_bytes,
+        "peak RSS grew from {shallow} (3 layers) to {deep} (12 layers); one layer is {layer_bytes} bytes"
     );
 }
 
