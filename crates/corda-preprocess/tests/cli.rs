@@ -432,6 +432,10 @@ fn peak_memory_does_not_grow_with_depth() {
     // alignment; CI measured 2.2 layers' worth from 2 to 8 layers once under load). Three
     // layers' worth is the bound: a third of what holding the model would cost.
     let layer_bytes = 4 * (4 * 512 * 512 + 3 * 512 * 1408) as u64;
+    eprintln!(
+        "peak RSS: {shallow} (3 layers), {deep} (12 layers): {:.2} layers' worth of growth",
+        (deep as f64 - shallow as f64) / layer_bytes as f64
+    );
     assert!(
         deep < shallow + 3 * layer_bytes,
         "peak RSS grew from {shallow} (3 layers) to {deep} (12 layers); one layer is {layer_bytes} bytes"
