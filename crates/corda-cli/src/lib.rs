@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod flags;
+pub mod hub;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ pub use flags::{
     hf_booleans, key_alpha, key_rank, key_value, normalize_flag_names, parse_bool, parse_device,
     parse_size, positive_count, positive_number,
 };
+pub use hub::HubArgs;
 
 /// Log to stderr at `default_level` unless `RUST_LOG` says otherwise; colours only on a terminal.
 pub fn init_logging(default_level: &str) {

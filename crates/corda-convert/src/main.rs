@@ -10,7 +10,6 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use corda_core::adapter::{self, Adapter};
-use corda_core::hub::Hub;
 use corda_core::model::{resolve_model, TokenizerInfo};
 use corda_core::util::progress_bar;
 
@@ -73,19 +72,8 @@ struct Cli {
     #[arg(long = "base_model", value_name = "MODEL", help_heading = "Merge")]
     base_model: Option<String>,
 
-    /// Hub revision of --base_model: a branch, tag or commit sha.
-    #[arg(
-        long,
-        value_name = "REV",
-        default_value = "main",
-        help_heading = "Merge"
-    )]
-    revision: String,
-
-    /// Hugging Face token for gated or private repos [default: HF_TOKEN, else the token file of
-    /// `huggingface-cli login`].
-    #[arg(long, value_name = "TOKEN", help_heading = "Merge")]
-    token: Option<String>,
+    #[command(flatten, next_help_heading = "Merge")]
+    hub: corda_cli::HubArgs,
 
     /// Where --merge writes the merged model.
     #[arg(long = "merged_path", value_name = "DIR", help_heading = "Merge")]
@@ -178,13 +166,10 @@ fn run(cli: &Cli) -> Result<()> {
     let base_dir = cli
         .base_model
         .as_deref()
-        .map(|id| {
-            let hub = Hub::from_env().with_token(cli.token.clone());
-            resolve_model(id, &cli.revision, &hub)
-        })
+        .map(|id| resolve_model(id, &cli.hub.revision, &cli.hub.hub()))
         .transpose()
         .context("resolving --base_model")?;
-    if cli.base_model.is_none() && (cli.revision != "main" || cli.token.is_some()) {
+    if cli.base_model.is_none() && cli.hub.is_set() {
         bail!("--revision and --token are for fetching --base_model from the hub; pass --base_model too");
     }
     let inputs = [cli.initial_adapter.as_path(), cli.trained_adapter.as_path()];

@@ -9,9 +9,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::Parser;
-use corda_cli::{parse_device, positive_count};
+use corda_cli::{parse_device, positive_count, HubArgs};
 use corda_core::eval::{subjects, EvalResults, EvalSource, EvalSpec, Task};
-use corda_core::hub::Hub;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,14 +44,8 @@ struct Args {
     #[arg(long = "model_name_or_path", help_heading = "Model")]
     model_name_or_path: String,
 
-    /// Hub revision of hub model ids: a branch, tag or commit sha.
-    #[arg(long, default_value = "main", help_heading = "Model")]
-    revision: String,
-
-    /// Hugging Face token for gated or private repos [default: HF_TOKEN, else the token file of
-    /// `huggingface-cli login`].
-    #[arg(long, value_name = "TOKEN", help_heading = "Model")]
-    token: Option<String>,
+    #[command(flatten, next_help_heading = "Model")]
+    hub: HubArgs,
 
     /// A PEFT adapter directory to evaluate on the model (repeatable: each is evaluated on its
     /// own, on the same prompts).
@@ -157,7 +150,7 @@ fn main() -> ExitCode {
 
 fn spec(a: &Args) -> Result<EvalSpec> {
     let task: Task = a.task.parse().context("--task")?;
-    let hub = Hub::from_env().with_token(a.token.clone());
+    let hub = a.hub.hub();
     let dataset = match (&a.dataset, task.default_dataset()) {
         (Some(d), _) => d.clone(),
         (None, Some(d)) => d.to_string(),
@@ -198,7 +191,7 @@ fn spec(a: &Args) -> Result<EvalSpec> {
             a.eval_base,
             &a.compare_model,
         ),
-        revision: a.revision.clone(),
+        revision: a.hub.revision.clone(),
         hub,
         tokenizer: a.tokenizer_name_or_path.clone(),
         task,

@@ -9,9 +9,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Parser;
-use corda_cli::parse_device;
+use corda_cli::{parse_device, HubArgs};
 use corda_core::data::Split;
-use corda_core::hub::Hub;
 use corda_core::layout::{checkpoint_step, FINAL_ADAPTER_DIR, LOSS_CURVE_FILE, TRAINER_STATE_FILE};
 use corda_core::train::{
     defaults, resolve_resume, AdapterChoice, FineTuneSpec, LossNormalization, OptimizerName,
@@ -52,14 +51,8 @@ struct Args {
     #[arg(long = "model_name_or_path", help_heading = "Model")]
     model_name_or_path: String,
 
-    /// Hub revision of --model_name_or_path: a branch, tag or commit sha.
-    #[arg(long, default_value = "main", help_heading = "Model")]
-    revision: String,
-
-    /// Hugging Face token for gated or private repos [default: HF_TOKEN, else the token file of
-    /// `huggingface-cli login`].
-    #[arg(long, value_name = "TOKEN", help_heading = "Model")]
-    token: Option<String>,
+    #[command(flatten, next_help_heading = "Model")]
+    hub: HubArgs,
 
     /// Train the CorDA adapter in <model_name_or_path>/corda_init. With false, train a fresh
     /// plain LoRA of rank --lora_r on the unmodified model (the paper's baseline).
@@ -344,10 +337,8 @@ fn finetune_spec(a: &Args, device: Device) -> Result<FineTuneSpec> {
     };
     Ok(FineTuneSpec {
         model_name_or_path: a.model_name_or_path.clone(),
-        revision: a.revision.clone(),
-        hub: Hub::from_env()
-            .with_token(a.token.clone())
-            .with_progress(!a.disable_tqdm),
+        revision: a.hub.revision.clone(),
+        hub: a.hub.hub().with_progress(!a.disable_tqdm),
         adapter,
         tokenizer_name_or_path: a.tokenizer_name_or_path.clone(),
         data_path: a.data_path.clone(),

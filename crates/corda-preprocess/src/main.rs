@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use corda_cli::{key_alpha, key_rank, parse_device, parse_size, positive_count, positive_number};
+use corda_cli::{
+    key_alpha, key_rank, parse_device, parse_size, positive_count, positive_number, HubArgs,
+};
 use corda_core::adapter::Adapter;
 use corda_core::corda::{
     preprocess, CordaMode, CovariancePrecision, InitMethod, PreprocessOptions, PreprocessReport,
@@ -39,12 +41,8 @@ struct Args {
         help_heading = "Input"
     )]
     model_id: String,
-    /// Hub revision of --model_id: a branch, tag or commit sha.
-    #[arg(long, default_value = "main", help_heading = "Input")]
-    revision: String,
-    /// Hugging Face token for gated or private repos [default: HF_TOKEN, else the token file of `huggingface-cli login`].
-    #[arg(long, value_name = "TOKEN", help_heading = "Input")]
-    token: Option<String>,
+    #[command(flatten, next_help_heading = "Input")]
+    hub: HubArgs,
     /// Storage and output dtype: auto (the model's), float32, float16, bfloat16.
     #[arg(long, default_value = "auto", help_heading = "Input")]
     dtype: String,
@@ -369,10 +367,8 @@ fn run(args: Args) -> Result<()> {
             );
         }
     }
-    let hub = Hub::from_env()
-        .with_token(args.token.clone())
-        .with_progress(!args.quiet);
-    let model_dir = resolve_model(&args.model_id, &args.revision, &hub)?;
+    let hub = args.hub.hub().with_progress(!args.quiet);
+    let model_dir = resolve_model(&args.model_id, &args.hub.revision, &hub)?;
     let device = parse_device(&args.device).context("--device")?;
     let ppl_ids = verify_ppl_ids(&args, &model_dir, &hub)?;
     let dtype = match args.dtype.as_str() {
