@@ -101,22 +101,16 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn widened_product_is_the_bf16_product_within_summation_order() {
-        let (m, k, n) = (13, 160, 24);
-        let dev = Device::Cpu;
-        let x = Tensor::from_vec(values(m * k, 1), (m, k), &dev).unwrap();
-        let w = Tensor::from_vec(values(n * k, 2), (n, k), &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+    /// The widened product and candle's bfloat16 product of `x` (m, k) and the bfloat16 `w`
+    /// (n, k) are bfloat16 values within a bfloat16 rounding of the float64 truth.
+    fn check_against_truth(x: &Tensor, w: &Tensor) {
         let bf16 = TargetLinear::new("model.layers.0.mlp.up_proj".into(), w.clone(), None);
         let wide = bf16.widened().unwrap();
         assert_eq!(wide.weight.dtype(), DType::F32);
         assert_eq!(wide.widened_from, Some(DType::BF16));
-        let got = wide.forward(&x).unwrap().to_vec2::<f32>().unwrap();
-        let old = bf16.forward(&x).unwrap().to_vec2::<f32>().unwrap();
-        // float64 truth of the rounded operands, then rounded to bfloat16.
+        let got = wide.forward(x).unwrap().to_vec2::<f32>().unwrap();
+        let old = bf16.forward(x).unwrap().to_vec2::<f32>().unwrap();
+        // float64 truth of the rounded operands.
         let xr = x
             .to_dtype(DType::BF16)
             .unwrap()
@@ -124,12 +118,11 @@ mod tests {
             .unwrap();
         let xr = xr.to_vec2::<f32>().unwrap();
         let wr = w.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
-        for i in 0..m {
-            for j in 0..n {
-                let exact: f64 = (0..k).map(|c| xr[i][c] as f64 * wr[j][c] as f64).sum();
-                let abs: f64 = (0..k)
-                    .map(|c| (xr[i][c] as f64 * wr[j][c] as f64).abs())
-                    .sum();
+        let k = wr[0].len();
+        for (i, xi) in xr.iter().enumerate() {
+            for (j, wj) in wr.iter().enumerate() {
+                let exact: f64 = (0..k).map(|c| xi[c] as f64 * wj[c] as f64).sum();
+                let abs: f64 = (0..k).map(|c| (xi[c] as f64 * wj[c] as f64).abs()).sum();
                 // Rounding to bfloat16 (half an ulp, 2^-8 relative) of a float32 sum.
                 let tol = exact.abs() * 2f64.powi(-8) + 2.0 * k as f64 * 2f64.powi(-24) * abs;
                 for (name, v) in [("widened", got[i][j]), ("candle bf16", old[i][j])] {
@@ -140,6 +133,36 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn widened_product_is_the_bf16_product_within_summation_order() {
+        let (m, k, n) = (13, 160, 24);
+        let dev = Device::Cpu;
+        let x = Tensor::from_vec(values(m * k, 1), (m, k), &dev).unwrap();
+        let w = Tensor::from_vec(values(n * k, 2), (n, k), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        check_against_truth(&x, &w);
+    }
+
+    /// The same on real weights (SmolLM2-135M layer 11, ../shared/fixtures/real-layer).
+    #[test]
+    fn widened_product_on_real_weights() {
+        let Some(path) = corda_testdata::shared(
+            "fixtures/real-layer/smollm2-layer11.safetensors",
+            "the widened bfloat16 product on real weights",
+        ) else {
+            return;
+        };
+        let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+        for name in ["q_proj.weight", "down_proj.weight"] {
+            let w = t[name].to_dtype(DType::BF16).unwrap();
+            let k = w.dim(1).unwrap();
+            let x = Tensor::from_vec(values(5 * k, 4), (5, k), &Device::Cpu).unwrap();
+            check_against_truth(&x, &w);
         }
     }
 
