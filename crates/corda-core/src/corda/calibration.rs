@@ -124,6 +124,8 @@ impl HiddenStates {
         precision: CovariancePrecision,
         device: &Device,
     ) -> Result<(BTreeMap<InputSite, Mat<f32>>, LayerProbe)> {
+        // bfloat16 weights as float32 for this layer's products (model::widened).
+        let layer = &layer.widened()?;
         let mut accs = BTreeMap::new();
         for (&site, &d_in) in sites {
             accs.insert(
@@ -155,5 +157,113 @@ impl HiddenStates {
             covs.insert(*site, acc.finish(&site_label(layer.index, *site))?);
         }
         Ok((covs, probe))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::InputSite;
+
+    fn fixture() -> (ModelConfig, Weights) {
+        let dir = corda_testdata::peft_tiny_llama().join("base-model");
+        (
+            ModelConfig::from_dir(&dir).unwrap(),
+            Weights::open(&dir).unwrap(),
+        )
+    }
+
+    /// Right-padded batches of deterministic token ids of varied lengths.
+    fn samples(vocab: usize) -> Vec<Vec<u32>> {
+        (0..6)
+            .map(|s| {
+                (0..9 + 7 * s)
+                    .map(|i| ((i * 31 + s * 17 + 3) % vocab) as u32)
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn rel_fro(a: &Mat<f32>, b: &Mat<f32>) -> f64 {
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for j in 0..a.ncols() {
+            for i in 0..a.nrows() {
+                num += (a[(i, j)] as f64 - b[(i, j)] as f64).powi(2);
+                den += (b[(i, j)] as f64).powi(2);
+            }
+        }
+        (num / den).sqrt()
+    }
+
+    /// Two layers of bfloat16 calibration through the per-layer float32 copy against the same
+    /// computation through candle's own bfloat16 products (widening per product, the path
+    /// before the copy): the covariances and the advanced hidden states agree within bfloat16
+    /// rounding, and both are a bfloat16 computation (away from float32's by more than that).
+    #[test]
+    fn bf16_calibration_matches_the_bf16_reference_within_rounding() {
+        let (cfg, w) = fixture();
+        let dev = Device::Cpu;
+        let s = samples(cfg.vocab_size);
+        let sites: BTreeMap<InputSite, usize> = InputSite::ALL
+            .iter()
+            .map(|&site| {
+                let d = match site {
+                    InputSite::MlpDown => cfg.intermediate_size,
+                    _ => cfg.hidden_size,
+                };
+                (site, d)
+            })
+            .collect();
+        let mut fast = HiddenStates::embed(&w, &cfg, &s, 4, DType::BF16, &dev).unwrap();
+        let mut reference = HiddenStates::embed(&w, &cfg, &s, 4, DType::BF16, &dev).unwrap();
+        let mut float32 = HiddenStates::embed(&w, &cfg, &s, 4, DType::F32, &dev).unwrap();
+        for l in 0..cfg.num_hidden_layers {
+            let layer = DecoderLayer::load(&w, &cfg, l, DType::BF16, &dev).unwrap();
+            assert_eq!(layer.self_attn.q_proj.weight.dtype(), DType::BF16);
+            let (covs, _) = fast
+                .advance(&layer, &cfg, &sites, CovariancePrecision::Float32, &dev)
+                .unwrap();
+            // The reference: the un-copied bfloat16 layer, the same accumulators.
+            let mut accs: BTreeMap<InputSite, CovarianceAccumulator> = sites
+                .iter()
+                .map(|(&site, &d)| {
+                    (
+                        site,
+                        CovarianceAccumulator::new(d, CovariancePrecision::Float32),
+                    )
+                })
+                .collect();
+            for batch in reference.batches.iter_mut() {
+                let ctx = batch.context(&cfg, &dev).unwrap();
+                let mut obs = SiteObserver {
+                    accs: &mut accs,
+                    lengths: &batch.lengths,
+                };
+                let input = batch.hidden.to_dtype(DType::F32).unwrap();
+                let next = layer.forward(&input, &ctx, Some(&mut obs)).unwrap();
+                batch.hidden = next.to_dtype(DType::BF16).unwrap();
+            }
+            let layer32 = DecoderLayer::load(&w, &cfg, l, DType::F32, &dev).unwrap();
+            let (covs32, _) = float32
+                .advance(&layer32, &cfg, &sites, CovariancePrecision::Float32, &dev)
+                .unwrap();
+            for (site, acc) in accs.iter_mut() {
+                let want = acc.finish("reference").unwrap();
+                let got = &covs[site];
+                let err = rel_fro(got, &want);
+                let bf16_vs_f32 = rel_fro(&want, &covs32[site]);
+                println!("layer {l} {site:?}: {err:.2e} from the reference, {bf16_vs_f32:.2e} from float32");
+                assert!(err < 5e-4, "layer {l} {site:?}: {err:e} from the reference");
+                assert!(
+                    bf16_vs_f32 > 1e-4 && bf16_vs_f32 < 3e-2,
+                    "layer {l} {site:?}: bfloat16 vs float32 {bf16_vs_f32:e}"
+                );
+            }
+            for (a, b) in fast.batches.iter().zip(&reference.batches) {
+                let diff = crate::util::tensor::max_abs_diff(&a.hidden, &b.hidden).unwrap();
+                let scale = crate::util::tensor::max_abs(&b.hidden).unwrap();
+                assert!(diff <= scale * 2e-2, "layer {l}: hidden {diff} of {scale}");
+            }
+        }
     }
 }

@@ -33,6 +33,9 @@ pub struct TargetLinear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
+    /// `Some(dtype)` when `weight` is a float32 copy of a `dtype` weight (see
+    /// [`super::widened`]): products then round as `dtype` products do.
+    pub widened_from: Option<DType>,
 }
 
 impl TargetLinear {
@@ -42,6 +45,7 @@ impl TargetLinear {
             weight,
             bias,
             lora: None,
+            widened_from: None,
         }
     }
 
@@ -62,7 +66,10 @@ impl TargetLinear {
         let d_in = *dims.last().expect("rank >= 1");
         let rows = x.elem_count() / d_in;
         let x2 = x.reshape((rows, d_in))?;
-        let mut y = super::frozen::frozen_matmul_t(&x2, &self.weight)?;
+        let mut y = match self.widened_from {
+            Some(dtype) => super::widened::rounded_matmul_t(&x2, &self.weight, dtype)?,
+            None => super::frozen::frozen_matmul_t(&x2, &self.weight)?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;
         }

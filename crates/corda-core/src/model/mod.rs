@@ -7,6 +7,7 @@
 //! - [`tokenizer`]: `tokenizer.json` with BOS/EOS/pad.
 //! - [`linear`], [`frozen`]: target linears with optional LoRA; frozen-weight matmul.
 //! - [`decoder`]: one decoder layer with observable linear inputs.
+//! - [`widened`]: a layer's bfloat16 weights as a float32 copy, for fast calibration products.
 //! - [`attn_softmax`]: the masked attention softmax as one op with its own backward.
 //! - [`causal_lm`]: the whole model.
 //! - [`kv_cache`]: keys and values kept between steps for incremental (batched) decoding.
@@ -24,6 +25,7 @@ pub mod linear;
 pub mod save;
 pub mod tokenizer;
 pub mod weights;
+pub mod widened;
 
 pub use causal_lm::{embed, load_embeddings, resolve_dtype, CausalLM, LoadOptions};
 pub use config::{dtype_name, parse_dtype, Architecture, ModelConfig, RopeScaling};
