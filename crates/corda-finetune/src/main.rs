@@ -404,6 +404,13 @@ fn claim_output_dir(dir: &Path, overwrite: bool) -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
+    // candle runs element-wise ops on its own spinning thread pool, beside rayon's (faer's
+    // products and our fused ops): on few cores the two pools spin against each other. With
+    // candle's pool off, a training step took ~40% less CPU time (perf stat task-clock, 2 cores,
+    // docs/benchmarks.md). Set before any thread starts; an explicit value is kept.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     // The first interrupt stops training after the current step with a checkpoint.
     corda_cli::handle_interrupts(corda_cli::OnInterrupt::Request);
     corda_cli::main("info", run)
