@@ -395,6 +395,13 @@ fn claim_output_dir(dir: &Path, overwrite: bool) -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
+    // candle runs element-wise ops on its own spinning thread pool, beside rayon's (faer's
+    // products and our fused ops): on few cores the two pools spin against each other. With
+    // candle's pool off, a training step took ~40% less CPU time (perf stat task-clock, 2 cores,
+    // docs/benchmarks.md). Set before any thread starts; an explicit value is kept.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     // The first interrupt stops training after the current step with a checkpoint.
     corda_cli::handle_interrupts(corda_cli::OnInterrupt::Request);
     corda_cli::main("info", run)
@@ -402,6 +409,18 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> Result<()> {
     let start = Instant::now();
+    // Every op output is a fresh buffer; glibc maps the large ones and unmaps them on free, so
+    // each step faults and zeroes them again. Keeping freed memory in the heap cut page faults
+    // 3x and CPU time 13% at the same peak RSS (+1%); not with checkpointing, whose point is
+    // memory (there it raised the peak 11%).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if !args.gradient_checkpointing {
+        // SAFETY: mallopt only changes allocator parameters (under glibc's own lock).
+        unsafe {
+            libc::mallopt(libc::M_MMAP_MAX, 0);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        }
+    }
 
     // Cheap checks first: nothing is loaded before the flags make sense.
     let config = train_config(&args)?;

@@ -1,7 +1,7 @@
 //! One decoder layer of the Llama family (Llama 2/3, Mistral, Qwen2): RMSNorm, rotary
 //! embeddings, grouped-query attention with a causal + padding mask, SwiGLU MLP.
 //!
-//! Only ops with a backward pass are used (candle's own, or ours: the masked attention softmax;
+//! Only ops with a backward pass are used (candle's own, or ours: the fused masked attention;
 //! not candle's fused rms_norm / softmax_last_dim / rope, which have none), so LoRA factors on
 //! any target receive gradients. An [`Observer`] sees the input of
 //! every target linear, which is how covariances are collected.
@@ -265,14 +265,10 @@ impl Attention {
                 .reshape((b, self.num_heads, tk, self.head_dim))?)
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
-        let scores = q.matmul(&k.t()?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let probs = super::attn_softmax::masked_softmax(&scores, &ctx.mask, scale)?;
-        let out =
-            probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, t, self.num_heads * self.head_dim))?;
+        let out = super::attention::attention(&q, &k, &v, &ctx.mask, scale)?
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?;
         if let Some(o) = obs.as_deref_mut() {
             o.observe(layer, InputSite::AttentionOutput, &out)?;
         }

@@ -66,14 +66,27 @@ impl TargetLinear {
         let d_in = *dims.last().expect("rank >= 1");
         let rows = x.elem_count() / d_in;
         let x2 = x.reshape((rows, d_in))?;
-        let mut y = match self.widened_from {
-            Some(dtype) => super::widened::rounded_matmul_t(&x2, &self.weight, dtype)?,
-            None => super::frozen::frozen_matmul_t(&x2, &self.weight)?,
+        let fused = self.lora.as_ref().filter(|_| {
+            self.widened_from.is_none()
+                && x2.device().is_cpu()
+                && x2.dtype() == DType::F32
+                && self.weight.dtype() == DType::F32
+        });
+        let mut y = match (fused, self.widened_from) {
+            (Some(l), _) => super::lora_matmul::lora_matmul_t(
+                &x2,
+                &self.weight,
+                l.a.as_tensor(),
+                l.b.as_tensor(),
+                l.scaling,
+            )?,
+            (None, Some(dtype)) => super::widened::rounded_matmul_t(&x2, &self.weight, dtype)?,
+            (None, None) => super::frozen::frozen_matmul_t(&x2, &self.weight)?,
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;
         }
-        if let Some(l) = &self.lora {
+        if let (Some(l), None) = (&self.lora, fused) {
             let xa = x2.to_dtype(DType::F32)?.matmul(&l.a.as_tensor().t()?)?;
             let delta = xa.matmul(&l.b.as_tensor().t()?)?;
             y = (y + (delta * l.scaling)?)?;

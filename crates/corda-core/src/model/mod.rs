@@ -5,15 +5,16 @@
 //! - [`weights`]: memory-mapped (sharded) safetensors or GGUF, and a streaming shard writer.
 //! - [`gguf`]: llama.cpp GGUF files as weights, config and tokenizer (dequantized on read).
 //! - [`tokenizer`]: `tokenizer.json` with BOS/EOS/pad.
-//! - [`linear`], [`frozen`]: target linears with optional LoRA; frozen-weight matmul.
+//! - [`linear`], [`frozen`], [`lora_matmul`]: target linears with optional LoRA; frozen-weight
+//!   matmul; the frozen product and its LoRA branch as one op.
 //! - [`decoder`]: one decoder layer with observable linear inputs.
 //! - [`widened`]: a layer's bfloat16 weights as a float32 copy, for fast calibration products.
-//! - [`attn_softmax`]: the masked attention softmax as one op with its own backward.
+//! - [`attention`]: masked attention as one op with its own backward (no seq × seq tensors kept).
 //! - [`causal_lm`]: the whole model.
 //! - [`kv_cache`]: keys and values kept between steps for incremental (batched) decoding.
 //! - [`save`]: writing a model directory.
 
-pub mod attn_softmax;
+pub mod attention;
 pub mod causal_lm;
 pub mod config;
 pub mod decoder;
@@ -22,6 +23,7 @@ pub mod gguf;
 pub mod hub;
 pub mod kv_cache;
 pub mod linear;
+pub mod lora_matmul;
 pub mod save;
 pub mod tokenizer;
 pub mod weights;
