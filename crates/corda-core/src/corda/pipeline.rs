@@ -177,7 +177,7 @@ fn identity_check(
             .into_iter()
             .find(|x| x.name == t.name)
         {
-            linear.weight = m.residual.to_device(device)?;
+            linear.set_weight(m.residual.to_device(device)?);
             linear.lora = Some(crate::model::Lora {
                 a: candle_core::Var::from_tensor(&m.a.to_device(device)?)?,
                 b: candle_core::Var::from_tensor(&m.b.to_device(device)?)?,
@@ -326,6 +326,8 @@ pub fn preprocess(
                     .filter(|n| n.starts_with(&prefix) && !target_names.contains(*n)),
             )?;
             modules.extend(inits.into_iter().map(|m| m.report));
+            // The layer's buffers are freed: hand them back so memory stays flat with depth.
+            crate::util::alloc::release_freed_memory();
             phases.add("write", t.elapsed());
             if let Some(pb) = &pb {
                 pb.inc(1);
@@ -334,16 +336,21 @@ pub fn preprocess(
         };
     let mut in_flight: Option<InFlight> = None;
     for (l, layer_targets) in plan.layers.iter().enumerate() {
-        let layer = phases.time("load layer", || {
+        let mut layer = phases.time("load layer", || {
             DecoderLayer::load(&weights, &cfg, l, dtype, device)
         })?;
+
         // 1. Covariances of this layer's input sites, while advancing the hidden states (and
         //    while the previous layer decomposes).
         let t = Instant::now();
         let (covs, probe) = match hidden.as_mut() {
             Some(h) => {
+                // Calibration passes one short sample at a time: products of a few rows, where
+                // a transposed weight saves repacking it for each (see TargetLinear).
+                layer.keep_transposed_weights(true)?;
                 let (covs, probe) =
                     h.advance(&layer, &cfg, &sites(layer_targets), precision, device)?;
+                layer.keep_transposed_weights(false)?;
                 (covs, Some(probe))
             }
             None => (reused.covariances(layer_targets)?, None),

@@ -381,6 +381,14 @@ impl DecoderLayer {
         })
     }
 
+    /// Keep (or drop) transposed copies of the projection weights for forward-only passes over
+    /// a few rows at a time (the calibration; see [`TargetLinear::keep_transposed`]).
+    pub fn keep_transposed_weights(&mut self, keep: bool) -> Result<()> {
+        self.targets_mut()
+            .into_iter()
+            .try_for_each(|t| t.keep_transposed(keep))
+    }
+
     /// hidden (batch, seq, hidden) float32 -> the layer's output.
     pub fn forward(
         &self,

@@ -136,6 +136,42 @@ impl CustomOp1 for FrozenMatmulT {
     }
 }
 
+/// `x · Wt` for a transposed weight `Wt` (k × n, contiguous float32 on the CPU), forward only.
+struct FrozenMatmulForward {
+    wt: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmulForward {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-forward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let (k2, n) = self.wt.dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen matmul: input has {k} features, weight expects {k2}");
+        }
+        let (ws, wl) = self.wt.storage_and_layout();
+        let (Storage::Cpu(ws), Some(x)) = (&*ws, f32_slice(s, l)) else {
+            candle_core::bail!("frozen matmul (transposed weight): expected float32 CPU tensors")
+        };
+        let Some(wt) = f32_slice(ws, wl) else {
+            candle_core::bail!("frozen matmul: transposed weight must be contiguous float32")
+        };
+        let out = faer_product(x, m, k, MatRef::from_row_major_slice(wt, k, n));
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+}
+
+/// `x Wᵀ` from the transposed weight `wt` = `Wᵀ` (d_in, d_out), contiguous float32 on the CPU:
+/// faer then streams the weight as it lies instead of packing it for every product, which
+/// dominates when `x` has only a few rows. Forward only (a backward pass is an error).
+pub fn frozen_matmul_forward(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    Ok(x.apply_op1(FrozenMatmulForward { wt: wt.clone() })?)
+}
+
 /// `x Wᵀ` with no gradient for `W`: `x` is (m, d_in), `W` (d_out, d_in); the result is float32.
 pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let x = x.to_dtype(w.dtype())?;

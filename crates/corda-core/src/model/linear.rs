@@ -36,6 +36,11 @@ pub struct TargetLinear {
     /// `Some(dtype)` when `weight` is a float32 copy of a `dtype` weight (see
     /// [`super::widened`]): products then round as `dtype` products do.
     pub widened_from: Option<DType>,
+    /// `weightᵀ` (d_in, d_out), contiguous float32, for forward-only passes over a few rows at a
+    /// time (calibration, one short sample per pass): faer reads it without repacking the
+    /// weight on every product, 1.7–2x faster at 8 rows, the same bits. Set by
+    /// [`Self::keep_transposed`], dropped by it and by [`Self::set_weight`].
+    weight_t: Option<Tensor>,
 }
 
 impl TargetLinear {
@@ -46,7 +51,24 @@ impl TargetLinear {
             bias,
             lora: None,
             widened_from: None,
+            weight_t: None,
         }
+    }
+
+    /// Replace the base weight (and drop its transposed copy).
+    pub fn set_weight(&mut self, weight: Tensor) {
+        self.weight = weight;
+        self.weight_t = None;
+    }
+
+    /// Keep (or drop) a transposed copy of a float32 CPU weight for forward-only passes (see
+    /// `weight_t`): one more copy of the weight in memory, and no gradient through the products.
+    pub fn keep_transposed(&mut self, keep: bool) -> Result<()> {
+        self.weight_t = None;
+        if keep && self.weight.dtype() == DType::F32 && self.weight.device().is_cpu() {
+            self.weight_t = Some(self.weight.t()?.contiguous()?);
+        }
+        Ok(())
     }
 
     /// The short projection name (`q_proj`).
@@ -81,7 +103,10 @@ impl TargetLinear {
                 l.scaling,
             )?,
             (None, Some(dtype)) => super::widened::rounded_matmul_t(&x2, &self.weight, dtype)?,
-            (None, None) => super::frozen::frozen_matmul_t(&x2, &self.weight)?,
+            (None, None) => match &self.weight_t {
+                Some(wt) => super::frozen::frozen_matmul_forward(&x2, wt)?,
+                None => super::frozen::frozen_matmul_t(&x2, &self.weight)?,
+            },
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.to_dtype(DType::F32)?)?;

@@ -68,7 +68,7 @@ impl TargetLinear {
     pub fn widened(&self) -> Result<Self> {
         let mut out = self.clone();
         if self.weight.dtype() == DType::BF16 && self.weight.device().is_cpu() {
-            out.weight = self.weight.to_dtype(DType::F32)?;
+            out.set_weight(self.weight.to_dtype(DType::F32)?);
             out.widened_from = Some(DType::BF16);
         }
         Ok(out)
