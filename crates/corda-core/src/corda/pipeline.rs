@@ -326,8 +326,6 @@ pub fn preprocess(
                     .filter(|n| n.starts_with(&prefix) && !target_names.contains(*n)),
             )?;
             modules.extend(inits.into_iter().map(|m| m.report));
-            // The layer's buffers are freed: hand them back so memory stays flat with depth.
-            crate::util::alloc::release_freed_memory();
             phases.add("write", t.elapsed());
             if let Some(pb) = &pb {
                 pb.inc(1);

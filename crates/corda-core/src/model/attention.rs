@@ -50,10 +50,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
             mask.dims()
         )));
     }
-    let mask = mask.to_dtype(DType::F32)?.contiguous()?;
-    let extent = key_extents(&mask.flatten_all()?.to_vec1::<f32>()?, tk);
+    let mask = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let extent = key_extents(&mask, tk);
     let op = FusedAttention {
         mask,
+        dims: Dims { h, tq, tk, mb },
         extent,
         scale: scale as f32,
         stats: Mutex::new(Vec::new()),
@@ -74,8 +75,9 @@ fn key_extents(mask: &[f32], tk: usize) -> Vec<usize> {
 }
 
 struct FusedAttention {
-    /// (1 or b, 1, tq, tk), contiguous float32.
-    mask: Tensor,
+    /// (1 or b, 1, tq, tk), row-major float32.
+    mask: Vec<f32>,
+    dims: Dims,
     /// Per mask row (mask batch × tq): the keys that can have a nonzero probability.
     extent: Vec<usize>,
     scale: f32,
@@ -160,24 +162,14 @@ impl CustomOp3 for FusedAttention {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let (_, h, tq, d) = l1.shape().dims4()?;
+        let (_, _, tq, d) = l1.shape().dims4()?;
         let tk = l2.shape().dims4()?.2;
         let (q, k, v) = (
             contiguous_f32(s1, l1)?,
             contiguous_f32(s2, l2)?,
             contiguous_f32(s3, l3)?,
         );
-        let (ms, ml) = self.mask.storage_and_layout();
-        let candle_core::Storage::Cpu(ms) = &*ms else {
-            candle_core::bail!("attention: the mask is not on the CPU")
-        };
-        let mask = contiguous_f32(ms, ml)?;
-        let dims = Dims {
-            h,
-            tq,
-            tk,
-            mb: mask.len() / (tq * tk).max(1),
-        };
+        let (mask, dims) = (&self.mask[..], self.dims);
         let mut out = vec![0f32; q.len()];
         let mut stats = vec![[0f32; 2]; q.len() / d.max(1)];
         out.par_chunks_mut(tq * d)
@@ -234,7 +226,7 @@ impl CustomOp3 for FusedAttention {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         use rayon::prelude::*;
-        let (_, h, tq, d) = q.dims4()?;
+        let (_, _, tq, d) = q.dims4()?;
         let tk = k.dim(2)?;
         let stats = self
             .stats
@@ -243,17 +235,7 @@ impl CustomOp3 for FusedAttention {
         let g = grad.contiguous()?;
         let read = |t: &Tensor| -> candle_core::Result<Vec<f32>> { t.flatten_all()?.to_vec1() };
         let (qv, kv, vv, gv) = (read(q)?, read(k)?, read(v)?, read(&g)?);
-        let (ms, ml) = self.mask.storage_and_layout();
-        let candle_core::Storage::Cpu(ms) = &*ms else {
-            candle_core::bail!("attention: the mask is not on the CPU")
-        };
-        let mask = contiguous_f32(ms, ml)?;
-        let dims = Dims {
-            h,
-            tq,
-            tk,
-            mb: mask.len() / (tq * tk).max(1),
-        };
+        let (mask, dims) = (&self.mask[..], self.dims);
         if stats.len() * d != qv.len() {
             candle_core::bail!("attention: backward without its forward statistics");
         }
