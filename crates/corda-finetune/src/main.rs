@@ -409,17 +409,8 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> Result<()> {
     let start = Instant::now();
-    // Every op output is a fresh buffer; glibc maps the large ones and unmaps them on free, so
-    // each step faults and zeroes them again. Keeping freed memory in the heap cut page faults
-    // 3x and CPU time 13% at the same peak RSS (+1%); not with checkpointing, whose point is
-    // memory (there it raised the peak 11%).
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if !args.gradient_checkpointing {
-        // SAFETY: mallopt only changes allocator parameters (under glibc's own lock).
-        unsafe {
-            libc::mallopt(libc::M_MMAP_MAX, 0);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        }
+        corda_core::util::alloc::keep_freed_memory();
     }
 
     // Cheap checks first: nothing is loaded before the flags make sense.

@@ -124,8 +124,12 @@ impl HiddenStates {
         precision: CovariancePrecision,
         device: &Device,
     ) -> Result<(BTreeMap<InputSite, Mat<f32>>, LayerProbe)> {
-        // bfloat16 weights as float32 for this layer's products (model::widened).
-        let layer = &layer.widened()?;
+        // This layer's weights as calibration's few-row products read them fastest, for the
+        // length of this call: bfloat16 ones widened to float32 (model::widened), float32
+        // ones transposed (TargetLinear::keep_transposed).
+        let mut layer = layer.widened()?;
+        layer.keep_transposed_weights()?;
+        let layer = &layer;
         let mut accs = BTreeMap::new();
         for (&site, &d_in) in sites {
             accs.insert(

@@ -334,21 +334,16 @@ pub fn preprocess(
         };
     let mut in_flight: Option<InFlight> = None;
     for (l, layer_targets) in plan.layers.iter().enumerate() {
-        let mut layer = phases.time("load layer", || {
+        let layer = phases.time("load layer", || {
             DecoderLayer::load(&weights, &cfg, l, dtype, device)
         })?;
-
         // 1. Covariances of this layer's input sites, while advancing the hidden states (and
         //    while the previous layer decomposes).
         let t = Instant::now();
         let (covs, probe) = match hidden.as_mut() {
             Some(h) => {
-                // Calibration passes one short sample at a time: products of a few rows, where
-                // a transposed weight saves repacking it for each (see TargetLinear).
-                layer.keep_transposed_weights(true)?;
                 let (covs, probe) =
                     h.advance(&layer, &cfg, &sites(layer_targets), precision, device)?;
-                layer.keep_transposed_weights(false)?;
                 (covs, Some(probe))
             }
             None => (reused.covariances(layer_targets)?, None),

@@ -95,11 +95,11 @@ struct Dims {
     mb: usize,
 }
 
+/// The contiguous float32 data of an input, or the error that says it is not.
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("attention: expected a contiguous float32 tensor"),
-    }
+    super::frozen::f32_slice(s, l).ok_or_else(|| {
+        candle_core::Error::Msg("attention: expected a contiguous float32 tensor".into())
+    })
 }
 
 /// Row-major (rows × cols) views of slices.
@@ -332,13 +332,7 @@ mod tests {
     }
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
-        a.iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-            / scale
+        crate::util::tensor::max_rel_diff(a, b).unwrap()
     }
 
     /// Causal, right padding in the second sample, `past` cached keys; more rows than one block.
@@ -382,26 +376,7 @@ mod tests {
             "{}",
             max_rel(&fused, &reference)
         );
-        let gf = (&fused * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (&reference * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for t in [qt, kt, vt] {
-            let (a, c) = (gf.get(t).unwrap(), gc.get(t).unwrap());
-            assert!(
-                max_rel(a, c) < 1e-5,
-                "gradient differs by {}",
-                max_rel(a, c)
-            );
-        }
+        crate::util::tensor::assert_same_gradients(&fused, &reference, &w, &[qt, kt, vt], 1e-5);
     }
 
     #[test]

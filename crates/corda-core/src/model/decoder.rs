@@ -381,12 +381,12 @@ impl DecoderLayer {
         })
     }
 
-    /// Keep (or drop) transposed copies of the projection weights for forward-only passes over
-    /// a few rows at a time (the calibration; see [`TargetLinear::keep_transposed`]).
-    pub fn keep_transposed_weights(&mut self, keep: bool) -> Result<()> {
+    /// Keep transposed copies of the projection weights for forward-only passes over a few
+    /// rows at a time (the calibration; see [`TargetLinear::keep_transposed`]).
+    pub fn keep_transposed_weights(&mut self) -> Result<()> {
         self.targets_mut()
             .into_iter()
-            .try_for_each(|t| t.keep_transposed(keep))
+            .try_for_each(TargetLinear::keep_transposed)
     }
 
     /// hidden (batch, seq, hidden) float32 -> the layer's output.

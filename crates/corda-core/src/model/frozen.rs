@@ -37,33 +37,35 @@ pub(super) fn faer_product(a: &[f32], m: usize, k: usize, b: MatRef<'_, f32>) ->
     out
 }
 
-/// `g · W` for the backward pass (g: m × d_out, W: d_out × d_in).
-struct TimesW {
-    w: Tensor,
+/// `a · M` for a row-major float32 matrix `M` (k × n) on the CPU, read in place: the frozen
+/// backward `g · W`, and the forward `x · Wᵀ` from a kept transposed weight. No backward of its
+/// own (a gradient through it is an error, never a silent zero).
+struct TimesMatrix {
+    m: Tensor,
 }
 
-impl CustomOp1 for TimesW {
+impl CustomOp1 for TimesMatrix {
     fn name(&self) -> &'static str {
-        "frozen-matmul-grad"
+        "frozen-matmul-times-matrix"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, n) = l.shape().dims2()?;
-        let (n2, k) = self.w.dims2()?;
-        if n != n2 {
+        let (rows, k) = l.shape().dims2()?;
+        let (k2, n) = self.m.dims2()?;
+        if k != k2 {
             candle_core::bail!(
-                "frozen matmul backward: gradient has {n} columns, weight {n2} rows"
+                "frozen matmul: the left factor has {k} columns, the matrix {k2} rows"
             );
         }
-        let (ws, wl) = self.w.storage_and_layout();
-        let (Storage::Cpu(ws), Some(g)) = (&*ws, f32_slice(s, l)) else {
-            candle_core::bail!("frozen matmul backward: expected contiguous float32 CPU tensors")
+        let (ms, ml) = self.m.storage_and_layout();
+        let (Storage::Cpu(ms), Some(a)) = (&*ms, f32_slice(s, l)) else {
+            candle_core::bail!("frozen matmul: expected contiguous float32 CPU tensors")
         };
-        let Some(w) = f32_slice(ws, wl) else {
-            candle_core::bail!("frozen matmul backward: weight must be contiguous float32")
+        let Some(m) = f32_slice(ms, ml) else {
+            candle_core::bail!("frozen matmul: the matrix must be contiguous float32")
         };
-        let out = faer_product(g, m, n, MatRef::from_row_major_slice(w, n, k));
-        Ok((CpuStorage::F32(out), Shape::from((m, k))))
+        let out = faer_product(a, rows, k, MatRef::from_row_major_slice(m, k, n));
+        Ok((CpuStorage::F32(out), Shape::from((rows, n))))
     }
 }
 
@@ -129,38 +131,10 @@ impl CustomOp1 for FrozenMatmulT {
         if g.device().is_cpu() && g.dtype() == DType::F32 {
             return Ok(Some(
                 g.contiguous()?
-                    .apply_op1_no_bwd(&TimesW { w: self.w.clone() })?,
+                    .apply_op1_no_bwd(&TimesMatrix { m: self.w.clone() })?,
             ));
         }
         Ok(Some(g.matmul(&self.w)?))
-    }
-}
-
-/// `x · Wt` for a transposed weight `Wt` (k × n, contiguous float32 on the CPU), forward only.
-struct FrozenMatmulForward {
-    wt: Tensor,
-}
-
-impl CustomOp1 for FrozenMatmulForward {
-    fn name(&self) -> &'static str {
-        "frozen-matmul-forward"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k) = l.shape().dims2()?;
-        let (k2, n) = self.wt.dims2()?;
-        if k != k2 {
-            candle_core::bail!("frozen matmul: input has {k} features, weight expects {k2}");
-        }
-        let (ws, wl) = self.wt.storage_and_layout();
-        let (Storage::Cpu(ws), Some(x)) = (&*ws, f32_slice(s, l)) else {
-            candle_core::bail!("frozen matmul (transposed weight): expected float32 CPU tensors")
-        };
-        let Some(wt) = f32_slice(ws, wl) else {
-            candle_core::bail!("frozen matmul: transposed weight must be contiguous float32")
-        };
-        let out = faer_product(x, m, k, MatRef::from_row_major_slice(wt, k, n));
-        Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
 
@@ -169,7 +143,7 @@ impl CustomOp1 for FrozenMatmulForward {
 /// dominates when `x` has only a few rows. Forward only (a backward pass is an error).
 pub fn frozen_matmul_forward(x: &Tensor, wt: &Tensor) -> Result<Tensor> {
     let x = x.to_dtype(DType::F32)?.contiguous()?;
-    Ok(x.apply_op1(FrozenMatmulForward { wt: wt.clone() })?)
+    Ok(x.apply_op1(TimesMatrix { m: wt.clone() })?)
 }
 
 /// `x Wᵀ` with no gradient for `W`: `x` is (m, d_in), `W` (d_out, d_in); the result is float32.

@@ -61,11 +61,14 @@ impl TargetLinear {
         self.weight_t = None;
     }
 
-    /// Keep (or drop) a transposed copy of a float32 CPU weight for forward-only passes (see
+    /// Keep a transposed copy of a float32 CPU weight for forward-only passes (see
     /// `weight_t`): one more copy of the weight in memory, and no gradient through the products.
-    pub fn keep_transposed(&mut self, keep: bool) -> Result<()> {
-        self.weight_t = None;
-        if keep && self.weight.dtype() == DType::F32 && self.weight.device().is_cpu() {
+    /// A widened weight has its own product ([`super::widened`]) and gets none.
+    pub fn keep_transposed(&mut self) -> Result<()> {
+        let applies = self.widened_from.is_none()
+            && self.weight.dtype() == DType::F32
+            && self.weight.device().is_cpu();
+        if applies && self.weight_t.is_none() {
             self.weight_t = Some(self.weight.t()?.contiguous()?);
         }
         Ok(())

@@ -180,13 +180,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
-        a.iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-            / scale
+        crate::util::tensor::max_rel_diff(a, b).unwrap()
     }
 
     #[test]
@@ -221,26 +215,7 @@ mod tests {
             .unwrap()
             .sin()
             .unwrap();
-        let gf = (&fused * &g)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (&composed * &g)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for t in [xt, at, bt] {
-            let (f, c) = (gf.get(t).unwrap(), gc.get(t).unwrap());
-            assert!(
-                max_rel(f, c) < 1e-5,
-                "gradient differs by {}",
-                max_rel(f, c)
-            );
-        }
+        crate::util::tensor::assert_same_gradients(&fused, &composed, &g, &[xt, at, bt], 1e-5);
         // No input gradient where the input is a constant.
         let gf = lora_matmul_t(&xt.detach(), &w, at, bt, s)
             .unwrap()
