@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 use faer::{Accum, MatMut, MatRef, Par};
 
+use crate::util::exp;
 use crate::{CordaError, Result};
 
 /// Query rows per block: the scratch is `ROWS × keys` floats per thread.
@@ -192,13 +193,8 @@ impl CustomOp3 for FusedAttention {
                     );
                     self.scale_and_mask(s, m, e, tk);
                     for (sr, stat) in s.chunks_mut(e).zip(&mut st[r0..r0 + rows]) {
-                        let max = sr.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                        let mut sum = 0f32;
-                        for x in sr.iter_mut() {
-                            *x = (*x - max).exp();
-                            sum += *x;
-                        }
-                        let inv = 1.0 / sum;
+                        let max = exp::max(sr);
+                        let inv = 1.0 / exp::exp_shifted_in_place(sr, max);
                         sr.iter_mut().for_each(|x| *x *= inv);
                         *stat = [max, inv];
                     }
@@ -269,7 +265,7 @@ impl CustomOp3 for FusedAttention {
                     );
                     self.scale_and_mask(p, m, e, tk);
                     for (pr, &[max, inv]) in p.chunks_mut(e).zip(&st[r0..r0 + rows]) {
-                        pr.iter_mut().for_each(|x| *x = (*x - max).exp() * inv);
+                        pr.iter_mut().for_each(|x| *x = exp::exp(*x - max) * inv);
                     }
                     // dV += Pᵀ g; dP = g Vᵀ.
                     product(

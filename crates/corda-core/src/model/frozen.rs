@@ -15,7 +15,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 use crate::Result;
 
 /// Row-major float32 data of a contiguous CPU tensor storage.
-pub(super) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((start, end))) => Some(&v[start..end]),
         _ => None,
@@ -23,7 +23,7 @@ pub(super) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> 
 }
 
 /// `a · b` for row-major `a` (m × k) and `b` given as a faer view (k × n); row-major result.
-pub(super) fn faer_product(a: &[f32], m: usize, k: usize, b: MatRef<'_, f32>) -> Vec<f32> {
+pub(crate) fn faer_product(a: &[f32], m: usize, k: usize, b: MatRef<'_, f32>) -> Vec<f32> {
     let n = b.ncols();
     let mut out = vec![0f32; m * n];
     faer::linalg::matmul::matmul(

@@ -5,9 +5,21 @@
 //! 32k vocabulary that dominates a small model's step. This op reads the logits once forward
 //! (one row at a time: max, log-sum-exp, pick) and once backward (`softmax(z) − onehot(y)`,
 //! scaled by the incoming gradient), and stores nothing but the logits it was given.
+//!
+//! [`head_cross_entropy_rows`] goes one step further and takes the LM head into the op: the
+//! (tokens × vocab) logits then exist only one block of rows at a time, and the backward keeps
+//! just the (tokens × hidden) gradient, computed in the forward pass while each block of
+//! logits is at hand. With a 32k–50k vocabulary the logits and their gradient are the largest
+//! tensors of a small model's step.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use std::sync::Mutex;
 
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use faer::MatRef;
+use rayon::prelude::*;
+
+use crate::model::frozen::{f32_slice, faer_product, frozen_matmul_t};
+use crate::util::exp;
 use crate::Result;
 
 struct CrossEntropyRows {
@@ -16,8 +28,8 @@ struct CrossEntropyRows {
 }
 
 fn row_logsumexp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+    let max = exp::max(row);
+    let sum = exp::sum(&row.iter().map(|v| exp::exp(v - max)).collect::<Vec<_>>());
     max + sum.ln()
 }
 
@@ -59,12 +71,113 @@ impl CustomOp1 for CrossEntropyRows {
             let lse = row_logsumexp(row);
             let dst = &mut out[i * v..(i + 1) * v];
             for (d, z) in dst.iter_mut().zip(row) {
-                *d = (z - lse).exp() * g[i];
+                *d = exp::exp(z - lse) * g[i];
             }
             dst[self.targets[i] as usize] -= g[i];
         }
         Ok(Some(Tensor::from_vec(out, (n, v), arg.device())?))
     }
+}
+
+/// Rows of logits computed at once by [`HeadCrossEntropy`]: 256 × 32k float32 is 32 MB.
+const HEAD_BLOCK_ROWS: usize = 256;
+
+/// `-log softmax(h Wᵀ)[y]` per row with a frozen head `W`; the gradient with respect to `h`,
+/// `(softmax(h Wᵀ) − onehot(y)) · W`, is computed in the forward pass block by block and kept
+/// until the backward scales its rows by the incoming gradient.
+struct HeadCrossEntropy {
+    /// (vocab, hidden), contiguous float32.
+    head: Tensor,
+    targets: Vec<u32>,
+    /// d loss_i / d h_i, row-major (rows × hidden); taken (freed) by the backward.
+    grad: Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp1 for HeadCrossEntropy {
+    fn name(&self) -> &'static str {
+        "head-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = l.shape().dims2()?;
+        let (v, d2) = self.head.dims2()?;
+        if d != d2 || self.targets.len() != n {
+            candle_core::bail!(
+                "head cross-entropy: {n} rows of {d} features, head ({v}, {d2}), {} targets",
+                self.targets.len()
+            );
+        }
+        let (ws, wl) = self.head.storage_and_layout();
+        let (Storage::Cpu(ws), Some(h)) = (&*ws, f32_slice(s, l)) else {
+            candle_core::bail!("head cross-entropy: expected contiguous float32 CPU tensors")
+        };
+        let Some(w) = f32_slice(ws, wl) else {
+            candle_core::bail!("head cross-entropy: the head must be contiguous float32")
+        };
+        let w = MatRef::from_row_major_slice(w, v, d);
+        let mut losses = vec![0f32; n];
+        let mut grad = vec![0f32; n * d];
+        for r0 in (0..n).step_by(HEAD_BLOCK_ROWS) {
+            let rows = HEAD_BLOCK_ROWS.min(n - r0);
+            let mut z = faer_product(&h[r0 * d..(r0 + rows) * d], rows, d, w.transpose());
+            // Each row becomes softmax − onehot in place; its loss is lse − z[y].
+            z.par_chunks_mut(v)
+                .zip(&mut losses[r0..r0 + rows])
+                .zip(&self.targets[r0..r0 + rows])
+                .for_each(|((row, loss), &y)| {
+                    let y = y as usize;
+                    let (max, zy) = (exp::max(row), row[y]);
+                    let sum = exp::exp_shifted_in_place(row, max);
+                    *loss = max + sum.ln() - zy;
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|x| *x *= inv);
+                    row[y] -= 1.0;
+                });
+            let g = faer_product(&z, rows, v, w);
+            grad[r0 * d..(r0 + rows) * d].copy_from_slice(&g);
+        }
+        *self.grad.lock().expect("head cross-entropy gradient lock") = Some(grad);
+        Ok((CpuStorage::F32(losses), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (n, d) = arg.dims2()?;
+        let Some(mut grad) = self
+            .grad
+            .lock()
+            .expect("head cross-entropy gradient lock")
+            .take()
+        else {
+            candle_core::bail!("head cross-entropy: a second backward pass through one forward")
+        };
+        let g = grad_res.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        grad.par_chunks_mut(d)
+            .zip(&g)
+            .for_each(|(row, gi)| row.iter_mut().for_each(|x| *x *= gi));
+        Ok(Some(Tensor::from_vec(grad, (n, d), arg.device())?))
+    }
+}
+
+/// `-log softmax(hidden · headᵀ)[targets]` per row, differentiable with respect to `hidden`
+/// (n, d) only: `head` (vocab, d) is the frozen LM head. On the CPU this is one op that never
+/// holds more than a block of logits (a bfloat16 head is widened to float32 for the call);
+/// elsewhere the head product followed by [`cross_entropy_rows`].
+pub fn head_cross_entropy_rows(hidden: &Tensor, head: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    if !hidden.device().is_cpu() {
+        return cross_entropy_rows(&frozen_matmul_t(hidden, head)?, targets);
+    }
+    let hidden = hidden.to_dtype(DType::F32)?.contiguous()?;
+    let head = head.to_dtype(DType::F32)?.contiguous()?;
+    Ok(hidden.apply_op1(HeadCrossEntropy {
+        head,
+        targets: targets.to_vec(),
+        grad: Mutex::new(None),
+    })?)
 }
 
 /// `-log softmax(logits)[targets]` per row: logits (n, vocab) float32, targets in 0..vocab.
@@ -142,6 +255,50 @@ mod tests {
             .unwrap();
         for (x, y) in gf.iter().zip(&gp) {
             assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+        }
+    }
+
+    /// More rows than one block, so the blocking and the kept gradient are both exercised.
+    #[test]
+    fn head_op_matches_the_head_product_then_cross_entropy() {
+        let dev = Device::Cpu;
+        let (n, d, v) = (HEAD_BLOCK_ROWS + 45, 12, 37);
+        let h: Vec<f32> = (0..n * d)
+            .map(|i| ((i * 7919 % 97) as f32 / 97.0 - 0.5) * 2.0)
+            .collect();
+        let w: Vec<f32> = (0..v * d)
+            .map(|i| ((i * 104729 % 89) as f32 / 89.0 - 0.5) * 1.5)
+            .collect();
+        let targets: Vec<u32> = (0..n).map(|i| (i * 13 % v) as u32).collect();
+        let head = Tensor::from_vec(w, (v, d), &dev).unwrap();
+        let fused = Var::from_vec(h.clone(), (n, d), &dev).unwrap();
+        let plain = Var::from_vec(h, (n, d), &dev).unwrap();
+        let scale: Vec<f32> = (0..n).map(|i| 0.5 + (i % 3) as f32).collect();
+        let scale = Tensor::from_vec(scale, n, &dev).unwrap();
+        let lf = head_cross_entropy_rows(fused.as_tensor(), &head, &targets).unwrap();
+        let logits = plain.as_tensor().matmul(&head.t().unwrap()).unwrap();
+        let lp = cross_entropy_rows(&logits, &targets).unwrap();
+        let (a, b) = (lf.to_vec1::<f32>().unwrap(), lp.to_vec1::<f32>().unwrap());
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5 * y.abs().max(1.0), "{x} vs {y}");
+        }
+        let grad_of = |loss: Tensor, var: &Var| {
+            (loss * &scale)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+                .get(var)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (gf, gp) = (grad_of(lf, &fused), grad_of(lp, &plain));
+        for (x, y) in gf.iter().zip(&gp) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
         }
     }
 }

@@ -11,6 +11,7 @@
 
 use candle_core::{DType, Tensor};
 
+use super::fused_ce;
 use crate::{CordaError, Result};
 
 pub use crate::data::IGNORE_INDEX;
@@ -67,13 +68,14 @@ pub fn target_rows(labels: &Tensor, vocab: usize) -> Result<(Vec<u32>, Vec<u32>)
 }
 
 /// Summed cross-entropy of the shifted labels != -100 and their count. `per_token` (B, T, X)
-/// holds the logits themselves or what `head` turns into logits; `head` runs only on the
-/// (n, X) rows that carry a loss, so a model can skip its LM head on prompt and padding.
+/// holds the logits themselves or the final hidden states; `row_losses` turns the (n, X) rows
+/// that carry a loss and their targets into n losses, so a model can skip its LM head on
+/// prompt and padding.
 pub fn shifted_loss_sum(
     per_token: &Tensor,
     labels: &Tensor,
     vocab: usize,
-    head: impl FnOnce(&Tensor) -> Result<Tensor>,
+    row_losses: impl FnOnce(&Tensor, &[u32]) -> Result<Tensor>,
 ) -> Result<LossSum> {
     let (b, t, x) = per_token.dims3()?;
     let (lb, lt) = labels.dims2()?;
@@ -92,15 +94,25 @@ pub fn shifted_loss_sum(
     }
     let n = rows.len();
     let rows = Tensor::from_vec(rows, n, device)?;
-    let logits = head(&per_token.reshape((b * t, x))?.index_select(&rows, 0)?)?;
-    let sum = super::fused_ce::cross_entropy_rows(&logits, &targets)?.sum_all()?;
+    let selected = per_token.reshape((b * t, x))?.index_select(&rows, 0)?;
+    let sum = row_losses(&selected, &targets)?.sum_all()?;
     Ok(LossSum { sum, tokens: n })
 }
 
 /// [`shifted_loss_sum`] from full logits (B, T, vocab).
 pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<LossSum> {
     let vocab = logits.dim(2)?;
-    shifted_loss_sum(logits, labels, vocab, |rows| Ok(rows.clone()))
+    shifted_loss_sum(logits, labels, vocab, fused_ce::cross_entropy_rows)
+}
+
+/// [`shifted_loss_sum`] from final hidden states (B, T, hidden) and the frozen LM head
+/// (vocab, hidden): the head and the cross-entropy run as one op on the rows that carry a
+/// loss ([`fused_ce::head_cross_entropy_rows`]), so the logits are never held whole.
+pub fn head_loss_sum(hidden: &Tensor, head: &Tensor, labels: &Tensor) -> Result<LossSum> {
+    let vocab = head.dim(0)?;
+    shifted_loss_sum(hidden, labels, vocab, |rows, targets| {
+        fused_ce::head_cross_entropy_rows(rows, head, targets)
+    })
 }
 
 pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {

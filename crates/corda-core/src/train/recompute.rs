@@ -13,7 +13,7 @@ use std::time::Instant;
 use candle_core::{Tensor, Var};
 
 use super::grads::Gradients;
-use super::loss::{shifted_loss_sum, LossSum};
+use super::loss::{head_loss_sum, LossSum};
 use super::trainable::TrainableModel;
 use crate::model::causal_lm::mask_rows;
 use crate::model::{embed, AttnContext, CausalLM};
@@ -93,11 +93,10 @@ pub fn checkpointed_forward_backward(
     }
     let top = Var::from_tensor(&h)?;
     drop(h);
-    let parts = shifted_loss_sum(
+    let parts = head_loss_sum(
         &model.norm.forward(top.as_tensor())?,
+        &model.lm_head,
         batch.labels,
-        model.config.vocab_size,
-        |rows| Ok(model.lm_head_logits(&rows.unsqueeze(0)?)?.squeeze(0)?),
     )?;
     let Some((loss, value)) = scaled_loss(&parts, denom, report, t0)? else {
         return Ok(None);

@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor, Var};
 
 use super::grads::Gradients;
-use super::loss::{causal_lm_loss_sum, shifted_loss_sum, LossSum};
+use super::loss::{causal_lm_loss_sum, head_loss_sum, LossSum};
 use super::recompute::{checkpointed_forward_backward, plain_forward_backward, MicroBatch};
 use crate::model::CausalLM;
 use crate::util::PhaseReport;
@@ -70,7 +70,8 @@ impl TrainableModel for CausalLM {
     }
 
     /// The LM head (vocab × hidden per token, the largest matmul of a small model) runs only on
-    /// the positions whose next label is trained: the prompt and the padding are skipped.
+    /// the positions whose next label is trained (the prompt and the padding are skipped), as
+    /// one op with the cross-entropy, so the logits are never held whole.
     fn loss_sum(
         &self,
         input_ids: &Tensor,
@@ -78,9 +79,7 @@ impl TrainableModel for CausalLM {
         labels: &Tensor,
     ) -> Result<LossSum> {
         let h = self.hidden_states(input_ids, Some(attention_mask))?;
-        shifted_loss_sum(&h, labels, self.config.vocab_size, |rows| {
-            Ok(self.lm_head_logits(&rows.unsqueeze(0)?)?.squeeze(0)?)
-        })
+        head_loss_sum(&h, &self.lm_head, labels)
     }
 
     /// With `checkpoint`, each decoder layer is recomputed in the backward pass (see

@@ -1,10 +1,11 @@
 //! Small shared pieces: atomic output directories, output locks and interrupts, phase reports,
-//! progress bars, SVG charts, the CUDA library probe.
+//! progress bars, SVG charts, the CUDA library probe, a vectorizable float32 exp.
 
 pub mod alloc;
 pub mod atomic;
 pub mod contain;
 pub mod cuda_runtime;
+pub mod exp;
 pub mod plot;
 pub mod process;
 pub mod report;
