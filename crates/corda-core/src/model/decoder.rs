@@ -294,7 +294,7 @@ impl Mlp {
         if let Some(o) = obs.as_deref_mut() {
             o.observe(layer, InputSite::Mlp, x)?;
         }
-        let h = (self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?;
+        let h = super::swiglu::swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
         if let Some(o) = obs.as_deref_mut() {
             o.observe(layer, InputSite::MlpDown, &h)?;
         }
