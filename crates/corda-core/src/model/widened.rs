@@ -1,4 +1,5 @@
-//! A decoder layer's bfloat16 weights as a float32 copy, for the calibration forward.
+//! A decoder layer's bfloat16 weights as a float32 copy, for the calibration forward and for
+//! fine-tuning on the CPU.
 //!
 //! candle has no bfloat16 matmul kernel on the CPU: it widens both operands to float32 on
 //! every call. With calibration's small batches (a few hundred or only a few tokens per
@@ -13,6 +14,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
+use super::causal_lm::CausalLM;
 use super::decoder::DecoderLayer;
 use super::frozen::frozen_matmul_t;
 use super::linear::TargetLinear;
@@ -30,7 +32,8 @@ fn round_bf16(v: f32) -> f32 {
     }
 }
 
-/// Rounds a float32 tensor through bfloat16 in one pass (no gradient: calibration only).
+/// Rounds a float32 tensor through bfloat16 in one pass; the gradient passes straight
+/// through, as through a cast to bfloat16 and back.
 struct RoundBf16;
 
 impl CustomOp1 for RoundBf16 {
@@ -45,12 +48,21 @@ impl CustomOp1 for RoundBf16 {
         let out = v[start..end].iter().map(|&x| round_bf16(x)).collect();
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.clone()))
+    }
 }
 
 /// `t` (float32) rounded to `dtype` and back to float32.
 fn round_through(t: &Tensor, dtype: DType) -> Result<Tensor> {
     if dtype == DType::BF16 && t.device().is_cpu() && t.dtype() == DType::F32 {
-        return Ok(t.contiguous()?.apply_op1_no_bwd(&RoundBf16)?);
+        return Ok(t.contiguous()?.apply_op1(RoundBf16)?);
     }
     Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?)
 }
@@ -72,6 +84,18 @@ impl TargetLinear {
             out.widened_from = Some(DType::BF16);
         }
         Ok(out)
+    }
+}
+
+impl CausalLM {
+    /// Every decoder layer's bfloat16 projection weights replaced by float32 copies, for
+    /// fine-tuning on the CPU: one float32 model in memory instead of a bfloat16 one plus a
+    /// widened copy of each weight made on every product, and the same bfloat16 products.
+    pub fn widen_layers(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            *layer = layer.widened()?;
+        }
+        Ok(())
     }
 }
 

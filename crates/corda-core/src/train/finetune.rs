@@ -147,6 +147,9 @@ impl FineTuneSpec {
             }
             (None, AdapterChoice::Corda) => unreachable!("loaded above"),
         };
+        if model.device.is_cpu() {
+            model.widen_layers()?;
+        }
         adapter.config.base_model_name_or_path = Some(self.model_name_or_path.clone());
         let provenance = match self.adapter {
             AdapterChoice::Corda => Some(Provenance::of_initial(&adapter)?),
