@@ -229,4 +229,37 @@ mod tests {
         assert_eq!(wide.widened_from, None);
         assert_eq!(wide.weight.dtype(), DType::F32);
     }
+
+    /// Fine-tuning back-propagates through the rounded product: the gradient of
+    /// `sum(x Wᵀ)` with respect to `x` is every row `1ᵀ W` (the rounding passes it through).
+    #[test]
+    fn gradients_pass_through_the_rounded_product() {
+        let dev = Device::Cpu;
+        let (m, k, n) = (3, 5, 4);
+        let w = Tensor::from_vec(values(n * k, 3), (n, k), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let t = TargetLinear::new("model.layers.0.mlp.up_proj".into(), w.clone(), None);
+        let wide = t.widened().unwrap();
+        let x = candle_core::Var::from_vec(values(m * k, 4), (m, k), &dev).unwrap();
+        let grads = wide
+            .forward(x.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let got = grads.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        let wf = w.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
+        let col: Vec<f32> = (0..k).map(|c| wf.iter().map(|r| r[c]).sum()).collect();
+        for row in got {
+            for (g, want) in row.iter().zip(&col) {
+                assert!(
+                    (g - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "{g} vs {want}"
+                );
+            }
+        }
+    }
 }
