@@ -277,8 +277,14 @@ mod tests {
             (dir.path().to_path_buf(), "contains the input"),
             (m.join("new/deeper"), "lies inside the input"),
         ] {
-            let e = ensure_apart(&out, "--save_path", &input).unwrap_err().to_string();
-            assert!(e.contains(how) && e.contains("--model_id"), "{}: {e}", out.display());
+            let e = ensure_apart(&out, "--save_path", &input)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(how) && e.contains("--model_id"),
+                "{}: {e}",
+                out.display()
+            );
         }
         for out in [dir.path().join("M2"), dir.path().join("out/M")] {
             ensure_apart(&out, "--save_path", &input).unwrap();
@@ -302,7 +308,10 @@ mod tests {
             let Err(ParseOutcome::Error(e)) = p(&["n", "--tol", bad]) else {
                 panic!("--tol {bad} accepted");
             };
-            assert!(e.contains("--tol") && !e.contains("unexpected argument"), "{e}");
+            assert!(
+                e.contains("--tol") && !e.contains("unexpected argument"),
+                "{e}"
+            );
         }
     }
 

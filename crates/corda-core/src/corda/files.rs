@@ -346,7 +346,10 @@ impl Provenance {
             .settings
             .iter()
             .filter_map(|(k, v)| {
-                let was = recorded.get(k).map(String::as_str).unwrap_or("(not recorded)");
+                let was = recorded
+                    .get(k)
+                    .map(String::as_str)
+                    .unwrap_or("(not recorded)");
                 (was != v).then(|| format!("{k} `{was}` there, `{v}` in this run"))
             })
             .collect();
