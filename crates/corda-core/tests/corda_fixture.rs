@@ -489,6 +489,10 @@ fn reuse_names_the_differing_setting_and_needs_provenance() {
             e.contains("no corda provenance") && e.contains(&path.display().to_string()),
             "{which}: {e}"
         );
+        // Unless unchecked files are allowed (PEFT's covariances, say).
+        let mut unchecked = opts.clone();
+        unchecked.allow_unchecked_files = true;
+        preprocess(&base, &qa, &unchecked, None).unwrap();
     }
 }
 

@@ -145,6 +145,9 @@ struct Args {
     /// Save the decomposition here, or reuse it when the file exists (made from the same model and calibration data, else refused).
     #[arg(long = "cache_file", help_heading = "Files")]
     cache_file: Option<PathBuf>,
+    /// Reuse a --covariance_file / --cache_file that has no corda provenance (e.g. PEFT's covariances converted to safetensors) without checking it against the model and calibration data.
+    #[arg(long = "allow_unchecked_files", help_heading = "Files")]
+    allow_unchecked_files: bool,
 
     /// Write the residual model and OUT/corda_init.
     #[arg(long = "save_model", help_heading = "Output")]
@@ -286,6 +289,7 @@ fn calibration_flags_given(args: &Args) -> Vec<&'static str> {
         ),
         (args.covariance_file.is_some(), "--covariance_file"),
         (args.cache_file.is_some(), "--cache_file"),
+        (args.allow_unchecked_files, "--allow_unchecked_files"),
     ]
     .into_iter()
     .filter_map(|(given, flag)| given.then_some(flag))
@@ -428,6 +432,7 @@ fn run(args: Args) -> Result<()> {
     opts.base_model_name = args.model_id.clone();
     opts.progress = !args.quiet;
     opts.allow_degenerate_adapters = args.allow_degenerate_adapters;
+    opts.allow_unchecked_files = args.allow_unchecked_files;
     if args.use_float16_for_covariance {
         opts.covariance_precision = CovariancePrecision::ModelHalf;
     }

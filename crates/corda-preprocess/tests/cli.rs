@@ -718,11 +718,24 @@ fn reuse_with_other_calibration_or_without_provenance_is_refused() {
         candle_core::safetensors::save(&t, &file).unwrap();
         let (ok, err) = with_file("bare", &[]);
         assert!(
-            !ok && err.contains("no corda provenance") && err.contains(&file.display().to_string()),
+            !ok && err.contains("no corda provenance")
+                && err.contains(&file.display().to_string())
+                && err.contains("allow_unchecked_files"),
             "{flag}: {err}"
         );
         assert!(!tmp.path().join("bare").exists());
+        // Reused unchecked when asked to (e.g. PEFT's covariances).
+        let unchecked = tmp.path().join("unchecked");
+        let mut args = base_args(&unchecked);
+        args.extend([
+            flag.into(),
+            file.display().to_string(),
+            "--allow_unchecked_files".into(),
+        ]);
+        let (ok, err) = run(&args);
+        assert!(ok && err.contains("reused the saved"), "{flag}: {err}");
         std::fs::remove_file(&file).unwrap();
+        std::fs::remove_dir_all(&unchecked).unwrap();
     }
 }
 

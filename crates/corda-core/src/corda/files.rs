@@ -317,12 +317,25 @@ impl Provenance {
     }
 
     /// Why a file with metadata `meta` cannot be reused by this run, if it cannot.
-    fn mismatch(&self, meta: &HashMap<String, String>) -> Option<String> {
+    /// `allow_unchecked`: reuse a file without provenance (with a warning) instead of refusing it.
+    fn mismatch(
+        &self,
+        meta: &HashMap<String, String>,
+        path: &Path,
+        allow_unchecked: bool,
+    ) -> Option<String> {
         let (Some(model), Some(theirs)) =
             (meta.get(Self::MODEL_KEY), meta.get(Self::CALIBRATION_KEY))
         else {
+            if allow_unchecked {
+                tracing::warn!(
+                    "{} has no corda provenance; reused unchecked (allow_unchecked_files)",
+                    path.display()
+                );
+                return None;
+            }
             return Some(format!(
-                "has no corda provenance ({} / {} metadata: it was not written by corda-preprocess, or by an older version), so whether it matches this model and calibration cannot be checked",
+                "has no corda provenance ({} / {} metadata: it was not written by corda-preprocess, or by an older version), so whether it matches this model and calibration cannot be checked; if you know it does (e.g. PEFT's covariances), set allow_unchecked_files",
                 Self::MODEL_KEY,
                 Self::CALIBRATION_KEY
             ));
@@ -381,6 +394,7 @@ impl Reused {
         plan: &Plan,
         mode: CordaMode,
         provenance: &Provenance,
+        allow_unchecked: bool,
     ) -> Result<Self> {
         if let Some(p) = cache_file {
             if let Some((t, meta)) = load_existing(p, "decomposition cache")? {
@@ -390,7 +404,7 @@ impl Reused {
                         p.display()
                     ))
                 };
-                if let Some(why) = provenance.mismatch(&meta) {
+                if let Some(why) = provenance.mismatch(&meta, p, allow_unchecked) {
                     return Err(bad(why));
                 }
                 if let Some(m) = meta.get("corda_method").filter(|m| *m != mode.as_str()) {
@@ -432,7 +446,7 @@ impl Reused {
                         p.display()
                     ))
                 };
-                if let Some(why) = provenance.mismatch(&meta) {
+                if let Some(why) = provenance.mismatch(&meta, p, allow_unchecked) {
                     return Err(bad(why));
                 }
                 for target in plan.targets() {

@@ -74,6 +74,9 @@ pub struct PreprocessOptions {
     /// length, seed … as the caller names them. Recorded in a covariance file or cache so that
     /// a reuse refused for other samples can say which setting differs.
     pub calibration_settings: Vec<(String, String)>,
+    /// Reuse a covariance file or cache without corda provenance (e.g. PEFT's covariances),
+    /// unchecked, instead of refusing it.
+    pub allow_unchecked_files: bool,
 }
 
 impl PreprocessOptions {
@@ -110,6 +113,7 @@ impl PreprocessOptions {
             progress: false,
             allow_degenerate_adapters: false,
             calibration_settings: vec![],
+            allow_unchecked_files: false,
         }
     }
 
@@ -255,6 +259,7 @@ pub fn preprocess(
             &plan,
             mode,
             &provenance,
+            opts.allow_unchecked_files,
         )?,
         _ => Reused::Nothing,
     };
