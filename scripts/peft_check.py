@@ -131,7 +131,8 @@ def main():
     preprocess_corda(model, cfg, run_model=run_model)
     peft_cov = {n: m.covariance_matrix.clone() for n, m in model.named_modules() if hasattr(m, "covariance_matrix")}
     if a.save_peft_covariance:
-        # corda-preprocess --covariance_file takes it: our decomposition on PEFT's covariances.
+        # corda-preprocess --covariance_file --allow_unchecked_files takes it (it has no corda
+        # provenance): our decomposition on PEFT's covariances.
         from safetensors.torch import save_file
         save_file({n: c.float().contiguous() for n, c in peft_cov.items()}, a.save_peft_covariance)
     peft_model = get_peft_model(model, cfg)

@@ -140,6 +140,29 @@ pub fn positive_number(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
+/// A finite number of at least zero (a tolerance): NaN, infinities and negatives are refused.
+pub fn non_negative_number(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(v) => Err(format!("must be a finite number of at least 0, got {v}")),
+        Err(_) => Err(format!("`{s}` is not a number")),
+    }
+}
+
+/// Let every flag that takes a value take a negative number (`--r -1`, `--verify_tolerance
+/// -1`), so that it reaches the flag's own check and is refused with the flag's range instead
+/// of clap's "unexpected argument '-1'". Done once here instead of per flag.
+pub fn negative_values(cmd: clap::Command) -> clap::Command {
+    let ids: Vec<clap::Id> = cmd
+        .get_arguments()
+        .filter(|a| a.get_long().is_some() && a.get_action().takes_values())
+        .map(|a| a.get_id().clone())
+        .collect();
+    ids.into_iter().fold(cmd, |cmd, id| {
+        cmd.mut_arg(id, |a| a.allow_negative_numbers(true))
+    })
+}
+
 /// One `KEY=RANK` item of `--rank_pattern`: a non-empty key and a rank of at least 1.
 pub fn key_rank(s: &str) -> std::result::Result<(String, usize), String> {
     let (k, v) = key_value::<String>(s)?;

@@ -22,8 +22,8 @@ use corda_core::CordaError;
 pub use config::{expand_config_args, read_config_file};
 pub use corda_core::util::process::OnInterrupt;
 pub use flags::{
-    hf_booleans, key_alpha, key_rank, key_value, normalize_flag_names, parse_bool, parse_device,
-    parse_size, positive_count, positive_number,
+    hf_booleans, key_alpha, key_rank, key_value, negative_values, non_negative_number,
+    normalize_flag_names, parse_bool, parse_device, parse_size, positive_count, positive_number,
 };
 pub use hub::HubArgs;
 
@@ -47,6 +47,55 @@ pub fn output_dir(path: &Path, overwrite: bool) -> anyhow::Result<Output> {
     let lock = OutputLock::acquire(path)?;
     let dir = AtomicDir::create(path, overwrite).map_err(overwrite_hint)?;
     Ok(Output { dir, _lock: lock })
+}
+
+/// `path` absolute with symlinks and `..` resolved; a path that does not exist yet is resolved
+/// through its nearest existing ancestor. `None` when that cannot be done.
+fn resolved(path: &Path) -> Option<PathBuf> {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().ok()?.join(path)
+    };
+    let mut tail = vec![];
+    let mut at = abs.as_path();
+    loop {
+        if let Ok(mut found) = at.canonicalize() {
+            found.extend(tail.iter().rev());
+            return Some(found);
+        }
+        tail.push(at.file_name()?.to_os_string());
+        at = at.parent()?;
+    }
+}
+
+/// Refuse an output `out` (given by flag `out_flag`) that is, contains or lies inside one of
+/// `inputs` ((path, flag) pairs): writing it would replace or damage that input, or mix outputs
+/// into it. Checked before any work.
+pub fn ensure_apart(out: &Path, out_flag: &str, inputs: &[(&Path, &str)]) -> anyhow::Result<()> {
+    let Some(o) = resolved(out) else {
+        return Ok(());
+    };
+    for (input, flag) in inputs {
+        let Some(i) = resolved(input) else {
+            continue;
+        };
+        let how = if o == i {
+            "is"
+        } else if i.starts_with(&o) {
+            "contains"
+        } else if o.starts_with(&i) {
+            "lies inside"
+        } else {
+            continue;
+        };
+        anyhow::bail!(
+            "{out_flag} {} {how} the input {flag} {}: writing there would replace or damage it; choose a path outside it",
+            out.display(),
+            input.display()
+        );
+    }
+    Ok(())
 }
 
 /// An output directory being written under its lock (see [`output_dir`]).
@@ -146,7 +195,7 @@ pub enum ParseOutcome {
 
 /// `--config` expansion, flag spelling, then clap.
 pub fn parse_args<A: clap::Parser>(argv: Vec<OsString>) -> Result<A, ParseOutcome> {
-    let cmd = hf_booleans(A::command());
+    let cmd = negative_values(hf_booleans(A::command()));
     let longs: Vec<&str> = cmd.get_arguments().filter_map(|a| a.get_long()).collect();
     let argv =
         expand_config_args(argv, Some(&longs)).map_err(|e| ParseOutcome::Error(error_text(&e)))?;
@@ -212,6 +261,58 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<T, ParseOutcome> {
         parse_args(args.iter().map(OsString::from).collect())
+    }
+
+    /// Issue 14: an output is refused when it is, contains or lies inside an input, however
+    /// spelled (`..`, not yet existing); a sibling with a common name prefix is not.
+    #[test]
+    fn outputs_apart_from_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("M");
+        std::fs::create_dir(&m).unwrap();
+        let input = [(m.as_path(), "--model_id")];
+        for (out, how) in [
+            (m.clone(), "is the input"),
+            (dir.path().join("M/../M"), "is the input"),
+            (dir.path().to_path_buf(), "contains the input"),
+            (m.join("new/deeper"), "lies inside the input"),
+        ] {
+            let e = ensure_apart(&out, "--save_path", &input)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(how) && e.contains("--model_id"),
+                "{}: {e}",
+                out.display()
+            );
+        }
+        for out in [dir.path().join("M2"), dir.path().join("out/M")] {
+            ensure_apart(&out, "--save_path", &input).unwrap();
+        }
+    }
+
+    /// Issue 14 case 9: a negative number is a value of any flag, checked by its parser.
+    #[test]
+    fn negative_numbers_are_values() {
+        #[derive(Parser, Debug)]
+        #[command(name = "n")]
+        struct N {
+            #[arg(long, value_parser = non_negative_number)]
+            tol: Option<f64>,
+            #[arg(long)]
+            steps: Option<i64>,
+        }
+        let p = |args: &[&str]| parse_args::<N>(args.iter().map(OsString::from).collect());
+        assert_eq!(p(&["n", "--steps", "-3"]).unwrap().steps, Some(-3));
+        for bad in ["-1", "nan", "inf"] {
+            let Err(ParseOutcome::Error(e)) = p(&["n", "--tol", bad]) else {
+                panic!("--tol {bad} accepted");
+            };
+            assert!(
+                e.contains("--tol") && !e.contains("unexpected argument"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

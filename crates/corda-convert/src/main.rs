@@ -97,6 +97,7 @@ struct Cli {
         long = "verify_tolerance",
         value_name = "REL",
         default_value_t = 1e-3,
+        value_parser = corda_cli::non_negative_number,
         help_heading = "Verify"
     )]
     verify_tolerance: f64,
@@ -114,22 +115,6 @@ struct Cli {
 fn main() -> ExitCode {
     corda_cli::handle_interrupts(corda_cli::OnInterrupt::Exit);
     corda_cli::main("warn", |cli: Cli| run(&cli))
-}
-
-/// Refuse to write over one of the inputs (it would destroy the adapter being converted).
-fn ensure_not_input(out: &Path, inputs: &[&Path]) -> Result<()> {
-    let canon = |p: &Path| p.canonicalize().ok();
-    if let Some(o) = canon(out) {
-        for i in inputs {
-            if canon(i).as_ref() == Some(&o) {
-                bail!(
-                    "{} is one of the input adapters; choose another output directory",
-                    out.display()
-                );
-            }
-        }
-    }
-    Ok(())
 }
 
 fn run(cli: &Cli) -> Result<()> {
@@ -172,19 +157,30 @@ fn run(cli: &Cli) -> Result<()> {
     if cli.base_model.is_none() && cli.hub.is_set() {
         bail!("--revision and --token are for fetching --base_model from the hub; pass --base_model too");
     }
-    let inputs = [cli.initial_adapter.as_path(), cli.trained_adapter.as_path()];
+    // Outputs must not replace or land in an input (it would destroy the adapter being
+    // converted, or the model merged into).
+    let mut inputs = vec![
+        (cli.initial_adapter.as_path(), "--initial_adapter"),
+        (cli.trained_adapter.as_path(), "--trained_adapter"),
+    ];
+    if let Some(b) = &base_dir {
+        inputs.push((b.as_path(), "--base_model"));
+    }
+    if let Some(r) = &cli.residual_model {
+        inputs.push((r.as_path(), "--residual_model"));
+    }
 
     // Claim every output first, so a refusal comes before any work and nothing is half-written.
     let lora_out = match &cli.output_dir {
         Some(dir) => {
-            ensure_not_input(dir, &inputs)?;
+            corda_cli::ensure_apart(dir, "--output_dir", &inputs)?;
             Some(corda_cli::output_dir(dir, cli.overwrite).context("preparing --output_dir")?)
         }
         None => None,
     };
     let merged_out = match (&cli.merge, &cli.merged_path) {
         (true, Some(dir)) => {
-            ensure_not_input(dir, &inputs)?;
+            corda_cli::ensure_apart(dir, "--merged_path", &inputs)?;
             if let Some(lora) = &cli.output_dir {
                 let split = corda_core::util::process::split_target;
                 if split(lora)? == split(dir)? {

@@ -264,7 +264,8 @@ fn mismatched_adapters_are_refused() {
 
     let other_r = edited_copy(tmp.path(), "other_r", "kpm/corda_init", |a| a.config.r = 4);
     let err = convert_fails(&other_r, &fx("kpm/trained"), &out);
-    assert!(err.contains("r is 4"), "{err}");
+    // Refused when read: its tensors have rank 8 (PEFT cannot load it either).
+    assert!(err.contains("implies r = 4"), "{err}");
 
     let narrow = edited_copy(tmp.path(), "narrow", "kpm/trained", |a| {
         let p = a
@@ -531,4 +532,73 @@ fn a_locked_output_is_refused_naming_the_holder() {
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("different directories"), "{stderr}");
     assert_eq!(entries(tmp.path()), Vec::<String>::new());
+}
+
+/// Issue 14 case 9: `--verify_tolerance nan` made every comparison pass; NaN, infinite and
+/// negative tolerances are refused up front naming the flag (a negative one was "unexpected
+/// argument '-1'"), and a wrong residual model fails verification with a finite one.
+/// Outputs over an input (an adapter, the base model) are refused.
+#[test]
+fn verify_tolerance_must_be_a_finite_non_negative_number() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let verify = |tol: &str, out: &Path| {
+        run(&[
+            "--initial_adapter",
+            &fx("kpm/corda_init"),
+            "--trained_adapter",
+            &fx("kpm/trained"),
+            "--output_dir",
+            out.to_str().unwrap(),
+            "--verify",
+            "--base_model",
+            &fx("base-model"),
+            "--residual_model",
+            &fx("ipm/residual-model"),
+            "--verify_tolerance",
+            tol,
+        ])
+    };
+    for tol in ["nan", "inf", "-1"] {
+        let o = verify(tol, &out);
+        let (stdout, stderr) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{tol}: {stdout}\n{stderr}");
+        assert!(
+            stderr.contains("--verify_tolerance") && stderr.contains("finite"),
+            "{tol}: {stderr}"
+        );
+        assert!(!out.exists());
+    }
+    // The wrong (IPM) residual model fails with a real tolerance.
+    let o = verify("1e-3", &out);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o).1);
+    assert!(!out.exists());
+
+    let base = fixtures().join("base-model");
+    for (path, expect) in [
+        (base.join("lora"), "lies inside the input --base_model"),
+        (
+            fixtures().join("kpm"),
+            "contains the input --initial_adapter",
+        ),
+    ] {
+        let o = run(&[
+            "--initial_adapter",
+            &fx("kpm/corda_init"),
+            "--trained_adapter",
+            &fx("kpm/trained"),
+            "--merge",
+            "--base_model",
+            &fx("base-model"),
+            "--merged_path",
+            path.to_str().unwrap(),
+        ]);
+        let (_, stderr) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("--merged_path") && stderr.contains(expect),
+            "{stderr}"
+        );
+    }
+    assert!(!base.join("lora").exists());
 }

@@ -51,6 +51,18 @@ fn load(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
+/// The string metadata of a safetensors file.
+fn metadata(path: &Path) -> HashMap<String, String> {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    meta.metadata().clone().unwrap_or_default()
+}
+
+/// Save `tensors` with `meta` (a file keeps its provenance through a damage).
+fn save_with(tensors: &HashMap<String, Tensor>, meta: &HashMap<String, String>, path: &Path) {
+    safetensors::serialize_to_file(tensors.iter(), Some(meta.clone()), path).unwrap();
+}
+
 fn run_mode(mode: CordaMode) {
     let (dir, file, template) = match mode {
         CordaMode::Kpm => ("kpm", "qa.jsonl", "{question}"),
@@ -146,7 +158,13 @@ fn run_mode(mode: CordaMode) {
     // The covariance file is reused: same adapter, no calibration needed.
     let again = out.path().join("again");
     std::fs::create_dir(&again).unwrap();
-    preprocess(&fixtures().join("base-model"), &[], &opts, Some(&again)).unwrap();
+    preprocess(
+        &fixtures().join("base-model"),
+        &samples(file, template),
+        &opts,
+        Some(&again),
+    )
+    .unwrap();
     let ad_again = Adapter::load(&again.join(CORDA_INIT_DIR)).unwrap();
     for (m, p) in &ad_ours.modules {
         assert_eq!(
@@ -195,7 +213,7 @@ fn decomposition_cache_roundtrip_and_rank_pattern() {
     assert_eq!(ad.scaling("model.layers.0.self_attn.q_proj"), 2.0 / 8.0);
     let b = out.path().join("b");
     std::fs::create_dir(&b).unwrap();
-    preprocess(&fixtures().join("base-model"), &[], &opts, Some(&b)).unwrap();
+    preprocess(&fixtures().join("base-model"), &s, &opts, Some(&b)).unwrap();
     assert_eq!(
         std::fs::read(a.join("corda_init/adapter_model.safetensors")).unwrap(),
         std::fs::read(b.join("corda_init/adapter_model.safetensors")).unwrap()
@@ -203,7 +221,7 @@ fn decomposition_cache_roundtrip_and_rank_pattern() {
     // A different rank cannot reuse the cache.
     opts.r = 4;
     opts.rank_pattern.clear();
-    let e = preprocess(&fixtures().join("base-model"), &[], &opts, None)
+    let e = preprocess(&fixtures().join("base-model"), &s, &opts, None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("cache"), "{e}");
@@ -420,6 +438,64 @@ fn reuse_of_files_from_another_model_or_calibration_is_refused() {
     assert_eq!(names, ["cache.safetensors", "cov.safetensors", "other"]);
 }
 
+/// Issue 14 case 3: a refused reuse names the calibration setting that differs; a file
+/// without provenance metadata, or a run without samples to compare, cannot be checked and is
+/// refused.
+#[test]
+fn reuse_names_the_differing_setting_and_needs_provenance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("base-model");
+    let qa = samples("qa.jsonl", "{question}");
+    let math = samples("math.jsonl", "{query}");
+    let settings = |d: &str, t: &str| {
+        vec![
+            ("dataset".to_string(), d.to_string()),
+            ("template".to_string(), t.to_string()),
+            ("seed".to_string(), "233".to_string()),
+        ]
+    };
+    for which in ["cache", "cov"] {
+        let path = tmp.path().join(format!("{which}.safetensors"));
+        let mut opts = PreprocessOptions::new(8);
+        if which == "cache" {
+            opts.cache_file = Some(path.clone());
+        } else {
+            opts.covariance_file = Some(path.clone());
+        }
+        opts.calibration_settings = settings("qa.jsonl", "{question}");
+        preprocess(&base, &qa, &opts, None).unwrap();
+        let mut other = opts.clone();
+        other.calibration_settings = settings("math.jsonl", "{query}");
+        let e = preprocess(&base, &math, &other, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("other calibration samples")
+                && e.contains("dataset `qa.jsonl` there, `math.jsonl` in this run")
+                && e.contains("template `{question}` there, `{query}` in this run")
+                && !e.contains("seed")
+                && e.contains(&path.display().to_string())
+                && e.contains("delete it"),
+            "{which}: {e}"
+        );
+        let e = preprocess(&base, &[], &opts, None).unwrap_err().to_string();
+        assert!(e.contains("cannot be checked"), "{which}: {e}");
+        // The same samples reuse it.
+        preprocess(&base, &qa, &opts, None).unwrap();
+        // Without its metadata it cannot be checked.
+        candle_core::safetensors::save(&load(&path), &path).unwrap();
+        let e = preprocess(&base, &qa, &opts, None).unwrap_err().to_string();
+        assert!(
+            e.contains("no corda provenance") && e.contains(&path.display().to_string()),
+            "{which}: {e}"
+        );
+        // Unless unchecked files are allowed (PEFT's covariances, say).
+        let mut unchecked = opts.clone();
+        unchecked.allow_unchecked_files = true;
+        preprocess(&base, &qa, &unchecked, None).unwrap();
+    }
+}
+
 /// A damaged decomposition cache (a missing entry, a wrong shape, NaN or negative singular
 /// values, vectors that are no singular vectors) is an error naming the problem, never a
 /// panic or a silently wrong model.
@@ -429,14 +505,10 @@ fn damaged_caches_are_refused() {
     let cache = tmp.path().join("cache.safetensors");
     let mut opts = PreprocessOptions::new(8);
     opts.cache_file = Some(cache.clone());
-    preprocess(
-        &fixtures().join("base-model"),
-        &samples("qa.jsonl", "{question}"),
-        &opts,
-        None,
-    )
-    .unwrap();
+    let s = samples("qa.jsonl", "{question}");
+    preprocess(&fixtures().join("base-model"), &s, &opts, None).unwrap();
     let good = load(&cache);
+    let meta = metadata(&cache);
     let m = "model.layers.0.self_attn.q_proj.eigens";
     type Damage<'a> = Box<dyn Fn(&mut HashMap<String, Tensor>) + 'a>;
     let cases: Vec<(&str, Damage)> = vec![
@@ -473,8 +545,8 @@ fn damaged_caches_are_refused() {
     for (expect, damage) in cases {
         let mut t = good.clone();
         damage(&mut t);
-        candle_core::safetensors::save(&t, &cache).unwrap();
-        let e = preprocess(&fixtures().join("base-model"), &[], &opts, None)
+        save_with(&t, &meta, &cache);
+        let e = preprocess(&fixtures().join("base-model"), &s, &opts, None)
             .unwrap_err()
             .to_string();
         assert!(e.contains(expect) && e.contains("q_proj"), "{expect}: {e}");

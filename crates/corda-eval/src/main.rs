@@ -220,7 +220,45 @@ fn ensure_parent(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Before any evaluation: the result files must not replace or land in a model or adapter
+/// being evaluated, be a directory, or be one file for both the JSON and the chart.
+fn check_outputs(a: &Args) -> Result<()> {
+    let mut inputs: Vec<(&Path, &str)> = vec![];
+    fn local(m: &str) -> Option<&Path> {
+        Some(Path::new(m)).filter(|p| p.exists())
+    }
+    inputs.extend(local(&a.model_name_or_path).map(|p| (p, "--model_name_or_path")));
+    inputs.extend(a.adapter.iter().map(|p| (p.as_path(), "--adapter")));
+    inputs.extend(
+        a.compare_model
+            .iter()
+            .filter_map(|m| local(m))
+            .map(|p| (p, "--compare_model")),
+    );
+    let chart = chart_path(a);
+    for (path, flag) in [
+        (a.output.as_deref(), "--output"),
+        (chart.as_deref(), "--chart"),
+    ] {
+        let Some(p) = path else { continue };
+        corda_cli::ensure_apart(p, flag, &inputs)?;
+        if p.is_dir() {
+            bail!("{flag} {} is a directory; give a file path", p.display());
+        }
+    }
+    if let (Some(o), Some(c)) = (&a.output, &chart) {
+        if o == c {
+            bail!(
+                "--output and the chart are both {}; give --chart another path (or --output a .json name)",
+                o.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run(a: &Args) -> Result<()> {
+    check_outputs(a)?;
     let spec = spec(a)?;
     let earlier = a
         .compare_with

@@ -389,3 +389,65 @@ fn builtin_c4_perplexity_reads_the_validation_shard_from_the_hub() {
     );
     assert!(rec["value"].as_f64().unwrap() > 1.0);
 }
+
+/// Issue 14 (extras, lost input): result files that would replace or land in a model or adapter
+/// being evaluated, a directory, or one file for both the JSON and the chart are refused before
+/// any evaluation; the inputs are left as they were.
+#[test]
+fn result_files_over_the_inputs_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = residual(tmp.path());
+    let adapter = tmp.path().join("A");
+    std::fs::create_dir(&adapter).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixtures().join("kpm/corda_init").join(f), adapter.join(f)).unwrap();
+    }
+    let config = out.join("config.json");
+    let before = std::fs::read(&config).unwrap();
+    let weights = adapter.join("adapter_model.safetensors");
+    for (flag, path, expect) in [
+        (
+            "--output",
+            config.clone(),
+            "lies inside the input --model_name_or_path",
+        ),
+        (
+            "--chart",
+            weights.clone(),
+            "lies inside the input --adapter",
+        ),
+        ("--output", tmp.path().to_path_buf(), "contains the input"),
+        (
+            "--output",
+            tmp.path().join("r.svg"),
+            "--output and the chart are both",
+        ),
+    ] {
+        let o = eval(&[
+            "--model_name_or_path",
+            out.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--eval_base",
+            "--task",
+            "ppl",
+            "--dataset",
+            &repo_file("tests/data/public_domain.txt"),
+            "--seq_len",
+            "128",
+            "--limit",
+            "1",
+            flag,
+            path.to_str().unwrap(),
+        ]);
+        let (_, stderr) = text(&o);
+        assert!(!o.status.success(), "{flag} {}", path.display());
+        assert!(stderr.contains(expect) && stderr.contains(flag), "{stderr}");
+    }
+    assert_eq!(std::fs::read(&config).unwrap(), before);
+    assert_eq!(
+        std::fs::read(&weights).unwrap(),
+        std::fs::read(fixtures().join("kpm/corda_init/adapter_model.safetensors")).unwrap()
+    );
+    assert!(!tmp.path().join("r.svg").exists());
+}

@@ -428,13 +428,19 @@ fn run(args: Args) -> Result<()> {
     }
     candle_core::cuda::set_gemm_reduced_precision_f32(args.tf32);
     let spec = finetune_spec(&args, device)?;
-    spec.check().with_context(|| {
+    let model_dir = spec.check().with_context(|| {
         if args.corda_mode {
             "--corda_mode true trains the adapter of a corda-preprocess output (run it first, or pass --corda_mode false --lora_r R for a plain LoRA)".to_string()
         } else {
             format!("--model_name_or_path {}", args.model_name_or_path)
         }
     })?;
+    // Checkpoints and ft/ must not land in (or over) the model they train on.
+    corda_cli::ensure_apart(
+        &config.output_dir,
+        "--output_dir",
+        &[(model_dir.as_path(), "--model_name_or_path")],
+    )?;
     // One run per output directory: a second one would mix its checkpoints with this one's.
     let _lock = OutputLock::acquire(&config.output_dir)?;
     if let Some(from) = &config.resume_from_checkpoint {

@@ -13,9 +13,14 @@ use hub_server::{hub_command, FakeRepo, HubServer};
 
 /// A corda-preprocess-like output directory: residual model + corda_init (+ tokenizer).
 fn corda_out(root: &Path) -> PathBuf {
-    let out = root.join("OUT");
+    corda_out_of(root, "OUT", "kpm")
+}
+
+/// [`corda_out`] of the fixture's `method` (`kpm` or `ipm`) run, in `root/name`.
+fn corda_out_of(root: &Path, name: &str, method: &str) -> PathBuf {
+    let out = root.join(name);
     std::fs::create_dir_all(out.join(CORDA_INIT_DIR)).unwrap();
-    let kpm = fixtures().join("kpm");
+    let kpm = fixtures().join(method);
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(kpm.join("residual-model").join(f), out.join(f)).unwrap();
     }
@@ -297,6 +302,28 @@ fn bad_input_fails_before_training() {
         (
             base_args(m, f, &d, &["--per_device_train_batch_size", "0"]),
             "per_device_train_batch_size must be at least 1",
+        ),
+        // Issue 14 case 9: negative numbers reach the flag's range check (they were "unexpected
+        // argument '-1'"), with --max_steps set too; non-finite values are refused.
+        (
+            base_args(m, f, &d, &["--num_train_epochs", "-1"]),
+            "num_train_epochs must be a finite number above 0",
+        ),
+        (
+            base_args(m, f, &d, &["--adam_epsilon", "-1"]),
+            "adam_epsilon must be a finite non-negative number",
+        ),
+        (
+            base_args(m, f, &d, &["--weight_decay", "inf"]),
+            "weight_decay must be a finite non-negative number",
+        ),
+        (
+            base_args(m, f, &d, &["--max_grad_norm", "inf"]),
+            "max_grad_norm must be a finite non-negative number",
+        ),
+        (
+            base_args(m, f, &d, &["--warmup_ratio", "-0.5"]),
+            "warmup_ratio (-0.5) must be non-negative",
         ),
     ];
     for (args, needle) in cases {
@@ -584,4 +611,103 @@ fn a_locked_output_dir_is_refused_naming_the_holder() {
     let o = finetune(&base_args(m, f, &d, &[]));
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!path.exists());
+}
+
+/// Issue 14 case 8 (finetune side): a checkpoint of a run trained from another residual model
+/// (KPM vs IPM) or of a plain LoRA is not resumed on this model's initial adapter, and the
+/// finished run's provenance stays as it was.
+#[test]
+fn resume_on_another_initial_adapter_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kpm = corda_out_of(tmp.path(), "KPM", "kpm");
+    let ipm = corda_out_of(tmp.path(), "IPM", "ipm");
+    let ft = tmp.path().join("FT");
+    let (f, d) = (ft.to_str().unwrap(), math());
+    let o = finetune(&base_args(kpm.to_str().unwrap(), f, &d, &[]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let provenance = std::fs::read(ft.join("ft/corda_provenance.json")).unwrap();
+    let ckpt = ft.join("checkpoint-2");
+    let c = ckpt.to_str().unwrap();
+    let base = fixtures().join("base-model");
+    for (model, extra, expect) in [
+        (
+            ipm.to_str().unwrap(),
+            vec![],
+            "kpm initial adapter but this model's is ipm",
+        ),
+        (
+            base.to_str().unwrap(),
+            vec!["--corda_mode", "False", "--lora_r", "8"],
+            "this run trains a plain LoRA",
+        ),
+    ] {
+        let mut args = extra.clone();
+        args.extend(["--resume_from_checkpoint", c, "--max_steps", "3"]);
+        let o = finetune(&base_args(model, f, &d, &args));
+        assert!(!o.status.success(), "resumed on {model}");
+        let err = stderr(&o);
+        assert!(
+            err.contains(expect) && err.contains("checkpoint-2"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(ft.join("ft/corda_provenance.json")).unwrap(),
+            provenance
+        );
+        assert!(!ft.join("checkpoint-3").exists());
+    }
+    // The model it was trained from resumes it.
+    let o = finetune(&base_args(
+        kpm.to_str().unwrap(),
+        f,
+        &d,
+        &["--resume_from_checkpoint", c, "--max_steps", "3"],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// Issue 14 (minor, extras): a corda_init whose adapter_config.json says r 4 while its tensors
+/// have rank 8 is refused before training (it trained and wrote an ft/ PEFT cannot load); an
+/// --output_dir that is, contains or lies inside the model is refused too.
+#[test]
+fn inconsistent_initial_adapter_and_output_in_the_model_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = corda_out(tmp.path());
+    let ft = tmp.path().join("FT");
+    let (m, f, d) = (model.to_str().unwrap(), ft.to_str().unwrap(), math());
+    let config = model.join(CORDA_INIT_DIR).join("adapter_config.json");
+    let good = std::fs::read_to_string(&config).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&good).unwrap();
+    cfg["r"] = 4.into();
+    std::fs::write(&config, cfg.to_string()).unwrap();
+    let o = finetune(&base_args(m, f, &d, &[]));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("implies r = 4") && stderr(&o).contains("adapter_config.json"),
+        "{}",
+        stderr(&o)
+    );
+    assert_nothing_trained(&ft);
+    std::fs::write(&config, good).unwrap();
+
+    let inner = model.join("run");
+    for (out, how) in [
+        (model.clone(), "is the input"),
+        (tmp.path().to_path_buf(), "contains the input"),
+        (inner.clone(), "lies inside the input"),
+    ] {
+        let o = finetune(&base_args(
+            m,
+            out.to_str().unwrap(),
+            &d,
+            &["--overwrite_output_dir"],
+        ));
+        assert!(!o.status.success(), "{}", out.display());
+        assert!(
+            stderr(&o).contains(how) && stderr(&o).contains("--model_name_or_path"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    assert!(!inner.exists() && !model.join("ft").exists());
 }

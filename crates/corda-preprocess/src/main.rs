@@ -11,6 +11,7 @@ use corda_cli::{
     key_alpha, key_rank, parse_device, parse_size, positive_count, positive_number, HubArgs,
 };
 use corda_core::adapter::Adapter;
+use corda_core::corda::plan::Plan;
 use corda_core::corda::{
     preprocess, CordaMode, CovariancePrecision, InitMethod, PreprocessOptions, PreprocessReport,
     REPORT_FILE,
@@ -21,7 +22,9 @@ use corda_core::eval::{
 };
 use corda_core::hub::Hub;
 use corda_core::layout::CORDA_INIT_DIR;
-use corda_core::model::{parse_dtype, resolve_model, TokenizerInfo, TARGET_PROJECTIONS};
+use corda_core::model::{
+    parse_dtype, resolve_model, ModelConfig, TokenizerInfo, TARGET_PROJECTIONS,
+};
 
 /// Build a CorDA adapter: covariance-oriented SVD of every target linear layer.
 ///
@@ -136,12 +139,15 @@ struct Args {
     /// Hold the covariance sum in the model's half dtype (half the memory; overflow is detected).
     #[arg(long = "use_float16_for_covariance", help_heading = "Files")]
     use_float16_for_covariance: bool,
-    /// Save covariances here, or reuse them when the file exists.
+    /// Save covariances here, or reuse them when the file exists (made from the same model and calibration data, else refused).
     #[arg(long = "covariance_file", help_heading = "Files")]
     covariance_file: Option<PathBuf>,
-    /// Save the decomposition here, or reuse it when the file exists.
+    /// Save the decomposition here, or reuse it when the file exists (made from the same model and calibration data, else refused).
     #[arg(long = "cache_file", help_heading = "Files")]
     cache_file: Option<PathBuf>,
+    /// Reuse a --covariance_file / --cache_file that has no corda provenance (e.g. PEFT's covariances converted to safetensors) without checking it against the model and calibration data.
+    #[arg(long = "allow_unchecked_files", help_heading = "Files")]
+    allow_unchecked_files: bool,
 
     /// Write the residual model and OUT/corda_init.
     #[arg(long = "save_model", help_heading = "Output")]
@@ -283,6 +289,7 @@ fn calibration_flags_given(args: &Args) -> Vec<&'static str> {
         ),
         (args.covariance_file.is_some(), "--covariance_file"),
         (args.cache_file.is_some(), "--cache_file"),
+        (args.allow_unchecked_files, "--allow_unchecked_files"),
     ]
     .into_iter()
     .filter_map(|(given, flag)| given.then_some(flag))
@@ -375,6 +382,21 @@ fn run(args: Args) -> Result<()> {
         "auto" => None,
         d => Some(parse_dtype(d).context("--dtype")?),
     };
+    // Outputs must not replace or land in the input model.
+    let input = [(model_dir.as_path(), "--model_id")];
+    for (path, flag) in [
+        (
+            args.save_path.as_ref().filter(|_| args.save_model),
+            "--save_path",
+        ),
+        (args.cache_file.as_ref(), "--cache_file"),
+        (args.covariance_file.as_ref(), "--covariance_file"),
+        (args.report_json.as_ref(), "--report_json"),
+    ] {
+        if let Some(p) = path {
+            corda_cli::ensure_apart(p, flag, &input)?;
+        }
+    }
     // Refuse an existing output before any work.
     let out = match (&args.save_model, &args.save_path) {
         (true, Some(p)) => Some(corda_cli::output_dir(p, args.overwrite)?),
@@ -410,15 +432,20 @@ fn run(args: Args) -> Result<()> {
     opts.base_model_name = args.model_id.clone();
     opts.progress = !args.quiet;
     opts.allow_degenerate_adapters = args.allow_degenerate_adapters;
+    opts.allow_unchecked_files = args.allow_unchecked_files;
     if args.use_float16_for_covariance {
         opts.covariance_precision = CovariancePrecision::ModelHalf;
     }
 
+    // Targets and ranks against the model's shapes (config.json), before the calibration data
+    // is read: `--r 100000` must not wait for it.
+    let cfg = ModelConfig::from_dir(&model_dir)
+        .with_context(|| format!("preprocessing {}", model_dir.display()))?;
+    Plan::new(&cfg, &opts.adapter_config()).context("--r / --rank_pattern / --target_modules")?;
     let calib_dataset = args.calib_dataset.as_deref().unwrap_or("wikitext2");
+    // A reused covariance file or cache is checked against the samples this run would
+    // calibrate on, so they are built in every CorDA run (tokenizing is cheap next to a pass).
     let samples = if !init.needs_calibration() {
-        vec![]
-    } else if let Some(what) = opts.reuses() {
-        eprintln!("reusing saved {what}: no calibration pass");
         vec![]
     } else {
         let tok = TokenizerInfo::load(&model_dir)?;
@@ -435,11 +462,30 @@ fn run(args: Args) -> Result<()> {
             seed: args.seed.unwrap_or(233),
             sampling: calib.sampling,
         };
+        let mut dataset = calib_dataset.to_string();
+        for f in &args.calib_data_files {
+            dataset.push_str(&format!(" + {}", f.display()));
+        }
+        opts.calibration_settings = [
+            ("--calib_dataset", dataset),
+            ("--calib_template", calib.template.as_str().to_string()),
+            (
+                "--calib_sampling",
+                format!("{:?}", copts.sampling).to_lowercase(),
+            ),
+            ("--calib_loader_size", copts.n.to_string()),
+            ("--calib_max_length", copts.max_length.to_string()),
+            ("--seed", copts.seed.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
         calibration_samples(&calib.rows, &calib.template, &tok.tokenizer, &copts)
             .context("building calibration samples")?
     };
     let tokens: usize = samples.iter().map(Vec::len).sum();
-    if !samples.is_empty() {
+    let reuses = opts.reuses();
+    if reuses.is_none() && !samples.is_empty() {
         eprintln!(
             "calibration: {} samples, {} tokens ({})",
             samples.len(),
@@ -449,6 +495,12 @@ fn run(args: Args) -> Result<()> {
     }
     let report = preprocess(&model_dir, &samples, &opts, out.as_ref().map(|o| o.path()))
         .with_context(|| format!("preprocessing {}", model_dir.display()))?;
+    if let Some(what) = reuses {
+        eprintln!(
+            "reused the saved {what}: no calibration pass (its provenance matches this model and these {} calibration samples)",
+            samples.len()
+        );
+    }
     let ppl_check = match (&ppl_ids, &out) {
         (Some(ids), Some(o)) => Some(verify_ppl(&args, ids, &model_dir, o.path(), &device)?),
         _ => None,

@@ -659,3 +659,171 @@ fn a_bad_weight_tensor_is_named_with_its_file() {
         assert!(!tmp.path().join("out").exists());
     }
 }
+
+/// Issue 14 case 3: a cache or covariance file made from other calibration data (dataset,
+/// template, sample count) is refused naming the flag that differs; one without corda
+/// provenance metadata cannot be checked and is refused too; the same calibration reuses it.
+#[test]
+fn reuse_with_other_calibration_or_without_provenance_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    for flag in ["--cache_file", "--covariance_file"] {
+        let file = tmp.path().join(format!("{}.safetensors", &flag[2..]));
+        let with_file = |out: &str, swap: &[(&str, &str)]| {
+            let mut args = base_args(&tmp.path().join(out));
+            args.extend([
+                "--overwrite".into(),
+                flag.into(),
+                file.display().to_string(),
+            ]);
+            for (k, v) in swap {
+                let i = args.iter().position(|a| a == k).unwrap();
+                args[i + 1] = v.to_string();
+            }
+            run(&args)
+        };
+        let (ok, err) = with_file("ref", &[]);
+        assert!(ok, "{err}");
+        let math = fixtures().join("data/math.jsonl");
+        for (swap, differs) in [
+            (
+                vec![
+                    ("--calib_dataset", math.to_str().unwrap()),
+                    ("--calib_template", "{query}"),
+                ],
+                "--calib_dataset",
+            ),
+            (
+                vec![("--calib_template", "Q: {question}")],
+                "--calib_template",
+            ),
+            (vec![("--calib_loader_size", "8")], "--calib_loader_size"),
+        ] {
+            let (ok, err) = with_file("other", &swap);
+            assert!(!ok, "{flag} reused with other {differs}: {err}");
+            assert!(
+                err.contains("other calibration samples")
+                    && err.contains(differs)
+                    && err.contains(&file.display().to_string())
+                    && err.contains("delete it"),
+                "{flag}: {err}"
+            );
+            assert!(!tmp.path().join("other").exists());
+        }
+        let (ok, err) = with_file("again", &[]);
+        assert!(ok, "{flag}: {err}");
+        assert!(err.contains("reused the saved"), "{err}");
+
+        // The same tensors without their metadata.
+        let t = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+        candle_core::safetensors::save(&t, &file).unwrap();
+        let (ok, err) = with_file("bare", &[]);
+        assert!(
+            !ok && err.contains("no corda provenance")
+                && err.contains(&file.display().to_string())
+                && err.contains("allow_unchecked_files"),
+            "{flag}: {err}"
+        );
+        assert!(!tmp.path().join("bare").exists());
+        // Reused unchecked when asked to (e.g. PEFT's covariances).
+        let unchecked = tmp.path().join("unchecked");
+        let mut args = base_args(&unchecked);
+        args.extend([
+            flag.into(),
+            file.display().to_string(),
+            "--allow_unchecked_files".into(),
+        ]);
+        let (ok, err) = run(&args);
+        assert!(ok && err.contains("reused the saved"), "{flag}: {err}");
+        std::fs::remove_file(&file).unwrap();
+        std::fs::remove_dir_all(&unchecked).unwrap();
+    }
+}
+
+/// Issue 14 case 9: negative numbers reach the flag's own check (they were "unexpected argument
+/// '-1'"), and ranks too large for the model's modules are refused from config.json, before the
+/// calibration data is read (here it does not exist).
+#[test]
+fn numeric_flags_are_checked_before_calibration() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let missing = tmp.path().join("missing.jsonl");
+    for (flag, value, expect) in [
+        ("--r", "-1", "--r"),
+        ("--lora_alpha", "-1", "--lora_alpha"),
+        ("--calib_loader_size", "-1", "--calib_loader_size"),
+        ("--verify_ppl_tolerance", "-1", "--verify_ppl_tolerance"),
+        ("--r", "100000", "rank 100000"),
+        ("--rank_pattern", "down_proj=1000", "rank 1000"),
+    ] {
+        let mut args = base_args(&out);
+        let i = args.iter().position(|a| a == "--calib_dataset").unwrap();
+        args[i + 1] = missing.display().to_string();
+        match args.iter().position(|a| a == flag) {
+            Some(i) => args[i + 1] = value.into(),
+            None => args.extend([flag.to_string(), value.to_string()]),
+        }
+        let (ok, err) = run(&args);
+        assert!(!ok, "{flag} {value} accepted");
+        assert!(
+            err.contains(expect)
+                && !err.contains("unexpected argument")
+                && !err.contains("missing.jsonl"),
+            "{flag} {value}: {err}"
+        );
+        assert!(!out.exists());
+    }
+}
+
+/// Issue 14 (extras, lost input): an output that is, contains or lies inside the input model
+/// is refused before any work, and the model is left as it was.
+#[test]
+fn outputs_over_the_input_model_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("M");
+    std::fs::create_dir(&model).unwrap();
+    for e in std::fs::read_dir(fixtures().join("base-model")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    let weights = std::fs::read(model.join("model.safetensors")).unwrap();
+    let with_model = |mut args: Vec<String>| {
+        let i = args.iter().position(|a| a == "--model_id").unwrap();
+        args[i + 1] = model.display().to_string();
+        args.push("--overwrite".into());
+        args
+    };
+    for (save, how) in [
+        (model.clone(), "is the input"),
+        (tmp.path().to_path_buf(), "contains the input"),
+        (model.join("residual"), "lies inside the input"),
+    ] {
+        let (ok, err) = run(&with_model(base_args(&save)));
+        assert!(!ok, "--save_path {}", save.display());
+        assert!(
+            err.contains(how) && err.contains("--save_path") && err.contains("--model_id"),
+            "{err}"
+        );
+    }
+    let mut args = with_model(base_args(&tmp.path().join("out")));
+    args.extend([
+        "--cache_file".into(),
+        model.join("model.safetensors").display().to_string(),
+    ]);
+    let (ok, err) = run(&args);
+    assert!(!ok && err.contains("--cache_file"), "{err}");
+    assert_eq!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        weights
+    );
+    only(
+        &model,
+        &[
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ],
+    );
+    assert!(!tmp.path().join("out").exists());
+}

@@ -27,6 +27,6 @@ pub use convert::{
     check_compatible, convert_to_lora, converted_config, delta_weight, delta_weights,
 };
 pub use merge::{merge_into_base, MergeReport};
-pub use provenance::{check_same_start, Provenance, PROVENANCE_FILE};
+pub use provenance::{check_resume, check_same_start, Provenance, PROVENANCE_FILE};
 pub use verify::{logits_with_adapter, verify_conversion, VerifyReport};
 pub use weights::{Adapter, LoraPair};

@@ -152,6 +152,49 @@ pub fn check_same_start(
     Ok(())
 }
 
+/// Refuse to resume a run that trains from `ours` (the initial CorDA adapter's provenance, or
+/// `None` for a plain LoRA) from the checkpoint `checkpoint_dir` of a run that started
+/// elsewhere: another initial adapter (another residual model, KPM vs IPM), a plain LoRA where
+/// this run is CorDA, or the reverse. The factors' shapes alone cannot tell them apart, and
+/// the resumed run would stamp its own provenance on the other run's adapter.
+pub fn check_resume(ours: Option<&Provenance>, checkpoint_dir: &Path) -> Result<()> {
+    let theirs = Provenance::read(checkpoint_dir)?;
+    let err = |why: String| {
+        Err(CordaError::Adapter(format!(
+            "cannot resume from {}: {why}; resume on the model it was trained from, or start a new run (another output directory)",
+            checkpoint_dir.display()
+        )))
+    };
+    match (ours, theirs) {
+        (None, None) => Ok(()),
+        (Some(_), None) => err(format!(
+            "it has no {PROVENANCE_FILE} (it was not written by a CorDA fine-tuning run), so it cannot be checked to start from this model's initial adapter"
+        )),
+        (None, Some(t)) => err(format!(
+            "it was fine-tuned from a CorDA initial adapter ({}, {}) but this run trains a plain LoRA",
+            t.corda_method.as_deref().unwrap_or("unknown method"),
+            short(&t.initial_adapter_sha256)
+        )),
+        (Some(o), Some(t)) => {
+            if o.corda_method.is_some() && t.corda_method.is_some() && o.corda_method != t.corda_method {
+                return err(format!(
+                    "it was fine-tuned from a {} initial adapter but this model's is {}",
+                    t.corda_method.as_deref().unwrap_or_default(),
+                    o.corda_method.as_deref().unwrap_or_default()
+                ));
+            }
+            if o.initial_adapter_sha256 != t.initial_adapter_sha256 {
+                return err(format!(
+                    "it was fine-tuned from another initial adapter than this model's (fingerprints {} and {})",
+                    short(&t.initial_adapter_sha256),
+                    short(&o.initial_adapter_sha256)
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
 fn short(h: &str) -> &str {
     &h[..h.len().min(12)]
 }

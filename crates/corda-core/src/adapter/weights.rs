@@ -189,12 +189,15 @@ impl Adapter {
                 )));
             }
             let expected = config.rank_for(&module);
+            // PEFT refuses such an adapter (size mismatch), and its scaling would be wrong here:
+            // training or converting it would only write another unloadable adapter.
             if pair.rank() != expected {
-                tracing::warn!(
-                    "{}: module `{module}` has rank {} but {CONFIG_FILE} implies r = {expected}; PEFT will refuse to load it",
+                return Err(CordaError::Adapter(format!(
+                    "{}: module `{module}` has rank {} but {CONFIG_FILE} implies r = {expected} (r / rank_pattern); PEFT refuses to load such an adapter. Make r / rank_pattern in {} match the tensors",
                     path.display(),
-                    pair.rank()
-                );
+                    pair.rank(),
+                    dir.join(CONFIG_FILE).display()
+                )));
             }
             modules.insert(module, pair);
         }

@@ -284,34 +284,96 @@ pub fn calibration_fingerprint(samples: &[Vec<u32>], precision: &str) -> String 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Provenance {
     pub model: String,
-    /// `None` when the run reuses a file and so has no samples of its own.
+    /// [`calibration_fingerprint`] of the run's samples; `None` when it has none (then a file
+    /// cannot be checked and is not reused).
     pub calibration: Option<String>,
+    /// The settings that produced the samples, (name, value), as the caller describes them
+    /// ([`super::PreprocessOptions::calibration_settings`] plus the covariance precision);
+    /// recorded so that a refused reuse can say which one differs.
+    pub settings: Vec<(String, String)>,
 }
 
 impl Provenance {
     pub const MODEL_KEY: &str = "corda_model";
     pub const CALIBRATION_KEY: &str = "corda_calibration";
+    pub const SETTINGS_KEY: &str = "corda_calibration_settings";
 
     /// The metadata entries to write.
     pub fn metadata(&self) -> Vec<(&'static str, String)> {
         let mut m = vec![(Self::MODEL_KEY, self.model.clone())];
         if let Some(c) = &self.calibration {
             m.push((Self::CALIBRATION_KEY, c.clone()));
+            let settings: serde_json::Map<String, serde_json::Value> = self
+                .settings
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            m.push((
+                Self::SETTINGS_KEY,
+                serde_json::Value::Object(settings).to_string(),
+            ));
         }
         m
     }
 
     /// Why a file with metadata `meta` cannot be reused by this run, if it cannot.
-    fn mismatch(&self, meta: &HashMap<String, String>) -> Option<String> {
-        if meta.get(Self::MODEL_KEY).is_some_and(|m| *m != self.model) {
+    /// `allow_unchecked`: reuse a file without provenance (with a warning) instead of refusing it.
+    fn mismatch(
+        &self,
+        meta: &HashMap<String, String>,
+        path: &Path,
+        allow_unchecked: bool,
+    ) -> Option<String> {
+        let (Some(model), Some(theirs)) =
+            (meta.get(Self::MODEL_KEY), meta.get(Self::CALIBRATION_KEY))
+        else {
+            if allow_unchecked {
+                tracing::warn!(
+                    "{} has no corda provenance; reused unchecked (allow_unchecked_files)",
+                    path.display()
+                );
+                return None;
+            }
+            return Some(format!(
+                "has no corda provenance ({} / {} metadata: it was not written by corda-preprocess, or by an older version), so whether it matches this model and calibration cannot be checked; if you know it does (e.g. PEFT's covariances), set allow_unchecked_files",
+                Self::MODEL_KEY,
+                Self::CALIBRATION_KEY
+            ));
+        };
+        if *model != self.model {
             return Some("was made from another model".into());
         }
-        match (meta.get(Self::CALIBRATION_KEY), &self.calibration) {
-            (Some(theirs), Some(ours)) if theirs != ours => {
-                Some("was made from other calibration samples".into())
-            }
-            _ => None,
+        let Some(ours) = &self.calibration else {
+            return Some(
+                "cannot be checked: this run has no calibration samples to compare with the ones that made it".into(),
+            );
+        };
+        if theirs == ours {
+            return None;
         }
+        let recorded: BTreeMap<String, String> = meta
+            .get(Self::SETTINGS_KEY)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default();
+        let differ: Vec<String> = self
+            .settings
+            .iter()
+            .filter_map(|(k, v)| {
+                let was = recorded
+                    .get(k)
+                    .map(String::as_str)
+                    .unwrap_or("(not recorded)");
+                (was != v).then(|| format!("{k} `{was}` there, `{v}` in this run"))
+            })
+            .collect();
+        Some(if differ.is_empty() {
+            "was made from other calibration samples (same recorded settings: the data itself differs)".into()
+        } else {
+            format!(
+                "was made from other calibration samples ({})",
+                differ.join("; ")
+            )
+        })
     }
 }
 
@@ -332,6 +394,7 @@ impl Reused {
         plan: &Plan,
         mode: CordaMode,
         provenance: &Provenance,
+        allow_unchecked: bool,
     ) -> Result<Self> {
         if let Some(p) = cache_file {
             if let Some((t, meta)) = load_existing(p, "decomposition cache")? {
@@ -341,7 +404,7 @@ impl Reused {
                         p.display()
                     ))
                 };
-                if let Some(why) = provenance.mismatch(&meta) {
+                if let Some(why) = provenance.mismatch(&meta, p, allow_unchecked) {
                     return Err(bad(why));
                 }
                 if let Some(m) = meta.get("corda_method").filter(|m| *m != mode.as_str()) {
@@ -383,7 +446,7 @@ impl Reused {
                         p.display()
                     ))
                 };
-                if let Some(why) = provenance.mismatch(&meta) {
+                if let Some(why) = provenance.mismatch(&meta, p, allow_unchecked) {
                     return Err(bad(why));
                 }
                 for target in plan.targets() {

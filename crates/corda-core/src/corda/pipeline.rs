@@ -51,9 +51,11 @@ pub struct PreprocessOptions {
     pub rank_pattern: BTreeMap<String, usize>,
     pub alpha_pattern: BTreeMap<String, f64>,
     pub covariance_precision: CovariancePrecision,
-    /// Saved after collection, or reused when it exists (then no forward pass runs).
+    /// Saved after collection, or reused when it exists (then no forward pass runs). A reused
+    /// file must record this model and these calibration samples (see [`Provenance`]).
     pub covariance_file: Option<PathBuf>,
-    /// Decomposition cache: saved, or reused when it exists (then neither forward nor SVD runs).
+    /// Decomposition cache: saved, or reused when it exists (then neither forward nor SVD runs),
+    /// with the same provenance check as the covariance file.
     pub cache_file: Option<PathBuf>,
     /// Storage / output dtype; `None` = the model's.
     pub dtype: Option<DType>,
@@ -68,6 +70,13 @@ pub struct PreprocessOptions {
     /// Write degenerate adapters (zero or numerically zero kept singular values, all-zero
     /// factors) instead of refusing them.
     pub allow_degenerate_adapters: bool,
+    /// What produced the calibration samples, (name, value) — dataset, template, sample count,
+    /// length, seed … as the caller names them. Recorded in a covariance file or cache so that
+    /// a reuse refused for other samples can say which setting differs.
+    pub calibration_settings: Vec<(String, String)>,
+    /// Reuse a covariance file or cache without corda provenance (e.g. PEFT's covariances),
+    /// unchecked, instead of refusing it.
+    pub allow_unchecked_files: bool,
 }
 
 impl PreprocessOptions {
@@ -103,6 +112,8 @@ impl PreprocessOptions {
             base_model_name: String::new(),
             progress: false,
             allow_degenerate_adapters: false,
+            calibration_settings: vec![],
+            allow_unchecked_files: false,
         }
     }
 
@@ -232,10 +243,14 @@ pub fn preprocess(
     let device = &opts.device;
     let adapter_cfg = opts.adapter_config();
     let plan = Plan::new(&cfg, &adapter_cfg)?;
+    let precision_name = format!("{precision:?}");
+    let mut settings = opts.calibration_settings.clone();
+    settings.push(("covariance precision".into(), precision_name.clone()));
     let provenance = Provenance {
         model: model_fingerprint(model_dir)?,
         calibration: (!samples.is_empty())
-            .then(|| calibration_fingerprint(samples, &format!("{precision:?}"))),
+            .then(|| calibration_fingerprint(samples, &precision_name)),
+        settings,
     };
     let reused = match opts.init {
         InitMethod::Corda(mode) => Reused::load(
@@ -244,6 +259,7 @@ pub fn preprocess(
             &plan,
             mode,
             &provenance,
+            opts.allow_unchecked_files,
         )?,
         _ => Reused::Nothing,
     };
@@ -387,7 +403,8 @@ pub fn preprocess(
         modules,
         layer_deviation,
         phases,
-        num_samples: samples.len(),
+        // Samples that went through the model (a reused file's run only checks them).
+        num_samples: if calibrate { samples.len() } else { 0 },
         num_tokens: hidden.as_ref().map_or(0, |h| h.num_tokens),
         dtype,
     };

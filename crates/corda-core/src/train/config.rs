@@ -227,11 +227,10 @@ impl TrainConfig {
         if self.max_steps == Some(0) {
             return bad("max_steps must be positive (leave it unset to train by epochs)".into());
         }
-        if self.max_steps.is_none()
-            && !(self.num_train_epochs > 0.0 && self.num_train_epochs.is_finite())
-        {
+        // Checked with max_steps set too (it is then unused): a bad value is a mistake.
+        if !(self.num_train_epochs > 0.0 && self.num_train_epochs.is_finite()) {
             return bad(format!(
-                "num_train_epochs must be positive, got {}",
+                "num_train_epochs must be a finite number above 0, got {}",
                 self.num_train_epochs
             ));
         }
@@ -252,9 +251,9 @@ impl TrainConfig {
                 "save_total_limit must be at least 1 (or unset to keep every checkpoint)".into(),
             );
         }
-        if self.max_grad_norm.is_nan() || self.max_grad_norm < 0.0 {
+        if !(self.max_grad_norm >= 0.0 && self.max_grad_norm.is_finite()) {
             return bad(format!(
-                "max_grad_norm must be non-negative, got {}",
+                "max_grad_norm must be a finite non-negative number, got {}",
                 self.max_grad_norm
             ));
         }
@@ -284,11 +283,12 @@ fn check_adamw(c: &AdamWConfig) -> Result<()> {
             c.beta1, c.beta2
         )));
     }
-    if c.eps.is_nan() || c.eps < 0.0 || c.weight_decay.is_nan() || c.weight_decay < 0.0 {
-        return Err(CordaError::Invalid(format!(
-            "adam_epsilon and weight_decay must be non-negative, got {} and {}",
-            c.eps, c.weight_decay
-        )));
+    for (name, v) in [("adam_epsilon", c.eps), ("weight_decay", c.weight_decay)] {
+        if !(v >= 0.0 && v.is_finite()) {
+            return Err(CordaError::Invalid(format!(
+                "{name} must be a finite non-negative number, got {v}"
+            )));
+        }
     }
     Ok(())
 }

@@ -335,6 +335,7 @@ impl<'a, M: TrainableModel> Trainer<'a, M> {
         let dir = resolve_resume(&cfg.output_dir, from)?;
         let ckpt = Checkpoint::load(&dir)?;
         ckpt.restore_adapter(&run.factors)?;
+        crate::adapter::check_resume(self.provenance.as_ref(), &dir)?;
         ckpt.load_optimizer(&mut run.optimizer)?;
         warn_on_changed_run(&ckpt, &run.progress, &run.schedule);
         // Position and running sums from the checkpoint; the settings of this run.
