@@ -29,7 +29,7 @@ struct CrossEntropyRows {
 
 fn row_logsumexp(row: &[f32]) -> f32 {
     let max = exp::max(row);
-    let sum = exp::sum(&row.iter().map(|v| exp::exp(v - max)).collect::<Vec<_>>());
+    let sum: f32 = row.iter().map(|v| exp::exp(v - max)).sum();
     max + sum.ln()
 }
 
@@ -77,6 +77,11 @@ impl CustomOp1 for CrossEntropyRows {
         }
         Ok(Some(Tensor::from_vec(out, (n, v), arg.device())?))
     }
+}
+
+/// The kept gradient's lock was poisoned by a panic elsewhere: an error, not a second panic.
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("head cross-entropy: the kept gradient's lock is poisoned".into())
 }
 
 /// Rows of logits computed at once by [`HeadCrossEntropy`]: 256 × 32k float32 is 32 MB.
@@ -136,7 +141,7 @@ impl CustomOp1 for HeadCrossEntropy {
             let g = faer_product(&z, rows, v, w);
             grad[r0 * d..(r0 + rows) * d].copy_from_slice(&g);
         }
-        *self.grad.lock().expect("head cross-entropy gradient lock") = Some(grad);
+        *self.grad.lock().map_err(|_| poisoned())? = Some(grad);
         Ok((CpuStorage::F32(losses), Shape::from(n)))
     }
 
@@ -147,12 +152,7 @@ impl CustomOp1 for HeadCrossEntropy {
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let (n, d) = arg.dims2()?;
-        let Some(mut grad) = self
-            .grad
-            .lock()
-            .expect("head cross-entropy gradient lock")
-            .take()
-        else {
+        let Some(mut grad) = self.grad.lock().map_err(|_| poisoned())?.take() else {
             candle_core::bail!("head cross-entropy: a second backward pass through one forward")
         };
         let g = grad_res.to_dtype(DType::F32)?.to_vec1::<f32>()?;
