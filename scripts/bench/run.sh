@@ -5,7 +5,7 @@
 #   scripts/bench/run.sh                  # everything below, results in scripts/bench/out/results.md
 #
 # Stages (STAGES, space-separated, default all; they run in the order pre ft gc ftseq bf16 prescale
-# cov mem alloc perf perf1 perf2 big, about 2 hours on the 2-core machine):
+# real cov mem alloc perf perf1 perf2 big, about 2 hours on the 2-core machine):
 #   pre    4 layers, hidden 1024, intermediate 2816, 16 heads, vocab 32000, float32; for each
 #          N in $SAMPLES: corda-preprocess and PEFT preprocess_corda + get_peft_model (+ save, as
 #          PEFT's example does), N x 256 tokens, r 64, KPM; A, B alternating for $ROUNDS rounds.
@@ -21,6 +21,10 @@
 #   prescale  preprocess time per layer: one-layer models of hidden $SCALE_HIDDEN (intermediate
 #          and heads as in Llama-family models of that width), $SCALE_N x 256 tokens; and the
 #          4-layer model at $SCALE_SAMPLES x 256 tokens; PEFT beside each ($SCALE_PEFT=1).
+#   real   the real model: $REAL_GGUF (SmolLM2-135M-Instruct, 30 layers, hidden 576) dequantised to
+#          a float32 Hugging Face directory by the gguf2hf.py beside it; the first $REAL_N questions
+#          of tests/data/knowledge.jsonl, one sample per row, KPM r 16 alpha 32: corda-preprocess and
+#          PEFT, A, B alternating for $ROUNDS rounds (the issue's real-model row).
 #   cov    covariance throughput: corda-preprocess with target_modules q_proj (one input site)
 #          vs q_proj,o_proj,gate_proj,down_proj (all four sites), with --calib_batch_size 1 (PEFT's)
 #          and 4 (rank-1024 instead of rank-256 updates); the calibration phase grows by
@@ -48,7 +52,7 @@
 # REUSE_BIN=1 (keep OUT/bin from an earlier run: add stages with the same binaries),
 # GC_SEQ (512: stage gc, gradient checkpointing on and off), FT_SEQS ("128 256 512 1024": stage
 # ftseq, tokens/s against the sequence length), SCALE_HIDDEN, SCALE_N, SCALE_SAMPLES, SCALE_PEFT
-# (stage prescale).
+# (stage prescale), REAL_GGUF, REAL_N (64) (stage real).
 # Smoke test: OUT=/tmp/bsmoke M1_SHAPE="2 128 352 4" SAMPLES=4 ROUNDS=1 STAGES="pre ft cov perf" \
 #   QUIET_PCT=101 WAIT_MAX=0 SKIP_BUILD=1 scripts/bench/run.sh
 set -uo pipefail
@@ -70,8 +74,10 @@ SCALE_HIDDEN="${SCALE_HIDDEN:-576 1024 2048 4096}"
 SCALE_N="${SCALE_N:-16}"
 SCALE_SAMPLES="${SCALE_SAMPLES:-4 16 64}"
 SCALE_PEFT="${SCALE_PEFT:-1}"
+REAL_GGUF="${REAL_GGUF:-$ROOT/../shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf}"
+REAL_N="${REAL_N:-64}"
 THREADS="${THREADS:-2}"
-STAGES="${STAGES:-pre ft gc ftseq bf16 prescale cov mem alloc perf perf1 perf2 big}"
+STAGES="${STAGES:-pre ft gc ftseq bf16 prescale real cov mem alloc perf perf1 perf2 big}"
 QUIET_PCT="${QUIET_PCT:-15}"
 WAIT_MAX="${WAIT_MAX:-3600}"
 PY="${PY:-$HERE/.venv/bin/python}"
@@ -289,6 +295,35 @@ if has_stage bf16; then  # bfloat16 frozen weights against float32, each side of
     ours_ft "bf16ft_f32_r${round}" "$M1"
     ours_ft "bf16ft_bf16_r${round}" "$M1" "$SEQ" "$M1/data" --bf16 true
   done
+fi
+
+if has_stage real; then  # the real model, real questions (short rows: one sample per question)
+  RD="$OUT/models/real"
+  if [ ! -f "$RD/.ready" ]; then
+    rm -rf "$RD"; mkdir -p "$RD"
+    "$PY" "$(dirname "$REAL_GGUF")/gguf2hf.py" "$REAL_GGUF" "$RD/model" float32 >&2 \
+      && head -n "$REAL_N" "$ROOT/tests/data/knowledge.jsonl" > "$RD/questions.jsonl" \
+      && python3 -c 'import json, sys
+with open(sys.argv[2], "w") as f:
+    for l in open(sys.argv[1]):
+        if l.strip(): f.write(json.dumps({"text": json.loads(l)["question"]}) + "\n")' \
+        "$RD/questions.jsonl" "$RD/text.jsonl" \
+      && touch "$RD/.ready"
+  fi
+  if [ -f "$RD/.ready" ]; then
+    for round in $(seq 1 "$ROUNDS"); do
+      run "real_ours_r${round}" "$BIN/corda-preprocess" --model_id "$RD/model" --r 16 --lora_alpha 32 \
+        --calib_dataset "$RD/questions.jsonl" --calib_template "{question}" --calib_loader_size "$REAL_N" \
+        --calib_max_length 128 --save_model --save_path "$OUT/tmp/ours_real" --overwrite --quiet \
+        --report_json "$RUNS/real_ours_r${round}.json"
+      rm -rf "$OUT/tmp/peft_real"
+      run "real_peft_r${round}" "$PY" "$HERE/peft_preprocess.py" --model "$RD/model" --calib "$RD/text.jsonl" \
+        --n "$REAL_N" --seq 128 --rows --r 16 --mode kpm --threads "$THREADS" --save_dir "$OUT/tmp/peft_real" \
+        --skip_forward_only --out "$RUNS/real_peft_r${round}.json"
+    done
+  else
+    log "stage real skipped: could not convert $REAL_GGUF (is it there? does $PY have the gguf package? scripts/bench/setup_reference.sh installs it)"
+  fi
 fi
 
 if has_stage cov; then
