@@ -421,7 +421,7 @@ struct Kept {
 /// thread, 1024–2816 wide), and only r are kept. Those r come from the short side as `M·v/σ`
 /// (tall `M`) or `Mᵀ·u/σ` (wide), with an error of ~ε·σ_max/σ along the other components, which
 /// the residuals in [`Spectrum`] measure. That amplification rules it out for KPM's smallest
-/// components (measured: the fixture's o_proj error estimate went from ~1e-10 to 1.1e-6), and for
+/// components (measured: the fixture's o_proj error estimate rose to 1.1e-6, over its 1e-6), and for
 /// any kept σ below [`ONE_SIDED_FLOOR`]·σ_max, where both sides come from the full SVD.
 fn svd_crop(m: MatRef<'_, f64>, r: usize, largest: bool, module: &str, par: Par) -> Result<Kept> {
     let (rows, cols) = m.shape();
