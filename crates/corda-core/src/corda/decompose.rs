@@ -429,13 +429,19 @@ fn svd_crop(m: MatRef<'_, f64>, r: usize, largest: bool, module: &str, par: Par)
     let start = if largest { 0 } else { k - r };
     let no_convergence =
         |e| CordaError::Numerics(format!("{module}: SVD did not converge ({e:?})"));
-    let not_finite = || CordaError::Numerics(format!("{module}: singular values are not finite"));
+    let finite = |s: faer::ColRef<'_, f64>| {
+        if s.iter().all(|v| v.is_finite()) {
+            Ok(())
+        } else {
+            Err(CordaError::Numerics(format!(
+                "{module}: singular values are not finite"
+            )))
+        }
+    };
     if largest {
         let tall = rows >= cols;
         let (s_all, short) = short_side_svd(m, tall).map_err(no_convergence)?;
-        if (0..k).any(|i| !s_all[i].is_finite()) {
-            return Err(not_finite());
-        }
+        finite(s_all.as_ref())?;
         let s: Vec<f64> = (0..r).map(|i| s_all[i]).collect();
         if s[r - 1] >= ONE_SIDED_FLOOR * s_all[0] {
             let short = short.subcols(0, r).to_owned();
@@ -463,9 +469,7 @@ fn svd_crop(m: MatRef<'_, f64>, r: usize, largest: bool, module: &str, par: Par)
     }
     let svd = m.thin_svd().map_err(no_convergence)?;
     let s_all = svd.S().column_vector();
-    if (0..k).any(|i| !s_all[i].is_finite()) {
-        return Err(not_finite());
-    }
+    finite(s_all)?;
     let s: Vec<f64> = (start..start + r).map(|i| s_all[i]).collect();
     let u = svd.U().subcols(start, r).to_owned();
     let v = svd.V().subcols(start, r).to_owned();
