@@ -37,6 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--calib", required=True, help="jsonl with a text field per row")
+    ap.add_argument("--text_field", default="text", help="the field of each row to tokenize")
     ap.add_argument("--n", type=int, default=16, help="calibration samples")
     ap.add_argument("--seq", type=int, default=256, help="tokens per sample")
     ap.add_argument("--rows", action="store_true",
@@ -68,7 +69,7 @@ def main() -> None:
     # Identical token ids to corda-preprocess --calib_sampling rows --calib_max_length SEQ.
     tok = Tokenizer.from_file(os.path.join(a.model, "tokenizer.json"))
     rows = [json.loads(l) for l in open(a.calib) if l.strip()][: a.n]
-    samples = [tok.encode(r["text"]).ids[: a.seq] for r in rows]
+    samples = [tok.encode(r[a.text_field]).ids[: a.seq] for r in rows]
     if len(samples) < a.n or (not a.rows and any(len(s) != a.seq for s in samples)):
         sys.exit(f"calibration file gives {len(samples)} samples of lengths {sorted({len(s) for s in samples})}, "
                  f"need {a.n} x {a.seq}")

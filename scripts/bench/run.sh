@@ -303,11 +303,6 @@ if has_stage real; then  # the real model, real questions (short rows: one sampl
     rm -rf "$RD"; mkdir -p "$RD"
     "$PY" "$(dirname "$REAL_GGUF")/gguf2hf.py" "$REAL_GGUF" "$RD/model" float32 >&2 \
       && head -n "$REAL_N" "$ROOT/tests/data/knowledge.jsonl" > "$RD/questions.jsonl" \
-      && python3 -c 'import json, sys
-with open(sys.argv[2], "w") as f:
-    for l in open(sys.argv[1]):
-        if l.strip(): f.write(json.dumps({"text": json.loads(l)["question"]}) + "\n")' \
-        "$RD/questions.jsonl" "$RD/text.jsonl" \
       && touch "$RD/.ready"
   fi
   if [ -f "$RD/.ready" ]; then
@@ -317,8 +312,8 @@ with open(sys.argv[2], "w") as f:
         --calib_max_length 128 --save_model --save_path "$OUT/tmp/ours_real" --overwrite --quiet \
         --report_json "$RUNS/real_ours_r${round}.json"
       rm -rf "$OUT/tmp/peft_real"
-      run "real_peft_r${round}" "$PY" "$HERE/peft_preprocess.py" --model "$RD/model" --calib "$RD/text.jsonl" \
-        --n "$REAL_N" --seq 128 --rows --r 16 --mode kpm --threads "$THREADS" --save_dir "$OUT/tmp/peft_real" \
+      run "real_peft_r${round}" "$PY" "$HERE/peft_preprocess.py" --model "$RD/model" --calib "$RD/questions.jsonl" \
+        --text_field question --n "$REAL_N" --seq 128 --rows --r 16 --mode kpm --threads "$THREADS" --save_dir "$OUT/tmp/peft_real" \
         --skip_forward_only --out "$RUNS/real_peft_r${round}.json"
     done
   else

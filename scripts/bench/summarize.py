@@ -373,24 +373,22 @@ if ro or rp:
     print("## Preprocess on the real model (SmolLM2-135M-Instruct, float32, KPM r 16, one sample per question)\n")
     print(cpu_note(ro, rp))
     oj, pj = [load_json(x) for x in ro], [load_json(x) for x in rp]
+    (ow, orss), (pw, prss) = ([[time_file(x)[i] for x in ns] for i in (0, 1)] for ns in (ro, rp))
     print("Whole-process wall and peak RSS (/usr/bin/time); corda's phases from its report, PEFT's from "
           "peft_preprocess.py (calibration hooks, then the damping loop and SVDs).\n")
     print("| side | rounds | wall (s) | peak RSS (GB) | calibration (s) | decomposition (s) | worst error estimate |")
     print("|---|---|---|---|---|---|---|")
     worst = [((j or {}).get("decomposition") or {}).get("max_error_estimate") for j in oj]
     worst = [w for w in worst if w is not None]
-    print(f"| corda-preprocess | {len(ro)} | {spread([time_file(x)[0] for x in ro])} | "
-          f"{gb(med([time_file(x)[1] for x in ro]))} | {spread([phase(j, CAL) for j in oj])} | "
-          f"{spread([phase(j, DEC) for j in oj])} (not overlapped) | "
-          f"{f'{max(worst):.1e}' if worst else '–'} |")
-    print(f"| PEFT | {len(rp)} | {spread([time_file(x)[0] for x in rp])} | {gb(med([time_file(x)[1] for x in rp]))} | "
+    print(f"| corda-preprocess | {len(ro)} | {spread(ow)} | {gb(med(orss))} | {spread([phase(j, CAL) for j in oj])} | "
+          f"{spread([phase(j, DEC) for j in oj])} (not overlapped) | {f'{max(worst):.1e}' if worst else '–'} |")
+    print(f"| PEFT | {len(rp)} | {spread(pw)} | {gb(med(prss))} | "
           f"{spread([(j or {}).get('calibration_seconds') for j in pj])} | "
           f"{spread([(j or {}).get('decomposition_seconds') for j in pj])} | – |")
     print()
-    ow, pw = med([time_file(x)[0] for x in ro]), med([time_file(x)[0] for x in rp])
-    rr = ratio(med([time_file(x)[1] for x in ro]), med([time_file(x)[1] for x in rp]))
-    print(f"- wall ratio ours/PEFT: {ratio(ow, pw)} (target ≤ 0.25x): "
-          f"{verdict(ow / pw if ow and pw else None, 0.25)}; peak RSS ratio: {rr}\n")
+    mo, mp = med(ow), med(pw)
+    print(f"- wall ratio ours/PEFT: {ratio(mo, mp)} (target ≤ 0.25x): "
+          f"{verdict(mo / mp if mo and mp else None, 0.25)}; peak RSS ratio: {ratio(med(orss), med(prss))}\n")
 
 # ---------------------------------------------------------------- covariance throughput
 cands = sorted(glob.glob(os.path.join(RUNS, "cov_q_n*_r*.time")))
