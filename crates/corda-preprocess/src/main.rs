@@ -580,6 +580,9 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+#[global_allocator]
+static ALLOC: corda_core::util::alloc::HugePageAlloc = corda_core::util::alloc::HugePageAlloc;
+
 fn main() -> std::process::ExitCode {
     corda_core::util::alloc::release_large_blocks_promptly();
     corda_cli::handle_interrupts(corda_cli::OnInterrupt::Exit);

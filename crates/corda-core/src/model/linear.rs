@@ -91,8 +91,10 @@ impl TargetLinear {
         let d_in = *dims.last().expect("rank >= 1");
         let rows = x.elem_count() / d_in;
         let x2 = x.reshape((rows, d_in))?;
+        // A widened bfloat16 weight fuses too, its product rounded as a bfloat16 one.
+        let bf16_base = self.widened_from == Some(DType::BF16);
         let fused = self.lora.as_ref().filter(|_| {
-            self.widened_from.is_none()
+            (self.widened_from.is_none() || bf16_base)
                 && x2.device().is_cpu()
                 && x2.dtype() == DType::F32
                 && self.weight.dtype() == DType::F32
@@ -104,6 +106,7 @@ impl TargetLinear {
                 l.a.as_tensor(),
                 l.b.as_tensor(),
                 l.scaling,
+                bf16_base,
             )?,
             (None, Some(dtype)) => super::widened::rounded_matmul_t(&x2, &self.weight, dtype)?,
             (None, None) => match &self.weight_t {

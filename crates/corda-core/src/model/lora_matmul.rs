@@ -7,20 +7,29 @@
 //! gradient where the input needs none (the first layer's), and keeps nothing but the op's
 //! inputs (`x Aᵀ`, (rows × r), is recomputed). All products go through faer (AVX-512 where
 //! the CPU has it, chosen at run time).
+//!
+//! For a float32 copy of a bfloat16 weight ([`super::widened`]) the frozen product rounds as a
+//! bfloat16 product does (input and result rounded to bfloat16) before the float32 LoRA branch
+//! is added: the same numbers as the unfused widened linear, without its three extra
+//! output-sized tensors (bfloat16 training then runs at float32 speed).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use faer::{Accum, MatMut, MatRef, Par};
 
 use super::frozen::{f32_slice, faer_product};
+use super::widened::round_bf16;
 
 /// `x Wᵀ + scaling · (x Aᵀ) Bᵀ` for contiguous float32 CPU `x` (m, d_in), `w` (d_out, d_in),
-/// `a` (r, d_in), `b` (d_out, r); gradients for `x`, `a` and `b`.
+/// `a` (r, d_in), `b` (d_out, r); gradients for `x`, `a` and `b`. With `bf16_base`, `w` holds
+/// bfloat16 values and `x Wᵀ` is rounded as a bfloat16 product (see the module doc); the
+/// gradients pass straight through the rounding, as through a cast.
 pub fn lora_matmul_t(
     x: &Tensor,
     w: &Tensor,
     a: &Tensor,
     b: &Tensor,
     scaling: f64,
+    bf16_base: bool,
 ) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op3(
         &a.contiguous()?,
@@ -28,6 +37,7 @@ pub fn lora_matmul_t(
         LoraMatmulT {
             w: w.contiguous()?,
             scaling: scaling as f32,
+            bf16_base,
         },
     )
 }
@@ -36,6 +46,8 @@ struct LoraMatmulT {
     /// (d_out, d_in), contiguous float32.
     w: Tensor,
     scaling: f32,
+    /// Round the frozen product's input and result to bfloat16.
+    bf16_base: bool,
 }
 
 fn mul(dst: MatMut<'_, f32>, accum: Accum, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>, alpha: f32) {
@@ -94,7 +106,15 @@ impl CustomOp3 for LoraMatmulT {
         ) else {
             candle_core::bail!("lora matmul: expected contiguous float32 tensors")
         };
-        let mut y = faer_product(x, m, k, rows(w, n, k).transpose());
+        let wt = rows(w, n, k).transpose();
+        let mut y = if self.bf16_base {
+            let xr: Vec<f32> = x.iter().map(|&v| round_bf16(v)).collect();
+            let mut y = faer_product(&xr, m, k, wt);
+            y.iter_mut().for_each(|v| *v = round_bf16(*v));
+            y
+        } else {
+            faer_product(x, m, k, wt)
+        };
         let xa = faer_product(x, m, k, rows(a, r, k).transpose());
         mul(
             MatMut::from_row_major_slice_mut(&mut y, m, n),
@@ -198,7 +218,7 @@ mod tests {
         let b = Var::from_vec(data(n * r, 4), (n, r), &dev).unwrap();
         let s = 2.5;
         let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
-        let fused = lora_matmul_t(xt, &w, at, bt, s).unwrap();
+        let fused = lora_matmul_t(xt, &w, at, bt, s, false).unwrap();
         let composed = (xt.matmul(&w.t().unwrap()).unwrap()
             + (xt
                 .matmul(&at.t().unwrap())
@@ -217,12 +237,58 @@ mod tests {
             .unwrap();
         crate::util::tensor::assert_same_gradients(&fused, &composed, &g, &[xt, at, bt], 1e-5);
         // No input gradient where the input is a constant.
-        let gf = lora_matmul_t(&xt.detach(), &w, at, bt, s)
+        let gf = lora_matmul_t(&xt.detach(), &w, at, bt, s, false)
             .unwrap()
             .sum_all()
             .unwrap()
             .backward()
             .unwrap();
         assert!(gf.get(at).is_some() && gf.get(bt).is_some());
+    }
+
+    #[test]
+    fn bf16_base_matches_the_unfused_widened_linear_and_its_gradients() {
+        let dev = Device::Cpu;
+        let (m, k, n, r) = (29, 48, 33, 4);
+        let data = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((((i * 53 + seed * 17) % 97) as f32 - 48.0) / 13.0).sin() * 3.0)
+                .collect()
+        };
+        let x = Var::from_vec(data(m * k, 1), (m, k), &dev).unwrap();
+        // A bfloat16 weight, widened exactly.
+        let w = Tensor::from_vec(data(n * k, 2), (n, k), &dev)
+            .unwrap()
+            .to_dtype(candle_core::DType::BF16)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        let a = Var::from_vec(data(r * k, 3), (r, k), &dev).unwrap();
+        let b = Var::from_vec(data(n * r, 4), (n, r), &dev).unwrap();
+        let s = 0.75;
+        let (xt, at, bt) = (x.as_tensor(), a.as_tensor(), b.as_tensor());
+        let fused = lora_matmul_t(xt, &w, at, bt, s, true).unwrap();
+        let base =
+            super::super::widened::rounded_matmul_t(xt, &w, candle_core::DType::BF16).unwrap();
+        let composed = (base
+            + (xt
+                .matmul(&at.t().unwrap())
+                .unwrap()
+                .matmul(&bt.t().unwrap())
+                .unwrap()
+                * s)
+                .unwrap())
+        .unwrap();
+        assert!(max_rel(&fused, &composed) < 1e-6);
+        // The rounding is real: the float32 product differs at bfloat16's precision.
+        let plain = lora_matmul_t(xt, &w, at, bt, s, false).unwrap();
+        assert!(max_rel(&fused, &plain) > 1e-4);
+        let g = Tensor::arange(0f32, (m * n) as f32, &dev)
+            .unwrap()
+            .reshape((m, n))
+            .unwrap()
+            .cos()
+            .unwrap();
+        crate::util::tensor::assert_same_gradients(&fused, &composed, &g, &[xt, at, bt], 1e-5);
     }
 }

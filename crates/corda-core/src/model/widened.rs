@@ -22,7 +22,7 @@ use crate::Result;
 
 /// `v` rounded to the nearest bfloat16 (ties to even), as float32: `half::bf16::from_f32`
 /// without its branch, so the loop vectorizes. NaN stays NaN.
-fn round_bf16(v: f32) -> f32 {
+pub(super) fn round_bf16(v: f32) -> f32 {
     let b = v.to_bits();
     let r = f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000);
     if v.is_nan() {
@@ -88,12 +88,16 @@ impl TargetLinear {
 }
 
 impl CausalLM {
-    /// Every decoder layer's bfloat16 projection weights replaced by float32 copies, for
-    /// fine-tuning on the CPU: one float32 model in memory instead of a bfloat16 one plus a
-    /// widened copy of each weight made on every product, and the same bfloat16 products.
+    /// Every decoder layer's bfloat16 projection weights, and a bfloat16 LM head, replaced by
+    /// float32 copies, for fine-tuning on the CPU: one float32 model in memory instead of a
+    /// bfloat16 one plus a widened copy of each weight made on every product (the head's was
+    /// 4 bytes × vocab × hidden per step), and the same products.
     pub fn widen_layers(&mut self) -> Result<()> {
         for layer in &mut self.layers {
             *layer = layer.widened()?;
+        }
+        if self.lm_head.dtype() == DType::BF16 && self.lm_head.device().is_cpu() {
+            self.lm_head = self.lm_head.to_dtype(DType::F32)?;
         }
         Ok(())
     }
