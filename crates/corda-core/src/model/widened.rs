@@ -32,6 +32,11 @@ pub(super) fn round_bf16(v: f32) -> f32 {
     }
 }
 
+/// Every value of `v` rounded to bfloat16 ([`round_bf16`]), in a new buffer.
+pub(super) fn rounded_bf16(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| round_bf16(x)).collect()
+}
+
 /// Rounds a float32 tensor through bfloat16 in one pass; the gradient passes straight
 /// through, as through a cast to bfloat16 and back.
 struct RoundBf16;
@@ -45,8 +50,10 @@ impl CustomOp1 for RoundBf16 {
         let (CpuStorage::F32(v), Some((start, end))) = (s, l.contiguous_offsets()) else {
             candle_core::bail!("round-bf16: expected a contiguous float32 tensor")
         };
-        let out = v[start..end].iter().map(|&x| round_bf16(x)).collect();
-        Ok((CpuStorage::F32(out), l.shape().clone()))
+        Ok((
+            CpuStorage::F32(rounded_bf16(&v[start..end])),
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(
