@@ -409,9 +409,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> Result<()> {
     let start = Instant::now();
-    if !args.gradient_checkpointing {
-        corda_core::util::alloc::keep_freed_memory();
-    }
+    corda_core::util::alloc::keep_freed_memory();
 
     // Cheap checks first: nothing is loaded before the flags make sense.
     let config = train_config(&args)?;

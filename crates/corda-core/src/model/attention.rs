@@ -114,7 +114,7 @@ fn view_mut(s: &mut [f32], rows: usize, cols: usize) -> MatMut<'_, f32> {
 
 /// `dst (+)= lhs · rhs` on this thread (the blocks already run in parallel).
 fn product(dst: MatMut<'_, f32>, accum: Accum, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>) {
-    faer::linalg::matmul::matmul(dst, accum, lhs, rhs, 1.0f32, Par::Seq);
+    crate::util::product::matmul(dst, accum, lhs, rhs, 1.0f32, Par::Seq);
 }
 
 impl FusedAttention {
@@ -229,7 +229,7 @@ impl CustomOp3 for FusedAttention {
             .lock()
             .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
         let g = grad.contiguous()?;
-        let read = |t: &Tensor| -> candle_core::Result<Vec<f32>> { t.flatten_all()?.to_vec1() };
+        let read = super::frozen::host_f32;
         let (qv, kv, vv, gv) = (read(q)?, read(k)?, read(v)?, read(&g)?);
         let (mask, dims) = (&self.mask[..], self.dims);
         if stats.len() * d != qv.len() {

@@ -1,8 +1,9 @@
 //! One decoder layer of the Llama family (Llama 2/3, Mistral, Qwen2): RMSNorm, rotary
 //! embeddings, grouped-query attention with a causal + padding mask, SwiGLU MLP.
 //!
-//! Only ops with a backward pass are used (candle's own, or ours: the fused masked attention;
-//! not candle's fused rms_norm / softmax_last_dim / rope, which have none), so LoRA factors on
+//! Only ops with a backward pass are used (candle's own, or ours: the fused masked attention,
+//! RMSNorm, the SwiGLU gate; not candle's fused rms_norm / softmax_last_dim / rope, which have
+//! none), so LoRA factors on
 //! any target receive gradients. An [`Observer`] sees the input of
 //! every target linear, which is how covariances are collected.
 
@@ -10,6 +11,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::config::ModelConfig;
 use super::linear::TargetLinear;
+pub use super::rms_norm::RmsNorm;
 use super::weights::Weights;
 use crate::Result;
 
@@ -50,21 +52,6 @@ impl InputSite {
 /// Sees the input (batch, seq, d_in) of each target site during a forward pass.
 pub trait Observer {
     fn observe(&mut self, layer: usize, site: InputSite, input: &Tensor) -> Result<()>;
-}
-
-/// RMSNorm as in transformers: `w * x / sqrt(mean(x²) + eps)`, computed in float32.
-#[derive(Clone)]
-pub struct RmsNorm {
-    pub weight: Tensor,
-    pub eps: f64,
-}
-
-impl RmsNorm {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = x.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(normed.broadcast_mul(&self.weight)?)
-    }
 }
 
 /// Per-forward constants shared by every layer: rotary tables and the attention mask.

