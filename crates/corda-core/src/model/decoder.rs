@@ -2,16 +2,17 @@
 //! embeddings, grouped-query attention with a causal + padding mask, SwiGLU MLP.
 //!
 //! Only ops with a backward pass are used (candle's own, or ours: the fused masked attention,
-//! RMSNorm, the SwiGLU gate; not candle's fused rms_norm / softmax_last_dim / rope, which have
+//! RMSNorm, the rotary embedding, the SwiGLU gate; not candle's fused rms_norm / softmax_last_dim / rope, which have
 //! none), so LoRA factors on
 //! any target receive gradients. An [`Observer`] sees the input of
 //! every target linear, which is how covariances are collected.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
 use super::linear::TargetLinear;
 pub use super::rms_norm::RmsNorm;
+use super::rotary::rope;
 use super::weights::Weights;
 use crate::Result;
 
@@ -166,19 +167,6 @@ impl AttnContext {
         let mask = ((allowed.to_dtype(DType::F32)? - 1.0)? * -(f32::MIN as f64))?;
         Ok(Self { cos, sin, mask })
     }
-}
-
-/// Rotary embedding in transformers' rotate_half layout: `x·cos + rotate_half(x)·sin`.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let rotated = Tensor::cat(
-        &[
-            &x.narrow(D::Minus1, half, half)?.neg()?,
-            &x.narrow(D::Minus1, 0, half)?,
-        ],
-        D::Minus1,
-    )?;
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
 }
 
 /// One layer's cached keys and values (batch, kv_heads, past, head_dim), after rotary

@@ -11,7 +11,8 @@
 //! - [`widened`]: a layer's bfloat16 weights as a float32 copy, for fast calibration products.
 //! - [`attention`]: masked attention as one op with its own backward (no seq × seq tensors kept).
 //! - [`swiglu`]: the feed-forward gate `silu(gate) ⊙ up` as one op with its own backward.
-//! - [`rms_norm`]: RMSNorm, one parallel pass each way on the CPU.
+//! - [`rms_norm`], [`rotary`]: RMSNorm and the rotary embedding, one parallel pass each way on
+//!   the CPU.
 //! - [`causal_lm`]: the whole model.
 //! - [`kv_cache`]: keys and values kept between steps for incremental (batched) decoding.
 //! - [`save`]: writing a model directory.
@@ -27,6 +28,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod lora_matmul;
 pub mod rms_norm;
+pub mod rotary;
 pub mod save;
 pub mod swiglu;
 pub mod tokenizer;
