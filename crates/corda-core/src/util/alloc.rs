@@ -37,34 +37,131 @@ pub fn keep_freed_memory() {
     }
 }
 
-/// Blocks this large or larger are mapped on their own, starting at a huge-page boundary.
+/// Blocks this large or larger are mapped on their own (glibc maps them too, from the 1 MiB
+/// threshold set above, but unmaps them on free; here they go through the cache below).
 #[cfg(target_os = "linux")]
-const HUGE_MIN: usize = 2 << 20;
+const MAPPED_MIN: usize = 1 << 20;
+/// Mappings start at a huge-page boundary and ask for huge pages (`MADV_HUGEPAGE`); a mapping
+/// under 2 MiB cannot hold one and stays in 4 KiB pages.
 #[cfg(target_os = "linux")]
 const HUGE_PAGE: usize = 2 << 20;
 #[cfg(target_os = "linux")]
 const PAGE: usize = 4096;
+/// Freed mappings kept for reuse, at most this many bytes and this many blocks in all.
+#[cfg(target_os = "linux")]
+const CACHE_BYTES: usize = 64 << 20;
+#[cfg(target_os = "linux")]
+const CACHE_SLOTS: usize = 32;
 
 /// The global allocator for the preprocess pipeline: the system's malloc, except that blocks
-/// of 2 MiB and more (covariances, `W·Cf`, the SVDs' factors and workspaces, activations) are
+/// of 1 MiB and more (covariances, `W·Cf`, the SVDs' factors and workspaces, activations) are
 /// mapped on their own from a 2 MiB boundary with transparent huge pages requested
-/// (`MADV_HUGEPAGE`), and unmapped when freed. Those blocks are what the decomposition
-/// allocates and frees per module; in 4 KiB pages each one faulted and was zeroed page by page,
-/// and the kernel took ~30% of the CPU time (docs/benchmarks.md). Now a block faults once per
-/// whole 2 MiB it spans; its last partial 2 MiB stays in 4 KiB pages, so no memory is resident
-/// beyond what a 4 KiB mapping would hold. Memory stays flat with depth as before: a freed
-/// block goes back to the system at once. Elsewhere, and where the kernel has transparent huge
-/// pages off, it behaves as the plain system allocator (with `mmap` for the large blocks).
+/// (`MADV_HUGEPAGE`). Those blocks are what the decomposition allocates and frees per module;
+/// in 4 KiB pages each one faulted and was zeroed page by page, and the kernel took ~30% of the
+/// CPU time (docs/benchmarks.md). A block faults once per whole 2 MiB it spans; its last
+/// partial 2 MiB stays in 4 KiB pages, so no memory is resident beyond what a 4 KiB mapping
+/// would hold.
+///
+/// Every layer allocates blocks of the same sizes again, so a freed block is kept in a small
+/// cache ([`CACHE_BYTES`], most recently freed first, oldest unmapped when full) and handed out
+/// again for a request of the same length: no faults, no zeroing by the kernel (a zeroed
+/// request is cleared in place). The cache is a constant, so memory still stays flat with
+/// depth. Elsewhere, and where the kernel has transparent huge pages off, it behaves as the
+/// plain system allocator (with `mmap` for the large blocks).
 pub struct HugePageAlloc;
+
+/// Freed mappings `(address, length)`, oldest first. A fixed array under a spin lock: the
+/// global allocator must not allocate, and the lock is held for a few comparisons.
+#[cfg(target_os = "linux")]
+struct BlockCache {
+    lock: std::sync::atomic::AtomicBool,
+    slots: std::cell::UnsafeCell<([(usize, usize); CACHE_SLOTS], usize)>,
+}
+
+// SAFETY: `slots` is only touched while `lock` is held.
+#[cfg(target_os = "linux")]
+unsafe impl Sync for BlockCache {}
+
+#[cfg(target_os = "linux")]
+static CACHE: BlockCache = BlockCache {
+    lock: std::sync::atomic::AtomicBool::new(false),
+    slots: std::cell::UnsafeCell::new(([(0, 0); CACHE_SLOTS], 0)),
+};
+
+#[cfg(target_os = "linux")]
+impl BlockCache {
+    fn with<R>(&self, f: impl FnOnce(&mut [(usize, usize); CACHE_SLOTS], &mut usize) -> R) -> R {
+        use std::sync::atomic::Ordering;
+        while self
+            .lock
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::hint::spin_loop();
+        }
+        // SAFETY: the lock is held, so this is the only reference.
+        let (slots, len) = unsafe { &mut *self.slots.get() };
+        let r = f(slots, len);
+        self.lock.store(false, Ordering::Release);
+        r
+    }
+
+    /// The most recently freed block of exactly `len` bytes, taken out of the cache.
+    fn take(&self, len: usize) -> Option<usize> {
+        self.with(|slots, n| {
+            let i = (0..*n).rev().find(|&i| slots[i].1 == len)?;
+            let ptr = slots[i].0;
+            slots.copy_within(i + 1..*n, i);
+            *n -= 1;
+            Some(ptr)
+        })
+    }
+
+    /// Keep a freed block; returns the blocks that no longer fit (oldest first), to unmap.
+    fn put(&self, ptr: usize, len: usize) -> ([(usize, usize); CACHE_SLOTS + 1], usize) {
+        let mut out = [(0, 0); CACHE_SLOTS + 1];
+        if len > CACHE_BYTES {
+            out[0] = (ptr, len);
+            return (out, 1);
+        }
+        self.with(|slots, n| {
+            let mut bytes: usize = slots[..*n].iter().map(|s| s.1).sum();
+            let mut evicted = 0;
+            while *n == CACHE_SLOTS || bytes + len > CACHE_BYTES {
+                out[evicted] = slots[0];
+                evicted += 1;
+                bytes -= slots[0].1;
+                slots.copy_within(1..*n, 0);
+                *n -= 1;
+            }
+            slots[*n] = (ptr, len);
+            *n += 1;
+            (out, evicted)
+        })
+    }
+}
 
 #[cfg(target_os = "linux")]
 impl HugePageAlloc {
     fn mapped(layout: std::alloc::Layout) -> Option<usize> {
-        (layout.size() >= HUGE_MIN && layout.align() <= HUGE_PAGE)
+        (layout.size() >= MAPPED_MIN && layout.align() <= HUGE_PAGE)
             .then(|| layout.size().div_ceil(PAGE) * PAGE)
     }
 
-    /// `len` bytes (whole 4 KiB pages) at a 2 MiB boundary, zeroed (fresh anonymous pages).
+    /// `len` bytes (whole 4 KiB pages) at a 2 MiB boundary: a cached block (cleared when
+    /// `zeroed`), or fresh anonymous pages (zero).
+    unsafe fn block(len: usize, zeroed: bool) -> *mut u8 {
+        if let Some(p) = CACHE.take(len) {
+            if zeroed {
+                // SAFETY: the cached mapping is `len` bytes, owned by this allocator.
+                std::ptr::write_bytes(p as *mut u8, 0, len);
+            }
+            return p as *mut u8;
+        }
+        Self::map(len)
+    }
+
+    /// `len` fresh bytes (whole 4 KiB pages) at a 2 MiB boundary, zeroed.
     unsafe fn map(len: usize) -> *mut u8 {
         // SAFETY (whole fn): anonymous private mappings owned by this allocator only; the
         // trimmed head and tail lie inside the mapping just made.
@@ -95,6 +192,15 @@ impl HugePageAlloc {
         libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
         aligned as *mut u8
     }
+
+    /// Return a block: into the cache, unmapping what it pushes out.
+    unsafe fn free(ptr: *mut u8, len: usize) {
+        let (evicted, n) = CACHE.put(ptr as usize, len);
+        for &(p, l) in &evicted[..n] {
+            // SAFETY: each evicted block is a whole mapping of this allocator, no longer used.
+            libc::munmap(p as *mut libc::c_void, l);
+        }
+    }
 }
 
 #[cfg(target_os = "linux")]
@@ -103,23 +209,21 @@ impl HugePageAlloc {
 unsafe impl std::alloc::GlobalAlloc for HugePageAlloc {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         match Self::mapped(layout) {
-            Some(len) => Self::map(len),
+            Some(len) => Self::block(len, false),
             None => std::alloc::System.alloc(layout),
         }
     }
 
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
         match Self::mapped(layout) {
-            Some(len) => Self::map(len),
+            Some(len) => Self::block(len, true),
             None => std::alloc::System.alloc_zeroed(layout),
         }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
         match Self::mapped(layout) {
-            Some(len) => {
-                libc::munmap(ptr as *mut libc::c_void, len);
-            }
+            Some(len) => Self::free(ptr, len),
             None => std::alloc::System.dealloc(ptr, layout),
         }
     }
@@ -194,6 +298,47 @@ mod tests {
             let q = a.alloc(odd);
             assert!(!q.is_null() && (q as usize).is_multiple_of(4 << 20));
             a.dealloc(q, odd);
+        }
+    }
+
+    /// A freed block comes back for a request of the same length (cleared when a zeroed block
+    /// is asked for); other lengths get fresh mappings, and the cache never holds more than
+    /// its bound.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn freed_blocks_are_reused_and_cleared() {
+        let a = HugePageAlloc;
+        let layout = Layout::from_size_align((3 << 20) + 12345, 64).unwrap();
+        unsafe {
+            let p = a.alloc(layout);
+            std::ptr::write_bytes(p, 7, layout.size());
+            a.dealloc(p, layout);
+            let q = a.alloc_zeroed(layout);
+            assert_eq!(p, q, "the freed block is handed out again");
+            let s = std::slice::from_raw_parts(q, layout.size());
+            assert!(s.iter().all(|&b| b == 0), "a zeroed request is cleared");
+            std::ptr::write_bytes(q, 9, layout.size());
+            a.dealloc(q, layout);
+            let other = Layout::from_size_align(5 << 20, 64).unwrap();
+            let r = a.alloc(other);
+            assert_ne!(r, q, "another length gets its own mapping");
+            a.dealloc(r, other);
+            let q2 = a.alloc(layout);
+            assert_eq!(q2, q);
+            a.dealloc(q2, layout);
+            // Far more than the bound, freed: what stays cached is within it.
+            let big = Layout::from_size_align(24 << 20, 64).unwrap();
+            let blocks: Vec<*mut u8> = (0..6).map(|_| a.alloc(big)).collect();
+            for &b in &blocks {
+                std::ptr::write_bytes(b, 1, 4096);
+                a.dealloc(b, big);
+            }
+            let cached = CACHE.with(|slots, n| slots[..*n].iter().map(|s| s.1).sum::<usize>());
+            assert!(cached <= CACHE_BYTES, "{cached} bytes cached");
+            let huge = Layout::from_size_align(CACHE_BYTES + PAGE, 64).unwrap();
+            let h = a.alloc(huge);
+            a.dealloc(h, huge);
+            assert!(CACHE.with(|slots, n| slots[..*n].iter().all(|s| s.0 != h as usize)));
         }
     }
 }
