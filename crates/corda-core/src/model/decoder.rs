@@ -2,10 +2,10 @@
 //! embeddings, grouped-query attention with a causal + padding mask, SwiGLU MLP.
 //!
 //! Only ops with a backward pass are used (candle's own, or ours: the fused masked attention,
-//! RMSNorm, the rotary embedding, the SwiGLU gate; not candle's fused rms_norm / softmax_last_dim / rope, which have
-//! none), so LoRA factors on
-//! any target receive gradients. An [`Observer`] sees the input of
-//! every target linear, which is how covariances are collected.
+//! RMSNorm, the rotary embedding, the SwiGLU gate; not candle's fused rms_norm /
+//! softmax_last_dim / rope, which have none), so LoRA factors on any target receive gradients.
+//! An [`Observer`] sees the input of every target linear, which is how covariances are
+//! collected.
 
 use candle_core::{DType, Device, Tensor};
 

@@ -22,6 +22,11 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         };
         return Ok(x.contiguous()?.apply_op1(op)?);
     }
+    composed(x, cos, sin)
+}
+
+/// The same function from candle's ops (other devices and dtypes; the fused op's reference).
+fn composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let rotated = Tensor::cat(
         &[
@@ -148,17 +153,7 @@ mod tests {
             let x = Var::from_vec(vals(b * h * t * hd, 17), (b, h, t, hd), &dev).unwrap();
             let xt = x.as_tensor();
             let fused = rope(xt, &cos, &sin).unwrap();
-            let half = hd / 2;
-            let rot = Tensor::cat(
-                &[
-                    &xt.narrow(D::Minus1, half, half).unwrap().neg().unwrap(),
-                    &xt.narrow(D::Minus1, 0, half).unwrap(),
-                ],
-                D::Minus1,
-            )
-            .unwrap();
-            let composed =
-                (xt.broadcast_mul(&cos).unwrap() + rot.broadcast_mul(&sin).unwrap()).unwrap();
+            let composed = composed(xt, &cos, &sin).unwrap();
             assert_eq!(
                 host_f32(&fused).unwrap(),
                 host_f32(&composed).unwrap(),
