@@ -17,6 +17,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 use faer::{Accum, MatMut, MatRef, Par};
 
 use crate::util::exp;
+use crate::util::simd::vectorized;
 use crate::{CordaError, Result};
 
 /// Query rows per block: the scratch is `ROWS × keys` floats per thread.
@@ -140,11 +141,14 @@ impl FusedAttention {
     /// `s` holds `q kᵀ` (rows × e): overwrite it with `scale · s + mask` (the mask rows have
     /// `tk` columns, of which the first `e` are used).
     fn scale_and_mask(&self, s: &mut [f32], m: &[f32], e: usize, tk: usize) {
-        for (sr, mr) in s.chunks_mut(e).zip(m.chunks(tk)) {
-            for (x, &mi) in sr.iter_mut().zip(mr) {
-                *x = *x * self.scale + mi;
+        let scale = self.scale;
+        vectorized!({
+            for (sr, mr) in s.chunks_mut(e).zip(m.chunks(tk)) {
+                for (x, &mi) in sr.iter_mut().zip(mr) {
+                    *x = *x * scale + mi;
+                }
             }
-        }
+        })
     }
 }
 
@@ -195,7 +199,7 @@ impl CustomOp3 for FusedAttention {
                     for (sr, stat) in s.chunks_mut(e).zip(&mut st[r0..r0 + rows]) {
                         let max = exp::max(sr);
                         let inv = 1.0 / exp::exp_shifted_in_place(sr, max);
-                        sr.iter_mut().for_each(|x| *x *= inv);
+                        exp::scale_in_place(sr, inv);
                         *stat = [max, inv];
                     }
                     product(
@@ -265,7 +269,7 @@ impl CustomOp3 for FusedAttention {
                     );
                     self.scale_and_mask(p, m, e, tk);
                     for (pr, &[max, inv]) in p.chunks_mut(e).zip(&st[r0..r0 + rows]) {
-                        pr.iter_mut().for_each(|x| *x = exp::exp(*x - max) * inv);
+                        vectorized!({ pr.iter_mut().for_each(|x| *x = exp::exp(*x - max) * inv) });
                     }
                     // dV += Pᵀ g; dP = g Vᵀ.
                     product(
@@ -283,9 +287,12 @@ impl CustomOp3 for FusedAttention {
                     // dS = scale · P ⊙ (dP − Σ_j dP_j P_j), in place of dP.
                     for (dpr, pr) in dp.chunks_mut(e).zip(p.chunks(e)) {
                         let dot: f32 = dpr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                        for (x, &y) in dpr.iter_mut().zip(pr) {
-                            *x = y * (*x - dot) * self.scale;
-                        }
+                        let scale = self.scale;
+                        vectorized!({
+                            for (x, &y) in dpr.iter_mut().zip(pr) {
+                                *x = y * (*x - dot) * scale;
+                            }
+                        });
                     }
                     // dQ = dS K; dK += dSᵀ Q.
                     product(

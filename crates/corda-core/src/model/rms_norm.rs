@@ -10,6 +10,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::frozen::{f32_slice, host_f32};
+use crate::util::simd::vectorized;
 use crate::Result;
 
 /// RMSNorm over the last dimension, in float32.
@@ -74,9 +75,11 @@ impl CustomOp2 for FusedRmsNorm {
             .zip(x.par_chunks(d.max(1)))
             .for_each(|(o, x)| {
                 let r = self.inv_rms(x);
-                for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
-                    *o = x * r * w;
-                }
+                vectorized!({
+                    for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                        *o = x * r * w;
+                    }
+                })
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -102,9 +105,11 @@ impl CustomOp2 for FusedRmsNorm {
                     .map(|i| (wv[i] * g[i]) as f64 * x[i] as f64)
                     .sum();
                 let c = (dot / d as f64) as f32 * r * r * r;
-                for i in 0..x.len() {
-                    dx[i] = r * wv[i] * g[i] - x[i] * c;
-                }
+                vectorized!({
+                    for i in 0..x.len() {
+                        dx[i] = r * wv[i] * g[i] - x[i] * c;
+                    }
+                });
                 r
             })
             .collect();

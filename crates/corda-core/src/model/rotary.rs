@@ -10,6 +10,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, 
 use rayon::prelude::*;
 
 use super::frozen::{f32_slice, host_f32};
+use crate::util::simd::vectorized;
 use crate::Result;
 
 /// `x·cos + rotate_half(x)·sin` for `x` (batch, heads, seq, head_dim) and tables (1 or batch,
@@ -84,27 +85,29 @@ impl FusedRope {
             .for_each(|(i, (o, x))| {
                 let table = if rows == 1 { 0 } else { i / heads } * block;
                 let (cos, sin) = (&cos[table..table + block], &sin[table..table + block]);
-                for ((o, x), (c, s)) in o
-                    .chunks_mut(hd)
-                    .zip(x.chunks(hd))
-                    .zip(cos.chunks(hd).zip(sin.chunks(hd)))
-                {
-                    let (o1, o2) = o.split_at_mut(half);
-                    let (x1, x2) = x.split_at(half);
-                    for j in 0..half {
-                        let (c1, c2, s1, s2) = (c[j], c[half + j], s[j], s[half + j]);
-                        match dir {
-                            Direction::Forward => {
-                                o1[j] = x1[j] * c1 + -x2[j] * s1;
-                                o2[j] = x2[j] * c2 + x1[j] * s2;
-                            }
-                            Direction::Backward => {
-                                o1[j] = x1[j] * c1 + x2[j] * s2;
-                                o2[j] = x2[j] * c2 - x1[j] * s1;
+                vectorized!({
+                    for ((o, x), (c, s)) in o
+                        .chunks_mut(hd)
+                        .zip(x.chunks(hd))
+                        .zip(cos.chunks(hd).zip(sin.chunks(hd)))
+                    {
+                        let (o1, o2) = o.split_at_mut(half);
+                        let (x1, x2) = x.split_at(half);
+                        for j in 0..half {
+                            let (c1, c2, s1, s2) = (c[j], c[half + j], s[j], s[half + j]);
+                            match dir {
+                                Direction::Forward => {
+                                    o1[j] = x1[j] * c1 + -x2[j] * s1;
+                                    o2[j] = x2[j] * c2 + x1[j] * s2;
+                                }
+                                Direction::Backward => {
+                                    o1[j] = x1[j] * c1 + x2[j] * s2;
+                                    o2[j] = x2[j] * c2 - x1[j] * s1;
+                                }
                             }
                         }
                     }
-                }
+                })
             });
         Ok(out)
     }

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::frozen::{f32_slice, host_f32};
 use crate::util::exp::exp;
+use crate::util::simd::vectorized;
 use crate::Result;
 
 /// Elements per parallel task.
@@ -50,9 +51,11 @@ impl CustomOp2 for SwiGlu {
         out.par_chunks_mut(CHUNK)
             .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
             .for_each(|(o, (g, u))| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g * sigmoid(g) * u;
-                }
+                vectorized!({
+                    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                        *o = g * sigmoid(g) * u;
+                    }
+                })
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -75,11 +78,13 @@ impl CustomOp2 for SwiGlu {
                     .zip(dy.par_chunks(CHUNK)),
             )
             .for_each(|((dg, du), ((g, u), dy))| {
-                for i in 0..g.len() {
-                    let s = sigmoid(g[i]);
-                    du[i] = dy[i] * g[i] * s;
-                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                }
+                vectorized!({
+                    for i in 0..g.len() {
+                        let s = sigmoid(g[i]);
+                        du[i] = dy[i] * g[i] * s;
+                        dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                    }
+                })
             });
         let shape = gate.shape();
         Ok((

@@ -138,8 +138,7 @@ impl CustomOp1 for HeadCrossEntropy {
                     let (max, zy) = (exp::max(row), row[y]);
                     let sum = exp::exp_shifted_in_place(row, max);
                     *loss = max + sum.ln() - zy;
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|x| *x *= inv);
+                    exp::scale_in_place(row, 1.0 / sum);
                     row[y] -= 1.0;
                 });
             let g = product(&z, rows, v, w);

@@ -63,7 +63,7 @@ const CACHE_SLOTS: usize = 32;
 /// would hold.
 ///
 /// Every layer allocates blocks of the same sizes again, so a freed block is kept in a small
-/// cache ([`CACHE_BYTES`], most recently freed first, oldest unmapped when full) and handed out
+/// cache (`CACHE_BYTES`, most recently freed first, oldest unmapped when full) and handed out
 /// again for a request of the same length: no faults, no zeroing by the kernel (a zeroed
 /// request is cleared in place). The cache is a constant, so memory still stays flat with
 /// depth. Elsewhere, and where the kernel has transparent huge pages off, it behaves as the

@@ -5,9 +5,12 @@
 //! (the masked scores of causal attention are `f32::MIN`) take its slow special-case path; on
 //! an Intel Xeon that made `expf` a third of a fine-tuning step. This is Cephes' `expf`
 //! (range reduction by ln 2 in two parts, a degree-6 polynomial, 2^k from the exponent bits):
-//! within 2 ulp of the exact value on [-87.3, 88.7], without branches, so loops over it
-//! compile to SIMD. Results that would be subnormal are 0 (as with flush-to-zero), which no
-//! softmax can tell from the exact value at float32 precision of its sum.
+//! within 2 ulp of the exact value on [-87.3, 88.7], without branches or float-to-int
+//! conversions, so loops over it compile to SIMD (as wide as `util::simd::vectorized!` allows).
+//! Results that would be subnormal are 0 (as with flush-to-zero), which no softmax can tell
+//! from the exact value at float32 precision of its sum.
+
+use super::simd::vectorized;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 split so that `k · LN2_HI` is exact for the k that occur.
@@ -23,7 +26,10 @@ const ROUND: f32 = 12_582_912.0;
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let xc = x.clamp(LOWEST, HIGHEST);
-    let k = (xc * LOG2E + ROUND) - ROUND;
+    // k = round(x / ln 2): adding ROUND leaves k in the low mantissa bits, read back as an
+    // integer (`as i32` on the float would saturate, a scalar conversion per element).
+    let shifted = xc * LOG2E + ROUND;
+    let k = shifted - ROUND;
     let r = xc - k * LN2_HI - k * LN2_LO;
     let p = 1.987_569_2e-4_f32;
     let p = p * r + 1.398_199_9e-3;
@@ -33,7 +39,7 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
     // 2^k in two normal halves: k reaches 128 at the top and -126 at the bottom.
-    let k = k as i32;
+    let k = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
     let half = k >> 1;
     let y = e_r * pow2(half) * pow2(k - half);
     if x < LOWEST {
@@ -53,12 +59,25 @@ fn pow2(k: i32) -> f32 {
 
 /// Replaces each `x` of `row` by e^(x − shift) and returns their sum.
 pub fn exp_shifted_in_place(row: &mut [f32], shift: f32) -> f32 {
-    row.iter_mut().for_each(|x| *x = exp(*x - shift));
-    sum(row)
+    vectorized!({
+        row.iter_mut().for_each(|x| *x = exp(*x - shift));
+        lanes_sum(row)
+    })
 }
 
-/// The sum of `v` in 16 lanes (vectorizable; float addition is not reassociated otherwise).
+/// Multiplies every element of `row` by `factor`.
+pub fn scale_in_place(row: &mut [f32], factor: f32) {
+    vectorized!({ row.iter_mut().for_each(|x| *x *= factor) })
+}
+
+/// The sum of `v` in 16 lanes (float addition is not reassociated otherwise, so a plain sum
+/// would not vectorize).
 pub fn sum(v: &[f32]) -> f32 {
+    vectorized!({ lanes_sum(v) })
+}
+
+#[inline(always)]
+fn lanes_sum(v: &[f32]) -> f32 {
     let mut lanes = [0f32; 16];
     let chunks = v.chunks_exact(16);
     let rest: f32 = chunks.remainder().iter().sum();
@@ -70,9 +89,23 @@ pub fn sum(v: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + rest
 }
 
-/// The largest element of `v` (−∞ for an empty slice).
+/// The largest element of `v` (−∞ for an empty slice; NaNs are skipped, as by `f32::max`).
 pub fn max(v: &[f32]) -> f32 {
-    v.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    vectorized!({
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        let chunks = v.chunks_exact(16);
+        let rest = chunks
+            .remainder()
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        for c in chunks {
+            for (l, &x) in lanes.iter_mut().zip(c) {
+                *l = l.max(x);
+            }
+        }
+        lanes.iter().copied().fold(rest, f32::max)
+    })
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Small shared pieces: atomic output directories, output locks and interrupts, phase reports,
-//! progress bars, SVG charts, the CUDA library probe, a vectorizable float32 exp, the float32
-//! product kernel choice.
+//! progress bars, SVG charts, the CUDA library probe, a vectorizable float32 exp, element-wise loops
+//! compiled for the running CPU, the float32 product kernel choice.
 
 pub mod alloc;
 pub mod atomic;
@@ -11,6 +11,7 @@ pub mod plot;
 pub mod process;
 pub mod product;
 pub mod report;
+pub mod simd;
 pub mod tensor;
 
 pub use atomic::AtomicDir;

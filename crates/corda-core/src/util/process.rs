@@ -223,7 +223,7 @@ pub fn interrupt_requested() -> bool {
 /// temporary directory half-way through its publishing rename.
 static PUBLISHING: Mutex<()> = Mutex::new(());
 
-/// Hold off the interrupt clean-up while publishing (see [`PUBLISHING`]).
+/// Hold off the interrupt clean-up while publishing (see `PUBLISHING`).
 pub fn publishing() -> std::sync::MutexGuard<'static, ()> {
     PUBLISHING.lock().unwrap_or_else(|p| p.into_inner())
 }
