@@ -2,7 +2,7 @@
 //! task is learned (GSM8K / MATH accuracy), and perplexity before and after preprocessing (the
 //! reference's check for float16 covariances).
 //!
-//! - [`perplexity`]: non-overlapping windows of a joined test split, mean token NLL.
+//! - [`perplexity()`]: non-overlapping windows of a joined test split, mean token NLL.
 //! - [`generate`]: greedy generation with a KV cache, batched with left padding, token for
 //!   token like transformers' `generate(do_sample=False)`.
 //! - [`prompts`]: few-shot "Q: … A:" prompts; the Alpaca training prompt for math.

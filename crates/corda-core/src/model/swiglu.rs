@@ -3,7 +3,7 @@
 //! Composed from candle ops it is a scalar libm `exp` per element and, in the backward, half a
 //! dozen element-wise passes, each allocating an (tokens × intermediate) tensor: on the
 //! benchmark model that was a tenth of a fine-tuning step. Here the forward is one pass (with
-//! the vectorizable [`exp`](crate::util::exp::exp)) and the backward one more, producing both
+//! the vectorizable [`exp`]) and the backward one more, producing both
 //! gradients from the two inputs, which the graph keeps anyway.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
