@@ -59,16 +59,17 @@ fn corda_run_finds_the_tokenizer_of_the_base_model_and_pads_with_eos() {
         .iter()
         .all(|e| e.input_ids.last() == tok.eos_id.as_ref()));
     // The CorDA adapter (r = 8 on seven projections) is attached and trains.
+    assert_eq!(run.adapter_config.r, 8);
     let expected: usize = run
-        .adapter
-        .modules
-        .values()
-        .map(|p| p.a.elem_count() + p.b.elem_count())
+        .model
+        .target_shapes()
+        .iter()
+        .map(|(_, d_out, d_in)| 8 * (d_out + d_in))
         .sum();
     assert_eq!(run.model.lora_parameter_count(), expected);
-    assert_eq!(run.adapter.modules.len(), run.model.target_shapes().len());
+    assert_eq!(run.lora_modules, run.model.target_shapes().len());
     assert_eq!(
-        run.adapter.config.base_model_name_or_path.as_deref(),
+        run.adapter_config.base_model_name_or_path.as_deref(),
         Some(out.display().to_string().as_str()),
         "the trained adapter names the model it was trained on"
     );
@@ -99,9 +100,9 @@ fn plain_lora_covers_every_target_and_checks_come_first() {
         .unwrap();
     let shapes = run.model.target_shapes();
     let expected: usize = shapes.iter().map(|(_, o, i)| 4 * (o + i)).sum();
-    assert_eq!(run.adapter.modules.len(), shapes.len());
+    assert_eq!(run.lora_modules, shapes.len());
     assert_eq!(run.model.lora_parameter_count(), expected);
-    assert_eq!(run.adapter.config.r, 4);
+    assert_eq!(run.adapter_config.r, 4);
 
     // CorDA mode on a model without corda_init fails in the cheap check, naming the directory.
     let err = spec(&base, AdapterChoice::Corda)

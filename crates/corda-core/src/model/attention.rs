@@ -233,88 +233,90 @@ impl CustomOp3 for FusedAttention {
             .lock()
             .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
         let g = grad.contiguous()?;
-        let read = super::frozen::host_f32;
-        let (qv, kv, vv, gv) = (read(q)?, read(k)?, read(v)?, read(&g)?);
-        let (mask, dims) = (&self.mask[..], self.dims);
-        if stats.len() * d != qv.len() {
-            candle_core::bail!("attention: backward without its forward statistics");
-        }
-        let mut dq = vec![0f32; qv.len()];
-        let mut dk = vec![0f32; kv.len()];
-        let mut dv = vec![0f32; vv.len()];
-        dq.par_chunks_mut(tq * d)
-            .zip(dk.par_chunks_mut(tk * d))
-            .zip(dv.par_chunks_mut(tk * d))
-            .enumerate()
-            .for_each(|(bh, ((dqb, dkb), dvb))| {
-                let qb = &qv[bh * tq * d..(bh + 1) * tq * d];
-                let kb = &kv[bh * tk * d..(bh + 1) * tk * d];
-                let vb = &vv[bh * tk * d..(bh + 1) * tk * d];
-                let gb = &gv[bh * tq * d..(bh + 1) * tq * d];
-                let st = &stats[bh * tq..(bh + 1) * tq];
-                let mut p = vec![0f32; ROWS * tk];
-                let mut dp = vec![0f32; ROWS * tk];
-                for r0 in (0..tq).step_by(ROWS) {
-                    let rows = ROWS.min(tq - r0);
-                    let (m, e) = self.block_mask(mask, dims, bh, r0, rows);
-                    let (p, dp) = (&mut p[..rows * e], &mut dp[..rows * e]);
-                    let qr = view(&qb[r0 * d..(r0 + rows) * d], rows, d);
-                    let gr = view(&gb[r0 * d..(r0 + rows) * d], rows, d);
-                    // The forward's probabilities, recomputed from its row statistics.
-                    product(
-                        view_mut(p, rows, e),
-                        Accum::Replace,
-                        qr,
-                        view(&kb[..e * d], e, d).transpose(),
-                    );
-                    self.scale_and_mask(p, m, e, tk);
-                    for (pr, &[max, inv]) in p.chunks_mut(e).zip(&st[r0..r0 + rows]) {
-                        vectorized!({ pr.iter_mut().for_each(|x| *x = exp::exp(*x - max) * inv) });
+        super::frozen::with_host_f32([q, k, v, &g], |[qv, kv, vv, gv]| {
+            let (mask, dims) = (&self.mask[..], self.dims);
+            if stats.len() * d != qv.len() {
+                candle_core::bail!("attention: backward without its forward statistics");
+            }
+            let mut dq = vec![0f32; qv.len()];
+            let mut dk = vec![0f32; kv.len()];
+            let mut dv = vec![0f32; vv.len()];
+            dq.par_chunks_mut(tq * d)
+                .zip(dk.par_chunks_mut(tk * d))
+                .zip(dv.par_chunks_mut(tk * d))
+                .enumerate()
+                .for_each(|(bh, ((dqb, dkb), dvb))| {
+                    let qb = &qv[bh * tq * d..(bh + 1) * tq * d];
+                    let kb = &kv[bh * tk * d..(bh + 1) * tk * d];
+                    let vb = &vv[bh * tk * d..(bh + 1) * tk * d];
+                    let gb = &gv[bh * tq * d..(bh + 1) * tq * d];
+                    let st = &stats[bh * tq..(bh + 1) * tq];
+                    let mut p = vec![0f32; ROWS * tk];
+                    let mut dp = vec![0f32; ROWS * tk];
+                    for r0 in (0..tq).step_by(ROWS) {
+                        let rows = ROWS.min(tq - r0);
+                        let (m, e) = self.block_mask(mask, dims, bh, r0, rows);
+                        let (p, dp) = (&mut p[..rows * e], &mut dp[..rows * e]);
+                        let qr = view(&qb[r0 * d..(r0 + rows) * d], rows, d);
+                        let gr = view(&gb[r0 * d..(r0 + rows) * d], rows, d);
+                        // The forward's probabilities, recomputed from its row statistics.
+                        product(
+                            view_mut(p, rows, e),
+                            Accum::Replace,
+                            qr,
+                            view(&kb[..e * d], e, d).transpose(),
+                        );
+                        self.scale_and_mask(p, m, e, tk);
+                        for (pr, &[max, inv]) in p.chunks_mut(e).zip(&st[r0..r0 + rows]) {
+                            vectorized!({
+                                pr.iter_mut().for_each(|x| *x = exp::exp(*x - max) * inv)
+                            });
+                        }
+                        // dV += Pᵀ g; dP = g Vᵀ.
+                        product(
+                            view_mut(&mut dvb[..e * d], e, d),
+                            Accum::Add,
+                            view(p, rows, e).transpose(),
+                            gr,
+                        );
+                        product(
+                            view_mut(dp, rows, e),
+                            Accum::Replace,
+                            gr,
+                            view(&vb[..e * d], e, d).transpose(),
+                        );
+                        // dS = scale · P ⊙ (dP − Σ_j dP_j P_j), in place of dP.
+                        for (dpr, pr) in dp.chunks_mut(e).zip(p.chunks(e)) {
+                            let dot: f32 = dpr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                            let scale = self.scale;
+                            vectorized!({
+                                for (x, &y) in dpr.iter_mut().zip(pr) {
+                                    *x = y * (*x - dot) * scale;
+                                }
+                            });
+                        }
+                        // dQ = dS K; dK += dSᵀ Q.
+                        product(
+                            view_mut(&mut dqb[r0 * d..(r0 + rows) * d], rows, d),
+                            Accum::Replace,
+                            view(dp, rows, e),
+                            view(&kb[..e * d], e, d),
+                        );
+                        product(
+                            view_mut(&mut dkb[..e * d], e, d),
+                            Accum::Add,
+                            view(dp, rows, e).transpose(),
+                            qr,
+                        );
                     }
-                    // dV += Pᵀ g; dP = g Vᵀ.
-                    product(
-                        view_mut(&mut dvb[..e * d], e, d),
-                        Accum::Add,
-                        view(p, rows, e).transpose(),
-                        gr,
-                    );
-                    product(
-                        view_mut(dp, rows, e),
-                        Accum::Replace,
-                        gr,
-                        view(&vb[..e * d], e, d).transpose(),
-                    );
-                    // dS = scale · P ⊙ (dP − Σ_j dP_j P_j), in place of dP.
-                    for (dpr, pr) in dp.chunks_mut(e).zip(p.chunks(e)) {
-                        let dot: f32 = dpr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                        let scale = self.scale;
-                        vectorized!({
-                            for (x, &y) in dpr.iter_mut().zip(pr) {
-                                *x = y * (*x - dot) * scale;
-                            }
-                        });
-                    }
-                    // dQ = dS K; dK += dSᵀ Q.
-                    product(
-                        view_mut(&mut dqb[r0 * d..(r0 + rows) * d], rows, d),
-                        Accum::Replace,
-                        view(dp, rows, e),
-                        view(&kb[..e * d], e, d),
-                    );
-                    product(
-                        view_mut(&mut dkb[..e * d], e, d),
-                        Accum::Add,
-                        view(dp, rows, e).transpose(),
-                        qr,
-                    );
-                }
-            });
-        let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, q.shape(), dev)?),
-            Some(Tensor::from_vec(dk, k.shape(), dev)?),
-            Some(Tensor::from_vec(dv, v.shape(), dev)?),
-        ))
+                });
+            let dev = q.device();
+            Ok((
+                Some(Tensor::from_vec(dq, q.shape(), dev)?),
+                Some(Tensor::from_vec(dk, k.shape(), dev)?),
+                Some(Tensor::from_vec(dv, v.shape(), dev)?),
+            ))
+        })
     }
 }
 

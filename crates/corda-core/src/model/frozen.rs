@@ -23,9 +23,38 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> 
     }
 }
 
-/// A tensor's values as a flat float32 vector on the host (a custom op's backward inputs).
-pub(crate) fn host_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1()
+/// The float32 data of a contiguous CPU tensor, borrowed from its storage guard.
+pub(crate) fn cpu_f32<'a>(
+    guard: &'a (impl std::ops::Deref<Target = Storage> + 'a),
+    l: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    match &**guard {
+        Storage::Cpu(s) => f32_slice(s, l)
+            .ok_or_else(|| candle_core::Error::Msg("expected contiguous float32 tensors".into())),
+        _ => candle_core::bail!("expected CPU tensors"),
+    }
+}
+
+/// Runs `f` on the flat float32 values of `tensors` (a custom op's backward inputs), borrowed
+/// in place: a copy of each would add its size to the peak of the backward pass (three
+/// (tokens × intermediate) copies in SwiGLU's, for one).
+pub(crate) fn with_host_f32<const N: usize, R>(
+    tensors: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let tensors = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let slices = guards
+        .iter()
+        .map(|(s, l)| cpu_f32(s, l))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let slices: [&[f32]; N] = slices
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg("host values: count mismatch".into()))?;
+    f(slices)
 }
 
 /// `a · M` for a row-major float32 matrix `M` (k × n) on the CPU, read in place: the frozen

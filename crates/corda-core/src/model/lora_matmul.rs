@@ -16,7 +16,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use faer::{Accum, MatMut, MatRef, Par};
 
-use super::frozen::f32_slice;
+use super::frozen::{cpu_f32, f32_slice};
 use super::widened::{round_bf16, rounded_bf16};
 use crate::util::product::{matmul, product};
 
@@ -57,19 +57,6 @@ fn mul(dst: MatMut<'_, f32>, accum: Accum, lhs: MatRef<'_, f32>, rhs: MatRef<'_,
 
 fn rows(s: &[f32], r: usize, c: usize) -> MatRef<'_, f32> {
     MatRef::from_row_major_slice(s, r, c)
-}
-
-/// The float32 data of a contiguous CPU tensor, borrowed from its storage guard.
-fn cpu_f32<'a>(
-    guard: &'a (impl std::ops::Deref<Target = Storage> + 'a),
-    l: &Layout,
-) -> candle_core::Result<&'a [f32]> {
-    match &**guard {
-        Storage::Cpu(s) => f32_slice(s, l).ok_or_else(|| {
-            candle_core::Error::Msg("lora matmul: expected contiguous float32".into())
-        }),
-        _ => candle_core::bail!("lora matmul: expected CPU tensors"),
-    }
 }
 
 impl CustomOp3 for LoraMatmulT {

@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::frozen::{f32_slice, host_f32};
+use super::frozen::{f32_slice, with_host_f32};
 use crate::util::simd::vectorized;
 use crate::Result;
 
@@ -93,39 +93,40 @@ impl CustomOp2 for FusedRmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (xv, wv, g) = (host_f32(x)?, host_f32(w)?, host_f32(grad)?);
-        let d = wv.len().max(1);
-        let mut dx = vec![0f32; xv.len()];
-        let rs: Vec<f32> = dx
-            .par_chunks_mut(d)
-            .zip(xv.par_chunks(d).zip(g.par_chunks(d)))
-            .map(|(dx, (x, g))| {
-                let r = self.inv_rms(x);
-                let dot: f64 = (0..x.len())
-                    .map(|i| (wv[i] * g[i]) as f64 * x[i] as f64)
-                    .sum();
-                let c = (dot / d as f64) as f32 * r * r * r;
-                vectorized!({
+        with_host_f32([x, w, grad], |[xv, wv, g]| {
+            let d = wv.len().max(1);
+            let mut dx = vec![0f32; xv.len()];
+            let rs: Vec<f32> = dx
+                .par_chunks_mut(d)
+                .zip(xv.par_chunks(d).zip(g.par_chunks(d)))
+                .map(|(dx, (x, g))| {
+                    let r = self.inv_rms(x);
+                    let dot: f64 = (0..x.len())
+                        .map(|i| (wv[i] * g[i]) as f64 * x[i] as f64)
+                        .sum();
+                    let c = (dot / d as f64) as f32 * r * r * r;
+                    vectorized!({
+                        for i in 0..x.len() {
+                            dx[i] = r * wv[i] * g[i] - x[i] * c;
+                        }
+                    });
+                    r
+                })
+                .collect();
+            let dw = if w.track_op() {
+                let mut dw = vec![0f64; d];
+                for ((x, g), r) in xv.chunks(d).zip(g.chunks(d)).zip(&rs) {
                     for i in 0..x.len() {
-                        dx[i] = r * wv[i] * g[i] - x[i] * c;
+                        dw[i] += (g[i] * x[i] * r) as f64;
                     }
-                });
-                r
-            })
-            .collect();
-        let dw = if w.track_op() {
-            let mut dw = vec![0f64; d];
-            for ((x, g), r) in xv.chunks(d).zip(g.chunks(d)).zip(&rs) {
-                for i in 0..x.len() {
-                    dw[i] += (g[i] * x[i] * r) as f64;
                 }
-            }
-            let dw: Vec<f32> = dw.into_iter().map(|v| v as f32).collect();
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?)
-        } else {
-            None
-        };
-        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), dw))
+                let dw: Vec<f32> = dw.into_iter().map(|v| v as f32).collect();
+                Some(Tensor::from_vec(dw, w.shape(), w.device())?)
+            } else {
+                None
+            };
+            Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), dw))
+        })
     }
 }
 

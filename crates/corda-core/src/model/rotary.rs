@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
-use super::frozen::{f32_slice, host_f32};
+use super::frozen::{f32_slice, with_host_f32};
 use crate::util::simd::vectorized;
 use crate::Result;
 
@@ -127,7 +127,7 @@ impl CustomOp1 for FusedRope {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dx = self.apply(&host_f32(grad)?, x.shape(), Direction::Backward)?;
+        let dx = with_host_f32([grad], |[g]| self.apply(g, x.shape(), Direction::Backward))?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -158,8 +158,8 @@ mod tests {
             let fused = rope(xt, &cos, &sin).unwrap();
             let composed = composed(xt, &cos, &sin).unwrap();
             assert_eq!(
-                host_f32(&fused).unwrap(),
-                host_f32(&composed).unwrap(),
+                fused.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                composed.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 "values, {rows} table rows"
             );
             assert_same_gradients(&fused, &composed, &probe, &[xt], 1e-6);

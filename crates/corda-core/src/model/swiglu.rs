@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::frozen::{f32_slice, host_f32};
+use super::frozen::{f32_slice, with_host_f32};
 use crate::util::exp::exp;
 use crate::util::simd::vectorized;
 use crate::Result;
@@ -67,30 +67,31 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (g, u, dy) = (host_f32(gate)?, host_f32(up)?, host_f32(grad)?);
-        let mut dg = vec![0f32; g.len()];
-        let mut du = vec![0f32; g.len()];
-        dg.par_chunks_mut(CHUNK)
-            .zip(du.par_chunks_mut(CHUNK))
-            .zip(
-                g.par_chunks(CHUNK)
-                    .zip(u.par_chunks(CHUNK))
-                    .zip(dy.par_chunks(CHUNK)),
-            )
-            .for_each(|((dg, du), ((g, u), dy))| {
-                vectorized!({
-                    for i in 0..g.len() {
-                        let s = sigmoid(g[i]);
-                        du[i] = dy[i] * g[i] * s;
-                        dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                    }
-                })
-            });
-        let shape = gate.shape();
-        Ok((
-            Some(Tensor::from_vec(dg, shape, gate.device())?),
-            Some(Tensor::from_vec(du, shape, gate.device())?),
-        ))
+        with_host_f32([gate, up, grad], |[g, u, dy]| {
+            let mut dg = vec![0f32; g.len()];
+            let mut du = vec![0f32; g.len()];
+            dg.par_chunks_mut(CHUNK)
+                .zip(du.par_chunks_mut(CHUNK))
+                .zip(
+                    g.par_chunks(CHUNK)
+                        .zip(u.par_chunks(CHUNK))
+                        .zip(dy.par_chunks(CHUNK)),
+                )
+                .for_each(|((dg, du), ((g, u), dy))| {
+                    vectorized!({
+                        for i in 0..g.len() {
+                            let s = sigmoid(g[i]);
+                            du[i] = dy[i] * g[i] * s;
+                            dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                        }
+                    })
+                });
+            let shape = gate.shape();
+            Ok((
+                Some(Tensor::from_vec(dg, shape, gate.device())?),
+                Some(Tensor::from_vec(du, shape, gate.device())?),
+            ))
+        })
     }
 }
 

@@ -15,7 +15,7 @@ use candle_core::{DType, Device};
 use super::config::TrainConfig;
 use super::lora_init::plain_lora_adapter;
 use super::trainer::{target_tokens, Trainer};
-use crate::adapter::{Adapter, Provenance};
+use crate::adapter::{Adapter, AdapterConfig, Provenance};
 use crate::data::{build_sft_examples, RowSource, SftExample, SftOptions, Split};
 use crate::hub::Hub;
 use crate::layout::CORDA_INIT_DIR;
@@ -62,8 +62,11 @@ pub struct FineTuneSpec {
 pub struct FineTuneRun {
     /// The model with the adapter's factors attached.
     pub model: CausalLM,
-    /// The adapter whose factors train (its config is written with every save).
-    pub adapter: Adapter,
+    /// The config of the adapter that trains (written with every save). Its factors live in the
+    /// model once attached; a second copy would stay resident for the whole run.
+    pub adapter_config: AdapterConfig,
+    /// How many modules the adapter has.
+    pub lora_modules: usize,
     pub examples: Vec<SftExample>,
     /// The EOS id, which pads the batches.
     pub pad_id: u32,
@@ -159,7 +162,8 @@ impl FineTuneSpec {
         Ok(FineTuneRun {
             provenance,
             model,
-            adapter,
+            lora_modules: adapter.modules.len(),
+            adapter_config: adapter.config,
             examples,
             pad_id,
             report,
@@ -207,7 +211,7 @@ impl FineTuneRun {
             &self.model,
             &self.examples,
             self.pad_id,
-            self.adapter.config.clone(),
+            self.adapter_config.clone(),
             config,
         )
         .map(|t| t.with_provenance(self.provenance.clone()))
