@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use faer::{Accum, MatMut, MatRef, Par};
 
 use super::frozen::{cpu_f32, f32_slice};
-use super::widened::{round_bf16, rounded_bf16};
+use super::widened::{round_bf16_in_place, rounded_bf16};
 use crate::util::product::{matmul, product};
 
 /// `x Wᵀ + scaling · (x Aᵀ) Bᵀ` for contiguous float32 CPU `x` (m, d_in), `w` (d_out, d_in),
@@ -97,7 +97,7 @@ impl CustomOp3 for LoraMatmulT {
         let wt = rows(w, n, k).transpose();
         let mut y = if self.bf16_base {
             let mut y = product(&rounded_bf16(x), m, k, wt);
-            y.iter_mut().for_each(|v| *v = round_bf16(*v));
+            round_bf16_in_place(&mut y);
             y
         } else {
             product(x, m, k, wt)
