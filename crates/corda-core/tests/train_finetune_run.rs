@@ -67,7 +67,7 @@ fn corda_run_finds_the_tokenizer_of_the_base_model_and_pads_with_eos() {
         .map(|(_, d_out, d_in)| 8 * (d_out + d_in))
         .sum();
     assert_eq!(run.model.lora_parameter_count(), expected);
-    assert_eq!(run.lora_modules, run.model.target_shapes().len());
+    assert_eq!(run.model.lora_vars().len(), run.model.target_shapes().len());
     assert_eq!(
         run.adapter_config.base_model_name_or_path.as_deref(),
         Some(out.display().to_string().as_str()),
@@ -100,7 +100,7 @@ fn plain_lora_covers_every_target_and_checks_come_first() {
         .unwrap();
     let shapes = run.model.target_shapes();
     let expected: usize = shapes.iter().map(|(_, o, i)| 4 * (o + i)).sum();
-    assert_eq!(run.lora_modules, shapes.len());
+    assert_eq!(run.model.lora_vars().len(), shapes.len());
     assert_eq!(run.model.lora_parameter_count(), expected);
     assert_eq!(run.adapter_config.r, 4);
 

@@ -456,7 +456,7 @@ fn run(args: Args) -> Result<()> {
     let mut report = run.report.clone();
     tracing::info!(
         "{} LoRA modules, {} trainable parameters; base weights {:?} on {:?}",
-        run.lora_modules,
+        run.model.lora_vars().len(),
         run.model.lora_parameter_count(),
         run.model.dtype,
         run.model.device

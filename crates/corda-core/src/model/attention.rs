@@ -234,7 +234,7 @@ impl CustomOp3 for FusedAttention {
             .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
         let g = grad.contiguous()?;
         super::frozen::with_host_f32([q, k, v, &g], |[qv, kv, vv, gv]| {
-            let (mask, dims) = (&self.mask[..], self.dims);
+            let (mask, dims, scale) = (&self.mask[..], self.dims, self.scale);
             if stats.len() * d != qv.len() {
                 candle_core::bail!("attention: backward without its forward statistics");
             }
@@ -288,7 +288,6 @@ impl CustomOp3 for FusedAttention {
                         // dS = scale · P ⊙ (dP − Σ_j dP_j P_j), in place of dP.
                         for (dpr, pr) in dp.chunks_mut(e).zip(p.chunks(e)) {
                             let dot: f32 = dpr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                            let scale = self.scale;
                             vectorized!({
                                 for (x, &y) in dpr.iter_mut().zip(pr) {
                                     *x = y * (*x - dot) * scale;

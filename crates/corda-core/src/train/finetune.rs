@@ -65,8 +65,6 @@ pub struct FineTuneRun {
     /// The config of the adapter that trains (written with every save). Its factors live in the
     /// model once attached; a second copy would stay resident for the whole run.
     pub adapter_config: AdapterConfig,
-    /// How many modules the adapter has.
-    pub lora_modules: usize,
     pub examples: Vec<SftExample>,
     /// The EOS id, which pads the batches.
     pub pad_id: u32,
@@ -162,7 +160,6 @@ impl FineTuneSpec {
         Ok(FineTuneRun {
             provenance,
             model,
-            lora_modules: adapter.modules.len(),
             adapter_config: adapter.config,
             examples,
             pad_id,

@@ -61,7 +61,7 @@ fn pow2(k: i32) -> f32 {
 pub fn exp_shifted_in_place(row: &mut [f32], shift: f32) -> f32 {
     vectorized!({
         row.iter_mut().for_each(|x| *x = exp(*x - shift));
-        lanes_sum(row)
+        sum(row)
     })
 }
 
@@ -71,13 +71,9 @@ pub fn scale_in_place(row: &mut [f32], factor: f32) {
 }
 
 /// The sum of `v` in 16 lanes (float addition is not reassociated otherwise, so a plain sum
-/// would not vectorize).
-pub fn sum(v: &[f32]) -> f32 {
-    vectorized!({ lanes_sum(v) })
-}
-
+/// would not vectorize); inlined into its callers' `vectorized!` blocks.
 #[inline(always)]
-fn lanes_sum(v: &[f32]) -> f32 {
+fn sum(v: &[f32]) -> f32 {
     let mut lanes = [0f32; 16];
     let chunks = v.chunks_exact(16);
     let rest: f32 = chunks.remainder().iter().sum();

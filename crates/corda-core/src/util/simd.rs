@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 /// The widest vector level this CPU runs (decided once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
-    Baseline,
-    Avx2,
-    Avx512,
+    Baseline = 0,
+    Avx2 = 1,
+    Avx512 = 2,
 }
 
 const UNKNOWN: u8 = u8::MAX;
@@ -32,8 +32,8 @@ impl Level {
                 LEVEL.store(level as u8, Ordering::Relaxed);
                 level
             }
-            1 => Level::Avx2,
-            2 => Level::Avx512,
+            l if l == Level::Avx512 as u8 => Level::Avx512,
+            l if l == Level::Avx2 as u8 => Level::Avx2,
             _ => Level::Baseline,
         }
     }
