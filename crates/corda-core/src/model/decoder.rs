@@ -391,12 +391,27 @@ impl DecoderLayer {
         mut obs: Option<&mut dyn Observer>,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
+        let h = self.attention_block(h, ctx, &mut obs, cache)?;
+        self.mlp_block(&h, &mut obs)
+    }
+
+    /// The first residual block, `h + self_attn(input_layernorm(h))`. The layer is two such
+    /// blocks; gradient checkpointing recomputes them one at a time.
+    pub fn attention_block(
+        &self,
+        h: &Tensor,
+        ctx: &AttnContext,
+        obs: &mut Option<&mut dyn Observer>,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
         let x = self.input_layernorm.forward(h)?;
-        let h = (h + self
-            .self_attn
-            .forward(&x, ctx, self.index, &mut obs, cache)?)?;
-        let x = self.post_attention_layernorm.forward(&h)?;
-        Ok((&h + self.mlp.forward(&x, self.index, &mut obs)?)?)
+        Ok((h + self.self_attn.forward(&x, ctx, self.index, obs, cache)?)?)
+    }
+
+    /// The second residual block, `h + mlp(post_attention_layernorm(h))`.
+    pub fn mlp_block(&self, h: &Tensor, obs: &mut Option<&mut dyn Observer>) -> Result<Tensor> {
+        let x = self.post_attention_layernorm.forward(h)?;
+        Ok((h + self.mlp.forward(&x, self.index, obs)?)?)
     }
 
     /// The seven target linears in layer order.

@@ -2,11 +2,12 @@
 //!
 //! Without checkpointing, one autograd graph spans the whole model and every activation of
 //! every layer stays alive until the backward pass. With it (`--gradient_checkpointing`), the
-//! forward pass keeps only each decoder layer's input hidden state; the backward pass runs the
-//! layers in reverse, reruns each layer's forward from its stored input with gradients tracked,
-//! and back-propagates the incoming gradient `g` through it as the gradient of `sum(out ⊙ g)`
-//! (whose gradient with respect to `out` is exactly `g`). Only one layer's activations are alive
-//! at a time, for the price of a second forward pass through the decoder layers.
+//! forward pass keeps only the input hidden state of each residual block (two per decoder
+//! layer: attention, MLP); the backward pass runs the blocks in reverse, reruns each block's
+//! forward from its stored input with gradients tracked, and back-propagates the incoming
+//! gradient `g` through it as the gradient of `sum(out ⊙ g)` (whose gradient with respect to
+//! `out` is exactly `g`). Only one block's activations are alive at a time, for the price of a
+//! second forward pass through the decoder layers.
 
 use std::time::Instant;
 
@@ -16,7 +17,7 @@ use super::grads::Gradients;
 use super::loss::{head_loss_sum, LossSum};
 use super::trainable::TrainableModel;
 use crate::model::causal_lm::mask_rows;
-use crate::model::{embed, AttnContext, CausalLM};
+use crate::model::{embed, AttnContext, CausalLM, DecoderLayer};
 use crate::util::PhaseReport;
 use crate::{CordaError, Result};
 
@@ -69,8 +70,27 @@ pub fn plain_forward_backward<M: TrainableModel + ?Sized>(
     Ok(Some(value))
 }
 
-/// [`CausalLM`]'s forward and backward with each decoder layer recomputed in the backward pass.
-/// The gradients equal those of the plain pass: the same ops run on the same inputs.
+/// A stretch of the model that the backward pass recomputes at once: one of a decoder layer's
+/// two residual blocks. Recomputing a block rather than a whole layer keeps only the attention's
+/// or only the MLP's activations alive at a time (on the benchmark model the two are of a size),
+/// for one more stored hidden state per layer.
+#[derive(Clone, Copy)]
+enum Segment<'m> {
+    Attention(&'m DecoderLayer),
+    Mlp(&'m DecoderLayer),
+}
+
+impl Segment<'_> {
+    fn forward(self, h: &Tensor, ctx: &AttnContext) -> Result<Tensor> {
+        match self {
+            Self::Attention(layer) => layer.attention_block(h, ctx, &mut None, None),
+            Self::Mlp(layer) => layer.mlp_block(h, &mut None),
+        }
+    }
+}
+
+/// [`CausalLM`]'s forward and backward with each residual block recomputed in the backward
+/// pass. The gradients equal those of the plain pass: the same ops run on the same inputs.
 pub fn checkpointed_forward_backward(
     model: &CausalLM,
     batch: &MicroBatch<'_>,
@@ -83,11 +103,16 @@ pub fn checkpointed_forward_backward(
     let (b, t) = batch.input_ids.dims2()?;
     let rows = mask_rows(batch.attention_mask)?;
     let ctx = AttnContext::new(&model.config, b, t, Some(&rows), &model.device)?;
-    // Forward: every layer's graph is dropped as soon as its output is detached.
-    let mut inputs = Vec::with_capacity(model.layers.len());
+    let segments: Vec<Segment<'_>> = model
+        .layers
+        .iter()
+        .flat_map(|layer| [Segment::Attention(layer), Segment::Mlp(layer)])
+        .collect();
+    // Forward: every segment's graph is dropped as soon as its output is detached.
+    let mut inputs = Vec::with_capacity(segments.len());
     let mut h = embed(&model.embed_tokens, batch.input_ids)?;
-    for layer in &model.layers {
-        let out = layer.forward(&h, &ctx, None)?.detach();
+    for segment in &segments {
+        let out = segment.forward(&h, &ctx)?.detach();
         inputs.push(h);
         h = out;
     }
@@ -105,25 +130,25 @@ pub fn checkpointed_forward_backward(
     let t1 = Instant::now();
     let missing = || {
         CordaError::Numerics(
-            "gradient checkpointing: no gradient reached a layer's hidden state".into(),
+            "gradient checkpointing: no gradient reached a block's hidden state".into(),
         )
     };
     let store = loss.backward()?;
     grads.accumulate(&store, vars)?;
     let mut g = store.get(top.as_tensor()).ok_or_else(missing)?.detach();
     drop((store, loss, parts, top));
-    for (l, layer) in model.layers.iter().enumerate().rev() {
+    for (i, segment) in segments.iter().enumerate().rev() {
         let stored = inputs.pop().ok_or_else(missing)?;
-        // The first layer's input (the embeddings) is frozen: no gradient is needed there.
-        let x = if l == 0 {
+        // The first block's input (the embeddings) is frozen: no gradient is needed there.
+        let x = if i == 0 {
             stored
         } else {
             Var::from_tensor(&stored)?.as_tensor().clone()
         };
-        let out = layer.forward(&x, &ctx, None)?;
+        let out = segment.forward(&x, &ctx)?;
         let store = (out * &g)?.sum_all()?.backward()?;
         grads.accumulate(&store, vars)?;
-        if l > 0 {
+        if i > 0 {
             g = store.get(&x).ok_or_else(missing)?.detach();
         }
     }
