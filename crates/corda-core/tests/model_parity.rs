@@ -218,3 +218,35 @@ fn bad_model_directories_give_clear_errors() {
     let e = load_err(tmp.path());
     assert!(e.contains("model.safetensors"), "{e}");
 }
+
+/// An untied embedding table stays in the mapped checkpoint; its lookups give the loaded
+/// table's values bit for bit, in the storage dtype's rounding too, and an id past the table is
+/// an error that names it.
+#[test]
+fn mapped_embeddings_match_the_loaded_table() {
+    use corda_core::model::{load_embeddings, Embeddings, ModelConfig};
+    let dir = fixtures().join("base-model");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let w = Weights::open(&dir).unwrap();
+    let (ids, _) = probe();
+    for dtype in [DType::F32, DType::BF16] {
+        let mapped = Embeddings::load(&w, &cfg, dtype, &Device::Cpu, false).unwrap();
+        assert!(mapped.dense().is_none(), "an untied CPU table is mapped");
+        let dense = Embeddings::Dense(load_embeddings(&w, &cfg, dtype, &Device::Cpu).unwrap());
+        let (a, b) = (mapped.lookup(&ids).unwrap(), dense.lookup(&ids).unwrap());
+        assert_eq!(a.dims(), b.dims());
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{dtype:?}");
+        let tied = Embeddings::load(&w, &cfg, dtype, &Device::Cpu, true).unwrap();
+        assert!(
+            tied.dense().is_some(),
+            "a table tied to the head is held in memory"
+        );
+    }
+    let mapped = Embeddings::load(&w, &cfg, DType::F32, &Device::Cpu, false).unwrap();
+    let bad = Tensor::new(&[[3u32, cfg.vocab_size as u32]], &Device::Cpu).unwrap();
+    let err = mapped.lookup(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("token id {}", cfg.vocab_size)) && err.contains("tokenizer"),
+        "{err}"
+    );
+}

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::ModelConfig;
 use super::decoder::{AttnContext, DecoderLayer, RmsNorm};
+use super::embedding::Embeddings;
 use super::linear::{Lora, TargetLinear};
 use super::weights::Weights;
 use crate::{CordaError, Result};
@@ -35,29 +36,6 @@ pub fn resolve_dtype(requested: Option<DType>, cfg: &ModelConfig, w: &Weights) -
         .unwrap_or_else(|| w.dominant_dtype())
 }
 
-/// Token embeddings, (vocab, hidden), in the storage dtype.
-pub fn load_embeddings(
-    w: &Weights,
-    cfg: &ModelConfig,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
-    Ok(w.get(
-        "model.embed_tokens.weight",
-        Some(&[cfg.vocab_size, cfg.hidden_size]),
-        device,
-    )?
-    .to_dtype(dtype)?)
-}
-
-/// Look up `ids` (batch, seq) in `table`; the result is float32 (batch, seq, hidden).
-pub fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    let (b, t) = ids.dims2()?;
-    let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
-    let h = table.index_select(&flat, 0)?.to_dtype(DType::F32)?;
-    Ok(h.reshape((b, t, table.dim(1)?))?)
-}
-
 /// A (batch, seq) mask tensor of any dtype as rows of 0/1.
 pub fn mask_rows(mask: &Tensor) -> Result<Vec<Vec<u8>>> {
     Ok(mask.to_dtype(DType::F32)?.ne(0.0)?.to_vec2::<u8>()?)
@@ -69,7 +47,7 @@ pub struct CausalLM {
     pub dir: PathBuf,
     pub dtype: DType,
     pub device: Device,
-    pub embed_tokens: Tensor,
+    pub embed_tokens: Embeddings,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     /// (vocab, hidden); shares storage with `embed_tokens` when the embeddings are tied.
@@ -93,7 +71,8 @@ impl CausalLM {
     ) -> Result<Self> {
         let dtype = resolve_dtype(opts.dtype, &config, w);
         let device = opts.device.clone();
-        let embed_tokens = load_embeddings(w, &config, dtype, &device)?;
+        let tied = config.tie_word_embeddings && !w.contains("lm_head.weight");
+        let embed_tokens = Embeddings::load(w, &config, dtype, &device, tied)?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| DecoderLayer::load(w, &config, i, dtype, &device))
             .collect::<Result<Vec<_>>>()?;
@@ -103,8 +82,8 @@ impl CausalLM {
                 .to_dtype(DType::F32)?,
             eps: config.rms_norm_eps,
         };
-        let lm_head = if config.tie_word_embeddings && !w.contains("lm_head.weight") {
-            embed_tokens.clone()
+        let lm_head = if let (true, Some(table)) = (tied, embed_tokens.dense()) {
+            table.clone()
         } else {
             w.get(
                 "lm_head.weight",
@@ -141,7 +120,7 @@ impl CausalLM {
         let (b, t) = input_ids.dims2()?;
         let rows = attention_mask.map(mask_rows).transpose()?;
         let ctx = AttnContext::new(&self.config, b, t, rows.as_deref(), &self.device)?;
-        let mut h = embed(&self.embed_tokens, input_ids)?;
+        let mut h = self.embed_tokens.lookup(input_ids)?;
         for layer in &self.layers {
             h = layer.forward(&h, &ctx, None)?;
         }

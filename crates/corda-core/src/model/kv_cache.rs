@@ -7,7 +7,7 @@
 
 use candle_core::Tensor;
 
-use super::causal_lm::{embed, CausalLM};
+use super::causal_lm::CausalLM;
 use super::decoder::{AttnContext, LayerCache};
 use crate::{CordaError, Result};
 
@@ -112,7 +112,7 @@ impl CausalLM {
         }
         let ctx =
             AttnContext::incremental(&self.config, &positions, &cache.key_mask, &self.device)?;
-        let mut h = embed(&self.embed_tokens, input_ids)?;
+        let mut h = self.embed_tokens.lookup(input_ids)?;
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
             h = layer.forward_cached(&h, &ctx, lc)?;
         }

@@ -8,6 +8,7 @@
 //! - [`linear`], [`frozen`], [`lora_matmul`]: target linears with optional LoRA; frozen-weight
 //!   matmul; the frozen product and its LoRA branch as one op.
 //! - [`decoder`]: one decoder layer with observable linear inputs.
+//! - [`embedding`]: the token embeddings, left in the mapped checkpoint unless tied to the head.
 //! - [`widened`]: a layer's bfloat16 weights as a float32 copy, for fast calibration products.
 //! - [`attention`]: masked attention as one op with its own backward (no seq × seq tensors kept).
 //! - [`swiglu`]: the feed-forward gate `silu(gate) ⊙ up` as one op with its own backward.
@@ -21,6 +22,7 @@ pub mod attention;
 pub mod causal_lm;
 pub mod config;
 pub mod decoder;
+pub mod embedding;
 pub mod frozen;
 pub mod gguf;
 pub mod hub;
@@ -35,9 +37,10 @@ pub mod tokenizer;
 pub mod weights;
 pub mod widened;
 
-pub use causal_lm::{embed, load_embeddings, resolve_dtype, CausalLM, LoadOptions};
+pub use causal_lm::{resolve_dtype, CausalLM, LoadOptions};
 pub use config::{dtype_name, parse_dtype, Architecture, ModelConfig, RopeScaling};
 pub use decoder::{module_name, AttnContext, DecoderLayer, InputSite, LayerCache, Observer};
+pub use embedding::{embed, load_embeddings, Embeddings};
 pub use gguf::{find_gguf, GgufModel};
 pub use hub::{
     cache_root, find_tokenizer_dir, resolve_model, resolve_model_dir, resolve_tokenizer,
@@ -45,4 +48,4 @@ pub use hub::{
 pub use kv_cache::KvCache;
 pub use linear::{Lora, TargetLinear, TARGET_PROJECTIONS};
 pub use tokenizer::TokenizerInfo;
-pub use weights::{ShardWriter, Weights};
+pub use weights::{MappedMatrix, ShardWriter, Weights};

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use memmap2::{Mmap, UncheckedAdvice};
@@ -31,7 +32,8 @@ struct Entry {
 /// The tensors of a model directory (or GGUF file), memory-mapped.
 pub struct Weights {
     files: Vec<PathBuf>,
-    maps: Vec<Mmap>,
+    /// Shared with the [`MappedMatrix`] tables that outlive the loading.
+    maps: Vec<Arc<Mmap>>,
     entries: HashMap<String, Entry>,
     /// Set for a GGUF model; then `maps` and `entries` are empty.
     gguf: Option<GgufModel>,
@@ -175,7 +177,7 @@ impl Weights {
         for (i, f) in files.iter().enumerate() {
             let map = open_shard(f, i, &mut entries)?;
             max_shard_bytes = max_shard_bytes.max(map.len() as u64);
-            maps.push(map);
+            maps.push(Arc::new(map));
         }
         Ok(Self {
             files,
@@ -271,21 +273,45 @@ impl Weights {
             check_shape(name, expected, &shape)?;
             return g.get(name, device);
         }
+        let (e, dtype) = self.checked_entry(name, expected)?;
+        let map = &self.maps[e.shard];
+        let t = Tensor::from_raw_buffer(&map[e.start..e.end], dtype, &e.shape, device)?;
+        release_pages(map, e.start, e.end);
+        Ok(t)
+    }
+
+    /// A stored (rows, cols) matrix left in the mapping, checked as [`Self::get`] checks, to be
+    /// read a few rows at a time; `None` for GGUF weights (quantized blocks, not rows).
+    pub fn mapped(&self, name: &str, rows: usize, cols: usize) -> Result<Option<MappedMatrix>> {
+        if self.gguf.is_some() {
+            return Ok(None);
+        }
+        let (e, dtype) = self.checked_entry(name, Some(&[rows, cols]))?;
+        let map = Arc::clone(&self.maps[e.shard]);
+        release_pages(&map, e.start, e.end);
+        Ok(Some(MappedMatrix {
+            map,
+            start: e.start,
+            rows,
+            cols,
+            dtype,
+        }))
+    }
+
+    /// The entry of `name` with its dtype, after the shape check and a scan for NaN and
+    /// infinity (a damaged checkpoint fails here, not as a NaN loss later).
+    fn checked_entry(&self, name: &str, expected: Option<&[usize]>) -> Result<(&Entry, DType)> {
         let e = self.entry(name)?;
         check_shape(name, expected, &e.shape)?;
         let dtype = self.dtype(name)?;
-        let map = &self.maps[e.shard];
-        let bytes = &map[e.start..e.end];
-        let bad = non_finite(bytes, dtype);
+        let bad = non_finite(&self.maps[e.shard][e.start..e.end], dtype);
         if bad > 0 {
             return Err(CordaError::Model(format!(
                 "{}: tensor `{name}` has {bad} non-finite values (NaN or infinity); the checkpoint is damaged: re-download or re-save it",
                 self.files[e.shard].display()
             )));
         }
-        let t = Tensor::from_raw_buffer(bytes, dtype, &e.shape, device)?;
-        release_pages(map, e.start, e.end);
-        Ok(t)
+        Ok((e, dtype))
     }
 
     /// The dtype most tensors are stored in (what `--dtype auto` means when the config is silent).
@@ -301,6 +327,60 @@ impl Weights {
             .max_by_key(|(n, _)| *n)
             .map(|(_, d)| *d)
             .unwrap_or(DType::F32)
+    }
+}
+
+/// A row-major matrix read straight from a mapped checkpoint (see [`Weights::mapped`]): a
+/// lookup copies out the rows it needs and gives the pages back, so resident memory holds one
+/// batch's rows, not the matrix. Like every safetensors reader, it assumes nobody truncates
+/// the file while it is mapped.
+pub struct MappedMatrix {
+    map: Arc<Mmap>,
+    /// Byte offset of row 0 in the file.
+    start: usize,
+    rows: usize,
+    cols: usize,
+    /// The stored dtype.
+    dtype: DType,
+}
+
+impl MappedMatrix {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The stored dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Rows `ids` as an (ids, cols) CPU tensor in the stored dtype; an id past the last row is
+    /// an error naming it.
+    pub fn gather(&self, ids: &[u32]) -> Result<Tensor> {
+        let row_bytes = self.cols * self.dtype.size_in_bytes();
+        let mut out = Vec::with_capacity(ids.len() * row_bytes);
+        for &id in ids {
+            let id = id as usize;
+            if id >= self.rows {
+                return Err(CordaError::Invalid(format!(
+                    "token id {id} is outside the embedding table ({} rows); the tokenizer does not belong to this model",
+                    self.rows
+                )));
+            }
+            let at = self.start + id * row_bytes;
+            out.extend_from_slice(&self.map[at..at + row_bytes]);
+        }
+        release_pages(&self.map, self.start, self.start + self.rows * row_bytes);
+        Ok(Tensor::from_raw_buffer(
+            &out,
+            self.dtype,
+            &[ids.len(), self.cols],
+            &Device::Cpu,
+        )?)
     }
 }
 

@@ -17,7 +17,7 @@ use super::grads::Gradients;
 use super::loss::{head_loss_sum, LossSum};
 use super::trainable::TrainableModel;
 use crate::model::causal_lm::mask_rows;
-use crate::model::{embed, AttnContext, CausalLM, DecoderLayer};
+use crate::model::{AttnContext, CausalLM, DecoderLayer};
 use crate::util::PhaseReport;
 use crate::{CordaError, Result};
 
@@ -110,7 +110,7 @@ pub fn checkpointed_forward_backward(
         .collect();
     // Forward: every segment's graph is dropped as soon as its output is detached.
     let mut inputs = Vec::with_capacity(segments.len());
-    let mut h = embed(&model.embed_tokens, batch.input_ids)?;
+    let mut h = model.embed_tokens.lookup(batch.input_ids)?;
     for segment in &segments {
         let out = segment.forward(&h, &ctx)?.detach();
         inputs.push(h);
