@@ -219,7 +219,7 @@ fn bad_model_directories_give_clear_errors() {
     assert!(e.contains("model.safetensors"), "{e}");
 }
 
-/// An untied embedding table stays in the mapped checkpoint; its lookups give the loaded
+/// An untied embedding table stays in the checkpoint file; its lookups give the loaded
 /// table's values bit for bit, in the storage dtype's rounding too, and an id past the table is
 /// an error that names it.
 #[test]
@@ -231,7 +231,10 @@ fn mapped_embeddings_match_the_loaded_table() {
     let (ids, _) = probe();
     for dtype in [DType::F32, DType::BF16] {
         let mapped = Embeddings::load(&w, &cfg, dtype, &Device::Cpu, false).unwrap();
-        assert!(mapped.dense().is_none(), "an untied CPU table is mapped");
+        assert!(
+            mapped.dense().is_none(),
+            "an untied CPU table is read from the file"
+        );
         let dense = Embeddings::Dense(load_embeddings(&w, &cfg, dtype, &Device::Cpu).unwrap());
         let (a, b) = (mapped.lookup(&ids).unwrap(), dense.lookup(&ids).unwrap());
         assert_eq!(a.dims(), b.dims());

@@ -3,7 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
-use super::weights::{MappedMatrix, Weights};
+use super::weights::{RowReader, Weights};
 use crate::Result;
 
 const NAME: &str = "model.embed_tokens.weight";
@@ -34,11 +34,11 @@ pub enum Embeddings {
     /// In memory: tied to the LM head (which multiplies all of it), from a GGUF file, or on
     /// a GPU.
     Dense(Tensor),
-    /// Left in the mapped checkpoint, each lookup reading its rows: an untied table is a
+    /// Left in the checkpoint file, each lookup reading its rows: an untied table is a
     /// (vocab × hidden) block of memory that training and evaluation only index, 131 MB on
     /// the benchmark model and 1 GB on Llama 3 8B.
-    Mapped {
-        table: MappedMatrix,
+    OnDisk {
+        table: RowReader,
         /// The storage dtype the rows are rounded through, as a loaded table would be.
         dtype: DType,
     },
@@ -55,8 +55,8 @@ impl Embeddings {
         dense: bool,
     ) -> Result<Self> {
         if !dense && device.is_cpu() {
-            if let Some(table) = w.mapped(NAME, cfg.vocab_size, cfg.hidden_size)? {
-                return Ok(Self::Mapped { table, dtype });
+            if let Some(table) = w.row_reader(NAME, cfg.vocab_size, cfg.hidden_size)? {
+                return Ok(Self::OnDisk { table, dtype });
             }
         }
         Ok(Self::Dense(load_embeddings(w, cfg, dtype, device)?))
@@ -66,7 +66,7 @@ impl Embeddings {
     pub fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(table) => embed(table, ids),
-            Self::Mapped { table, dtype } => {
+            Self::OnDisk { table, dtype } => {
                 let (b, t) = ids.dims2()?;
                 let flat = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
                 let rows = table
@@ -82,7 +82,7 @@ impl Embeddings {
     pub fn dense(&self) -> Option<&Tensor> {
         match self {
             Self::Dense(table) => Some(table),
-            Self::Mapped { .. } => None,
+            Self::OnDisk { .. } => None,
         }
     }
 }

@@ -8,7 +8,8 @@
 //! - [`linear`], [`frozen`], [`lora_matmul`]: target linears with optional LoRA; frozen-weight
 //!   matmul; the frozen product and its LoRA branch as one op.
 //! - [`decoder`]: one decoder layer with observable linear inputs.
-//! - [`embedding`]: the token embeddings, left in the mapped checkpoint unless tied to the head.
+//! - [`embedding`]: the token embeddings, read from the checkpoint file by row unless tied to
+//!   the head.
 //! - [`widened`]: a layer's bfloat16 weights as a float32 copy, for fast calibration products.
 //! - [`attention`]: masked attention as one op with its own backward (no seq × seq tensors kept).
 //! - [`swiglu`]: the feed-forward gate `silu(gate) ⊙ up` as one op with its own backward.
@@ -48,4 +49,4 @@ pub use hub::{
 pub use kv_cache::KvCache;
 pub use linear::{Lora, TargetLinear, TARGET_PROJECTIONS};
 pub use tokenizer::TokenizerInfo;
-pub use weights::{MappedMatrix, ShardWriter, Weights};
+pub use weights::{RowReader, ShardWriter, Weights};

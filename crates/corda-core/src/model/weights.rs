@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use memmap2::{Mmap, UncheckedAdvice};
@@ -32,8 +31,7 @@ struct Entry {
 /// The tensors of a model directory (or GGUF file), memory-mapped.
 pub struct Weights {
     files: Vec<PathBuf>,
-    /// Shared with the [`MappedMatrix`] tables that outlive the loading.
-    maps: Vec<Arc<Mmap>>,
+    maps: Vec<Mmap>,
     entries: HashMap<String, Entry>,
     /// Set for a GGUF model; then `maps` and `entries` are empty.
     gguf: Option<GgufModel>,
@@ -177,7 +175,7 @@ impl Weights {
         for (i, f) in files.iter().enumerate() {
             let map = open_shard(f, i, &mut entries)?;
             max_shard_bytes = max_shard_bytes.max(map.len() as u64);
-            maps.push(Arc::new(map));
+            maps.push(map);
         }
         Ok(Self {
             files,
@@ -280,18 +278,20 @@ impl Weights {
         Ok(t)
     }
 
-    /// A stored (rows, cols) matrix left in the mapping, checked as [`Self::get`] checks, to be
-    /// read a few rows at a time; `None` for GGUF weights (quantized blocks, not rows).
-    pub fn mapped(&self, name: &str, rows: usize, cols: usize) -> Result<Option<MappedMatrix>> {
+    /// A stored (rows, cols) matrix to be read a few rows at a time, checked as [`Self::get`]
+    /// checks; `None` for GGUF weights (quantized blocks, not rows).
+    pub fn row_reader(&self, name: &str, rows: usize, cols: usize) -> Result<Option<RowReader>> {
         if self.gguf.is_some() {
             return Ok(None);
         }
         let (e, dtype) = self.checked_entry(name, Some(&[rows, cols]))?;
-        let map = Arc::clone(&self.maps[e.shard]);
-        release_pages(&map, e.start, e.end);
-        Ok(Some(MappedMatrix {
-            map,
-            start: e.start,
+        release_pages(&self.maps[e.shard], e.start, e.end);
+        let path = self.files[e.shard].clone();
+        let file = std::fs::File::open(&path).map_err(|err| CordaError::io(&path, err))?;
+        Ok(Some(RowReader {
+            file,
+            path,
+            start: e.start as u64,
             rows,
             cols,
             dtype,
@@ -330,21 +330,22 @@ impl Weights {
     }
 }
 
-/// A row-major matrix read straight from a mapped checkpoint (see [`Weights::mapped`]): a
-/// lookup copies out the rows it needs and gives the pages back, so resident memory holds one
-/// batch's rows, not the matrix. Like every safetensors reader, it assumes nobody truncates
-/// the file while it is mapped.
-pub struct MappedMatrix {
-    map: Arc<Mmap>,
+/// A row-major matrix read from its checkpoint file row by row (see [`Weights::row_reader`]):
+/// a lookup reads the rows it needs with `pread`, so the matrix never enters the process's
+/// memory. (Read through the mapping instead, the kernel's fault-around mapped 16 pages per
+/// touched page, and one batch's lookups made most of a 131 MB table resident.)
+pub struct RowReader {
+    file: std::fs::File,
+    path: PathBuf,
     /// Byte offset of row 0 in the file.
-    start: usize,
+    start: u64,
     rows: usize,
     cols: usize,
     /// The stored dtype.
     dtype: DType,
 }
 
-impl MappedMatrix {
+impl RowReader {
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -361,9 +362,10 @@ impl MappedMatrix {
     /// Rows `ids` as an (ids, cols) CPU tensor in the stored dtype; an id past the last row is
     /// an error naming it.
     pub fn gather(&self, ids: &[u32]) -> Result<Tensor> {
+        use std::os::unix::fs::FileExt;
         let row_bytes = self.cols * self.dtype.size_in_bytes();
-        let mut out = Vec::with_capacity(ids.len() * row_bytes);
-        for &id in ids {
+        let mut out = vec![0u8; ids.len() * row_bytes];
+        for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(row_bytes)) {
             let id = id as usize;
             if id >= self.rows {
                 return Err(CordaError::Invalid(format!(
@@ -371,10 +373,10 @@ impl MappedMatrix {
                     self.rows
                 )));
             }
-            let at = self.start + id * row_bytes;
-            out.extend_from_slice(&self.map[at..at + row_bytes]);
+            self.file
+                .read_exact_at(dst, self.start + (id * row_bytes) as u64)
+                .map_err(|e| CordaError::io(&self.path, e))?;
         }
-        release_pages(&self.map, self.start, self.start + self.rows * row_bytes);
         Ok(Tensor::from_raw_buffer(
             &out,
             self.dtype,

@@ -7,7 +7,8 @@
 //! scaled by the incoming gradient), and stores nothing but the logits it was given.
 //!
 //! [`head_cross_entropy_rows`] goes one step further and takes the LM head into the op: the
-//! (tokens × vocab) logits then exist only one block of rows at a time, and the backward keeps
+//! (tokens × vocab) logits then exist only one block of rows × vocabulary entries at a time
+//! (an online softmax across the vocabulary blocks), and the backward keeps
 //! just the (tokens × hidden) gradient, computed in the forward pass while each block of
 //! logits is at hand. With a 32k–50k vocabulary the logits and their gradient are the largest
 //! tensors of a small model's step.
@@ -15,12 +16,12 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
-use faer::MatRef;
+use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::model::frozen::{f32_slice, frozen_matmul_t};
 use crate::util::exp;
-use crate::util::product::product;
+use crate::util::product::{matmul, product};
 use crate::Result;
 
 struct CrossEntropyRows {
@@ -85,15 +86,30 @@ fn poisoned() -> candle_core::Error {
     candle_core::Error::Msg("head cross-entropy: the kept gradient's lock is poisoned".into())
 }
 
-/// Rows of logits computed at once by [`HeadCrossEntropy`]: 1024 × 32k float32 is 128 MB, below
-/// the layers' activations at the benchmark shape (peak memory unchanged from 256 rows), and
-/// tall enough for full-rate products (the gemm crate's `h Wᵀ` at 256 rows ran at 188 GFLOP/s
-/// against 306 at 1024 on an Intel Xeon; one fine-tuning step 5% faster).
+/// Rows of logits computed at once by [`HeadCrossEntropy`]: tall enough for full-rate products
+/// (the gemm crate's `h Wᵀ` at 256 rows ran at 188 GFLOP/s against 306 at 1024 on an Intel
+/// Xeon; one fine-tuning step 5% faster).
 const HEAD_BLOCK_ROWS: usize = 1024;
 
+/// Vocabulary entries per block of logits: 1024 × 8192 float32 is 32 MiB whatever the
+/// vocabulary (a whole 1024-row block was 128 MiB at 32k entries, 500 MiB at Llama 3's 128k,
+/// and set the peak of a checkpointed step), still wide enough for full-rate products.
+const HEAD_BLOCK_COLS: usize = 8192;
+
+/// One row's running log-sum-exp over the vocabulary blocks seen so far.
+#[derive(Clone, Copy)]
+struct RowStats {
+    max: f32,
+    /// Σ exp(z − max) over the blocks seen.
+    sum: f32,
+    /// The target's logit, once its block has been seen.
+    target_logit: f32,
+}
+
 /// `-log softmax(h Wᵀ)[y]` per row with a frozen head `W`; the gradient with respect to `h`,
-/// `(softmax(h Wᵀ) − onehot(y)) · W`, is computed in the forward pass block by block and kept
-/// until the backward scales its rows by the incoming gradient.
+/// `(softmax(h Wᵀ) − onehot(y)) · W`, is computed in the forward pass block by block (rows,
+/// and vocabulary entries within them) and kept until the backward scales its rows by the
+/// incoming gradient.
 struct HeadCrossEntropy {
     /// (vocab, hidden), contiguous float32.
     head: Tensor,
@@ -128,21 +144,63 @@ impl CustomOp1 for HeadCrossEntropy {
         let mut grad = vec![0f32; n * d];
         for r0 in (0..n).step_by(HEAD_BLOCK_ROWS) {
             let rows = HEAD_BLOCK_ROWS.min(n - r0);
-            let mut z = product(&h[r0 * d..(r0 + rows) * d], rows, d, w.transpose());
-            // Each row becomes softmax − onehot in place; its loss is lse − z[y].
-            z.par_chunks_mut(v)
+            let hb = &h[r0 * d..(r0 + rows) * d];
+            let gb = &mut grad[r0 * d..(r0 + rows) * d];
+            let targets = &self.targets[r0..r0 + rows];
+            let mut stats = vec![
+                RowStats {
+                    max: f32::NEG_INFINITY,
+                    sum: 0.0,
+                    target_logit: 0.0,
+                };
+                rows
+            ];
+            // Online softmax over vocabulary blocks (as flash attention does over keys): the
+            // unnormalized Σ exp(z − max) W accumulates in the gradient's rows, rescaled
+            // whenever a block raises a row's max.
+            for c0 in (0..v).step_by(HEAD_BLOCK_COLS) {
+                let cols = HEAD_BLOCK_COLS.min(v - c0);
+                let wc = w.subrows(c0, cols);
+                let mut z = product(hb, rows, d, wc.transpose());
+                z.par_chunks_mut(cols)
+                    .zip(gb.par_chunks_mut(d))
+                    .zip(stats.par_iter_mut())
+                    .zip(targets)
+                    .for_each(|(((row, g), st), &y)| {
+                        let y = y as usize;
+                        if (c0..c0 + cols).contains(&y) {
+                            st.target_logit = row[y - c0];
+                        }
+                        let max = st.max.max(exp::max(row));
+                        if max > st.max && st.sum > 0.0 {
+                            let f = (st.max - max).exp();
+                            st.sum *= f;
+                            exp::scale_in_place(g, f);
+                        }
+                        st.max = max;
+                        st.sum += exp::exp_shifted_in_place(row, max);
+                    });
+                matmul(
+                    MatMut::from_row_major_slice_mut(gb, rows, d),
+                    Accum::Add,
+                    MatRef::from_row_major_slice(&z, rows, cols),
+                    wc,
+                    1.0,
+                    Par::rayon(0),
+                );
+            }
+            // Each row becomes softmax(z) W − W[y]; its loss is lse − z[y].
+            gb.par_chunks_mut(d)
                 .zip(&mut losses[r0..r0 + rows])
-                .zip(&self.targets[r0..r0 + rows])
-                .for_each(|((row, loss), &y)| {
-                    let y = y as usize;
-                    let (max, zy) = (exp::max(row), row[y]);
-                    let sum = exp::exp_shifted_in_place(row, max);
-                    *loss = max + sum.ln() - zy;
-                    exp::scale_in_place(row, 1.0 / sum);
-                    row[y] -= 1.0;
+                .zip(stats.par_iter())
+                .zip(targets)
+                .for_each(|(((g, loss), st), &y)| {
+                    *loss = st.max + st.sum.ln() - st.target_logit;
+                    exp::scale_in_place(g, 1.0 / st.sum);
+                    g.iter_mut()
+                        .zip(w.row(y as usize).iter())
+                        .for_each(|(g, wy)| *g -= wy);
                 });
-            let g = product(&z, rows, v, w);
-            grad[r0 * d..(r0 + rows) * d].copy_from_slice(&g);
         }
         *self.grad.lock().map_err(|_| poisoned())? = Some(grad);
         Ok((CpuStorage::F32(losses), Shape::from(n)))
@@ -261,47 +319,69 @@ mod tests {
         }
     }
 
-    /// More rows than one block, so the blocking and the kept gradient are both exercised.
+    /// More rows than one block, and a vocabulary of one block and of two (targets and row
+    /// maxima in either, so the online rescaling runs), against the head product followed by
+    /// the plain cross-entropy.
     #[test]
     fn head_op_matches_the_head_product_then_cross_entropy() {
+        for v in [37, HEAD_BLOCK_COLS + 37] {
+            head_op_matches(HEAD_BLOCK_ROWS + 45, 12, v);
+        }
+    }
+
+    fn head_op_matches(n: usize, d: usize, v: usize) {
         let dev = Device::Cpu;
-        let (n, d, v) = (HEAD_BLOCK_ROWS + 45, 12, 37);
         let h: Vec<f32> = (0..n * d)
             .map(|i| ((i * 7919 % 97) as f32 / 97.0 - 0.5) * 2.0)
             .collect();
+        // Later vocabulary rows are larger, so a later block raises most rows' maximum.
         let w: Vec<f32> = (0..v * d)
-            .map(|i| ((i * 104729 % 89) as f32 / 89.0 - 0.5) * 1.5)
+            .map(|i| ((i * 104729 % 89) as f32 / 89.0 - 0.5) * (1.0 + (i / d) as f32 / v as f32))
             .collect();
         let targets: Vec<u32> = (0..n).map(|i| (i * 13 % v) as u32).collect();
-        let head = Tensor::from_vec(w, (v, d), &dev).unwrap();
-        let fused = Var::from_vec(h.clone(), (n, d), &dev).unwrap();
-        let plain = Var::from_vec(h, (n, d), &dev).unwrap();
         let scale: Vec<f32> = (0..n).map(|i| 0.5 + (i % 3) as f32).collect();
-        let scale = Tensor::from_vec(scale, n, &dev).unwrap();
-        let lf = head_cross_entropy_rows(fused.as_tensor(), &head, &targets).unwrap();
-        let logits = plain.as_tensor().matmul(&head.t().unwrap()).unwrap();
-        let lp = cross_entropy_rows(&logits, &targets).unwrap();
-        let (a, b) = (lf.to_vec1::<f32>().unwrap(), lp.to_vec1::<f32>().unwrap());
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() < 1e-5 * y.abs().max(1.0), "{x} vs {y}");
-        }
-        let grad_of = |loss: Tensor, var: &Var| {
-            (loss * &scale)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-                .get(var)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
-        let (gf, gp) = (grad_of(lf, &fused), grad_of(lp, &plain));
-        for (x, y) in gf.iter().zip(&gp) {
-            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        let head = Tensor::from_vec(w.clone(), (v, d), &dev).unwrap();
+        let hidden = Var::from_vec(h.clone(), (n, d), &dev).unwrap();
+        let loss = head_cross_entropy_rows(hidden.as_tensor(), &head, &targets).unwrap();
+        let losses = loss.to_vec1::<f32>().unwrap();
+        let grad = (loss * Tensor::from_vec(scale.clone(), n, &dev).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+            .get(&hidden)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // The float64 truth: loss = lse(z) − z[y], gradient = scale · (softmax(z) W − W[y]).
+        for i in 0..n {
+            let hi = &h[i * d..(i + 1) * d];
+            let z: Vec<f64> = (0..v)
+                .map(|j| (0..d).map(|k| hi[k] as f64 * w[j * d + k] as f64).sum())
+                .collect();
+            let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = z.iter().map(|x| (x - max).exp()).sum();
+            let y = targets[i] as usize;
+            let want = max + sum.ln() - z[y];
+            let got = losses[i] as f64;
+            assert!(
+                (got - want).abs() < 1e-5 * want.abs().max(1.0),
+                "loss {got} vs {want}"
+            );
+            for k in 0..d {
+                let pw: f64 = (0..v)
+                    .map(|j| (z[j] - max).exp() / sum * w[j * d + k] as f64)
+                    .sum();
+                let want = scale[i] as f64 * (pw - w[y * d + k] as f64);
+                let got = grad[i * d + k] as f64;
+                assert!(
+                    (got - want).abs() < 2e-6 * scale[i] as f64,
+                    "gradient {got} vs {want}"
+                );
+            }
         }
     }
 }
