@@ -86,8 +86,9 @@ struct Args {
     #[arg(long, help_heading = "Model")]
     tf32: bool,
 
-    /// Keep only each decoder layer's input in the forward pass and recompute the layer in the
-    /// backward pass: much less activation memory for one more forward pass through the layers.
+    /// Keep only the input of each residual block (attention, MLP) in the forward pass and
+    /// recompute the block in the backward pass: much less activation memory for one more
+    /// forward pass through the layers.
     #[arg(long = "gradient_checkpointing", help_heading = "Model")]
     gradient_checkpointing: bool,
 

@@ -7,7 +7,8 @@
 //! forward from its stored input with gradients tracked, and back-propagates the incoming
 //! gradient `g` through it as the gradient of `sum(out ⊙ g)` (whose gradient with respect to
 //! `out` is exactly `g`). Only one block's activations are alive at a time, for the price of a
-//! second forward pass through the decoder layers.
+//! second forward pass through the decoder layers (all but the last block, whose graph the
+//! forward pass keeps: it would be the first recomputed).
 
 use std::time::Instant;
 
@@ -108,18 +109,36 @@ pub fn checkpointed_forward_backward(
         .iter()
         .flat_map(|layer| [Segment::Attention(layer), Segment::Mlp(layer)])
         .collect();
-    // Forward: every segment's graph is dropped as soon as its output is detached.
-    let mut inputs = Vec::with_capacity(segments.len());
+    let missing = || {
+        CordaError::Numerics(
+            "gradient checkpointing: no gradient reached a block's hidden state".into(),
+        )
+    };
+    let Some((last, rest)) = segments.split_last() else {
+        return Err(CordaError::Invalid(
+            "gradient checkpointing: the model has no decoder layer".into(),
+        ));
+    };
+    // The first block's input (the embeddings) is frozen: no gradient is needed there.
+    let tracked = |h: Tensor, block: usize| -> Result<Tensor> {
+        Ok(if block == 0 {
+            h
+        } else {
+            Var::from_tensor(&h)?.as_tensor().clone()
+        })
+    };
+    // Forward: every block's graph but the last is dropped as soon as its output is detached.
+    // The last block's is kept: recomputing it would be the backward's first step anyway.
+    let mut inputs = Vec::with_capacity(rest.len());
     let mut h = model.embed_tokens.lookup(batch.input_ids)?;
-    for segment in &segments {
+    for segment in rest {
         let out = segment.forward(&h, &ctx)?.detach();
         inputs.push(h);
         h = out;
     }
-    let top = Var::from_tensor(&h)?;
-    drop(h);
+    let x = tracked(h, rest.len())?;
     let parts = head_loss_sum(
-        &model.norm.forward(top.as_tensor())?,
+        &model.norm.forward(&last.forward(&x, &ctx)?)?,
         &model.lm_head,
         batch.labels,
     )?;
@@ -128,28 +147,21 @@ pub fn checkpointed_forward_backward(
     };
 
     let t1 = Instant::now();
-    let missing = || {
-        CordaError::Numerics(
-            "gradient checkpointing: no gradient reached a block's hidden state".into(),
-        )
-    };
     let store = loss.backward()?;
     grads.accumulate(&store, vars)?;
-    let mut g = store.get(top.as_tensor()).ok_or_else(missing)?.detach();
-    drop((store, loss, parts, top));
-    for (i, segment) in segments.iter().enumerate().rev() {
-        let stored = inputs.pop().ok_or_else(missing)?;
-        // The first block's input (the embeddings) is frozen: no gradient is needed there.
-        let x = if i == 0 {
-            stored
-        } else {
-            Var::from_tensor(&stored)?.as_tensor().clone()
-        };
+    let mut g = match rest.is_empty() {
+        true => None,
+        false => Some(store.get(&x).ok_or_else(missing)?.detach()),
+    };
+    drop((store, loss, parts, x));
+    for (i, segment) in rest.iter().enumerate().rev() {
+        let g_out = g.take().ok_or_else(missing)?;
+        let x = tracked(inputs.pop().ok_or_else(missing)?, i)?;
         let out = segment.forward(&x, &ctx)?;
-        let store = (out * &g)?.sum_all()?.backward()?;
+        let store = (out * &g_out)?.sum_all()?.backward()?;
         grads.accumulate(&store, vars)?;
         if i > 0 {
-            g = store.get(&x).ok_or_else(missing)?.detach();
+            g = Some(store.get(&x).ok_or_else(missing)?.detach());
         }
     }
     report.add("backward", t1.elapsed());
