@@ -346,17 +346,8 @@ pub struct RowReader {
 }
 
 impl RowReader {
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     pub fn cols(&self) -> usize {
         self.cols
-    }
-
-    /// The stored dtype.
-    pub fn dtype(&self) -> DType {
-        self.dtype
     }
 
     /// Rows `ids` as an (ids, cols) CPU tensor in the stored dtype; an id past the last row is

@@ -132,6 +132,9 @@ impl CustomOp1 for HeadCrossEntropy {
                 self.targets.len()
             );
         }
+        if let Some(y) = self.targets.iter().find(|&&y| y as usize >= v) {
+            candle_core::bail!("head cross-entropy: label {y} is outside the vocabulary ({v})");
+        }
         let (ws, wl) = self.head.storage_and_layout();
         let (Storage::Cpu(ws), Some(h)) = (&*ws, f32_slice(s, l)) else {
             candle_core::bail!("head cross-entropy: expected contiguous float32 CPU tensors")
@@ -320,13 +323,26 @@ mod tests {
     }
 
     /// More rows than one block, and a vocabulary of one block and of two (targets and row
-    /// maxima in either, so the online rescaling runs), against the head product followed by
-    /// the plain cross-entropy.
+    /// maxima in either, so the online rescaling runs), against the float64 truth.
     #[test]
-    fn head_op_matches_the_head_product_then_cross_entropy() {
+    fn head_op_matches_the_float64_cross_entropy() {
         for v in [37, HEAD_BLOCK_COLS + 37] {
             head_op_matches(HEAD_BLOCK_ROWS + 45, 12, v);
         }
+    }
+
+    #[test]
+    fn a_label_outside_the_vocabulary_is_an_error() {
+        let dev = Device::Cpu;
+        let hidden = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+        let head = Tensor::zeros((5, 3), DType::F32, &dev).unwrap();
+        let err = head_cross_entropy_rows(&hidden, &head, &[1, 5])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("label 5 is outside the vocabulary (5)"),
+            "{err}"
+        );
     }
 
     fn head_op_matches(n: usize, d: usize, v: usize) {
