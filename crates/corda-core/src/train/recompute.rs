@@ -149,9 +149,10 @@ pub fn checkpointed_forward_backward(
     let t1 = Instant::now();
     let store = loss.backward()?;
     grads.accumulate(&store, vars)?;
-    let mut g = match rest.is_empty() {
-        true => None,
-        false => Some(store.get(&x).ok_or_else(missing)?.detach()),
+    let mut g = if rest.is_empty() {
+        None
+    } else {
+        Some(store.get(&x).ok_or_else(missing)?.detach())
     };
     drop((store, loss, parts, x));
     for (i, segment) in rest.iter().enumerate().rev() {
