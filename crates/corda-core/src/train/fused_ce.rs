@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use crate::model::frozen::{f32_slice, frozen_matmul_t};
 use crate::util::exp;
-use crate::util::product::{matmul, product};
+use crate::util::product::matmul;
 use crate::Result;
 
 struct CrossEntropyRows {
@@ -145,6 +145,8 @@ impl CustomOp1 for HeadCrossEntropy {
         let w = MatRef::from_row_major_slice(w, v, d);
         let mut losses = vec![0f32; n];
         let mut grad = vec![0f32; n * d];
+        // One buffer for every block of logits, overwritten by each product.
+        let mut block = vec![0f32; HEAD_BLOCK_ROWS.min(n) * HEAD_BLOCK_COLS.min(v)];
         for r0 in (0..n).step_by(HEAD_BLOCK_ROWS) {
             let rows = HEAD_BLOCK_ROWS.min(n - r0);
             let hb = &h[r0 * d..(r0 + rows) * d];
@@ -164,7 +166,15 @@ impl CustomOp1 for HeadCrossEntropy {
             for c0 in (0..v).step_by(HEAD_BLOCK_COLS) {
                 let cols = HEAD_BLOCK_COLS.min(v - c0);
                 let wc = w.subrows(c0, cols);
-                let mut z = product(hb, rows, d, wc.transpose());
+                let z = &mut block[..rows * cols];
+                matmul(
+                    MatMut::from_row_major_slice_mut(z, rows, cols),
+                    Accum::Replace,
+                    MatRef::from_row_major_slice(hb, rows, d),
+                    wc.transpose(),
+                    1.0,
+                    Par::rayon(0),
+                );
                 z.par_chunks_mut(cols)
                     .zip(gb.par_chunks_mut(d))
                     .zip(stats.par_iter_mut())
@@ -186,7 +196,7 @@ impl CustomOp1 for HeadCrossEntropy {
                 matmul(
                     MatMut::from_row_major_slice_mut(gb, rows, d),
                     Accum::Add,
-                    MatRef::from_row_major_slice(&z, rows, cols),
+                    MatRef::from_row_major_slice(z, rows, cols),
                     wc,
                     1.0,
                     Par::rayon(0),
